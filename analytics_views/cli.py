@@ -1,0 +1,120 @@
+"""The `analytics-views` command: migrate, seed, refresh and stats, replacing the old refresh script."""
+
+import argparse
+import json
+import sys
+
+from analytics_views.database import database_url_from_env
+from analytics_views.errors import AnalyticsViewsError
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from analytics_views.migrate import migrate
+
+    applied = migrate(database_url_from_env())
+    print("\n".join(f"applied sql/{name}" for name in applied) or "database is up to date")
+    return 0
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from analytics_views.seed import seed
+
+    summary = seed(database_url_from_env(), users=args.users, days=args.days, seed=args.seed)
+    print(
+        f"seeded {summary.users} users, {summary.events} events, {summary.payments} payments, "
+        f"{summary.campaigns} campaigns over {args.days} days (seed {args.seed})"
+    )
+    return 0
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from analytics_views.operations import refresh, selected_views
+
+    views = selected_views(all_views=args.all, daily=args.daily, weekly=args.weekly, names=args.views)
+    database_url_from_env()  # fail early, before Dagster starts, when it is missing
+    outcomes = refresh(views)
+    for outcome in outcomes:
+        print(outcome.line())
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from analytics_views.operations import view_stats
+
+    stats = view_stats(database_url_from_env())
+    if args.json:
+        print(json.dumps([row.as_json() for row in stats], indent=2))
+        return 0
+    header = ("view", "rows", "size", "populated", "unique index", "last refreshed")
+    rows = [header] + [row.as_row() for row in stats]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from analytics_views.dev import run_dev
+
+    return run_dev(host=args.host, port=args.port, users=args.users)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="analytics-views",
+        description="Keep the analytics materialized views fresh. The database comes from DATABASE_URL.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate = commands.add_parser("migrate", help="create or update the source tables and views (idempotent)")
+    migrate.set_defaults(run=_migrate)
+
+    seed = commands.add_parser("seed", help="replace the source tables' rows with deterministic demo data")
+    seed.add_argument("--users", type=int, default=5000, help="number of users (default: 5000)")
+    seed.add_argument("--days", type=int, default=730, help="days of history up to now (default: 730)")
+    seed.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same data")
+    seed.set_defaults(run=_seed)
+
+    refresh = commands.add_parser(
+        "refresh",
+        help="refresh views through Dagster (runs recorded in the instance)",
+        description="Refresh views through Dagster, so each run is recorded in the Dagster instance "
+        "($DAGSTER_HOME when set) and visible in the UI.",
+    )
+    which = refresh.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every view")
+    which.add_argument("--daily", action="store_true", help="the views of daily_refresh_job")
+    which.add_argument("--weekly", action="store_true", help="the views of weekly_refresh_job")
+    which.add_argument("views", nargs="*", default=[], metavar="VIEW", help="views by name")
+    refresh.set_defaults(run=_refresh)
+
+    stats = commands.add_parser("stats", help="rows, size, state and last refresh of each view")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(run=_stats)
+
+    dev = commands.add_parser(
+        "dev",
+        help="run the Dagster UI and daemon with demo data (embedded PostgreSQL unless URLs are set)",
+        description="Start everything a newcomer needs: with no DATABASE_URL/DAGSTER_POSTGRES_URL, an "
+        "embedded PostgreSQL in .dev/ with demo data; then the Dagster webserver and daemon. Ctrl-C stops all.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address the UI binds to (default: 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=3000, help="UI port (default: 3000)")
+    dev.add_argument("--users", type=int, default=5000, help="demo users seeded on first start (default: 5000)")
+    dev.set_defaults(run=_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except AnalyticsViewsError as error:
+        print(f"analytics-views {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

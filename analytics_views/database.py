@@ -1,0 +1,161 @@
+"""Connections to the analytics database, and what the PostgreSQL catalog says about a view."""
+
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+from pydantic import Field
+
+from analytics_views.errors import AnalyticsViewsError
+
+APPLICATION_NAME = "analytics-views"
+
+_DRIVER_SUFFIX = re.compile(r"^(postgres(?:ql)?)\+\w+://")
+
+
+def libpq_url(url: str) -> str:
+    """The URL as libpq reads it: SQLAlchemy's `postgresql+driver://` forms are accepted too."""
+    return _DRIVER_SUFFIX.sub(r"\1://", url.strip())
+
+
+def describe_target(url: str) -> str:
+    """host:port/dbname of a URL, for messages: never the user's password."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(libpq_url(url))
+    except psycopg.ProgrammingError:
+        return "<unparsable URL>"
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"{host}:{port}/{params.get('dbname') or params.get('user') or ''}"
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server URL pointing at another database."""
+    parts = urlsplit(libpq_url(url))
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+def database_url_from_env(variable: str = "DATABASE_URL") -> str:
+    url = os.environ.get(variable, "").strip()
+    if not url:
+        raise AnalyticsViewsError(
+            f"{variable} is not set: export {variable}=postgresql://user@host:5432/dbname "
+            "(or run `analytics-views dev`, which starts an embedded server)"
+        )
+    return url
+
+
+def connect(url: str, **kwargs) -> psycopg.Connection:
+    """A connection labelled for DBAs, with a clear one-line error when the server can't be reached."""
+    try:
+        return psycopg.connect(
+            libpq_url(url), application_name=APPLICATION_NAME, connect_timeout=10, **kwargs
+        )
+    except psycopg.ProgrammingError as error:
+        raise AnalyticsViewsError(
+            "DATABASE_URL is not a valid PostgreSQL URL: use postgresql://user:password@host:5432/dbname"
+        ) from error
+    except psycopg.OperationalError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        reason = reason.removeprefix("FATAL:").strip()
+        raise AnalyticsViewsError(
+            f"cannot connect to the analytics database at {describe_target(url)} ({reason}): "
+            "check DATABASE_URL and that the server is running"
+        ) from error
+
+
+class AnalyticsDatabase(dg.ConfigurableResource):
+    """The PostgreSQL database holding the source tables and the materialized views."""
+
+    url: str = Field(description="libpq URL of the analytics database, normally from DATABASE_URL.")
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        with connect(self.url, autocommit=True) as conn:
+            yield conn
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    description: str | None
+
+
+@dataclass(frozen=True)
+class ViewState:
+    name: str
+    exists: bool
+    populated: bool
+    unique_index: str | None  # an index REFRESH ... CONCURRENTLY can use
+    size_bytes: int
+    size_pretty: str
+
+
+# What PostgreSQL's is_usable_unique_index() accepts for REFRESH ... CONCURRENTLY: a valid, immediate,
+# unique btree index with no WHERE clause whose keys are all plain columns (attnum > 0).
+_USABLE_UNIQUE_INDEX = """
+SELECT i.indexrelid::regclass::text
+FROM pg_index AS i
+JOIN pg_class AS ic ON ic.oid = i.indexrelid
+JOIN pg_am AS am ON am.oid = ic.relam
+WHERE i.indrelid = %(view)s::regclass
+  AND i.indisunique AND i.indimmediate AND i.indisvalid
+  AND am.amname = 'btree'
+  AND i.indpred IS NULL
+  AND i.indexprs IS NULL
+  AND i.indnkeyatts > 0
+  AND 0 <> ALL ((i.indkey::int2[])[0:i.indnkeyatts - 1])
+ORDER BY ic.relname
+LIMIT 1
+"""
+
+
+def view_state(conn: psycopg.Connection, view: str) -> ViewState:
+    row = conn.execute(
+        """
+        SELECT to_regclass(%(view)s) IS NOT NULL,
+               coalesce((SELECT ispopulated FROM pg_matviews
+                         WHERE schemaname = current_schema() AND matviewname = %(view)s), false),
+               coalesce(pg_total_relation_size(to_regclass(%(view)s)), 0)
+        """,
+        {"view": view},
+    ).fetchone()
+    exists, populated, size_bytes = row
+    index = conn.execute(_USABLE_UNIQUE_INDEX, {"view": view}).fetchone() if exists else None
+    return ViewState(
+        name=view,
+        exists=exists,
+        populated=populated,
+        unique_index=index[0] if index else None,
+        size_bytes=size_bytes,
+        size_pretty=conn.execute("SELECT pg_size_pretty(%s::bigint)", [size_bytes]).fetchone()[0],
+    )
+
+
+def row_count(conn: psycopg.Connection, view: str) -> int:
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(view))).fetchone()[0]
+
+
+def columns(conn: psycopg.Connection, relation: str) -> list[Column]:
+    rows = conn.execute(
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod), col_description(a.attrelid, a.attnum)
+        FROM pg_attribute AS a
+        WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
+        """,
+        [relation],
+    ).fetchall()
+    return [Column(*row) for row in rows]
+
+
+def qualified_name(conn: psycopg.Connection, relation: str) -> str:
+    """database.schema.relation, the form Dagster's `dagster/table_name` expects."""
+    return ".".join(conn.execute("SELECT current_database(), current_schema()").fetchone() + (relation,))

@@ -1,0 +1,157 @@
+"""What the command line does with Dagster: refresh views as recorded runs, and report view stats."""
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from analytics_views import database
+from analytics_views.errors import AnalyticsViewsError
+from analytics_views.views import CADENCES, load_views, view_names
+
+
+def selected_views(*, all_views: bool, daily: bool, weekly: bool, names: list[str]) -> list[str]:
+    if all_views:
+        return list(view_names())
+    if daily or weekly:
+        cadence = "daily" if daily else "weekly"
+        return [view.name for view in load_views() if view.cadence == cadence]
+    if not names:
+        raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly or view names")
+    known = view_names()
+    for name in names:
+        if name not in known:
+            raise AnalyticsViewsError(
+                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly)"
+            )
+    return list(dict.fromkeys(names))
+
+
+def instance() -> dg.DagsterInstance:
+    """The persistent instance when DAGSTER_HOME is set, so runs show in the UI; else a throwaway one."""
+    try:
+        return dg.DagsterInstance.get()
+    except dg.DagsterInvariantViolationError:
+        return dg.DagsterInstance.ephemeral()
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    view: str
+    ok: bool
+    detail: str  # the run's metadata summary, or the failure message
+
+    def line(self) -> str:
+        return f"{self.view}: {'refreshed' if self.ok else 'FAILED'} ({self.detail})"
+
+
+def _step_failures(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    failures = {}
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            message = (error.message if error else event.message or "failed").strip()
+            if error and error.cause and not message.startswith("dagster._core.definitions.events.Failure"):
+                message = error.cause.message.strip()
+            failures[event.step_key] = message.splitlines()[0].removeprefix("dagster._core.definitions.events.Failure: ")
+    return failures
+
+
+def refresh(views: list[str]) -> list[RefreshReport]:
+    """Run each cadence's job for the selected views, in process, recorded in the Dagster instance."""
+    from analytics_views.definitions import defs
+
+    reports = []
+    with instance() as dagster_instance:
+        for cadence in CADENCES:
+            chosen = [view.name for view in load_views() if view.cadence == cadence and view.name in views]
+            if not chosen:
+                continue
+            job = defs.resolve_job_def(f"{cadence}_refresh_job")
+            result = job.execute_in_process(
+                instance=dagster_instance,
+                asset_selection=[dg.AssetKey(name) for name in chosen],
+                raise_on_error=False,
+                tags={"launched_by": "analytics-views refresh"},
+            )
+            failures = _step_failures(result)
+            for name in chosen:
+                if name in failures:
+                    reports.append(RefreshReport(name, False, failures[name]))
+                    continue
+                metadata = {
+                    key: value.value
+                    for event in result.asset_materializations_for_node(name)
+                    for key, value in event.metadata.items()
+                }
+                reports.append(
+                    RefreshReport(
+                        name,
+                        True,
+                        f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
+                        f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
+                    )
+                )
+    return reports
+
+
+@dataclass(frozen=True)
+class ViewStats:
+    view: str
+    rows: int | None
+    size_bytes: int
+    size: str
+    populated: bool
+    unique_index: str | None
+    last_refreshed: datetime | None
+
+    def as_json(self) -> dict:
+        return {
+            "view": self.view,
+            "rows": self.rows,
+            "size_bytes": self.size_bytes,
+            "size": self.size,
+            "populated": self.populated,
+            "unique_index": self.unique_index,
+            "unique_index_usable": self.unique_index is not None,
+            "last_refreshed": self.last_refreshed.isoformat() if self.last_refreshed else None,
+        }
+
+    def as_row(self) -> tuple[str, ...]:
+        return (
+            self.view,
+            "-" if self.rows is None else str(self.rows),
+            self.size,
+            "yes" if self.populated else "no",
+            self.unique_index or "MISSING",
+            self.last_refreshed.strftime("%Y-%m-%d %H:%M:%S UTC") if self.last_refreshed else "never recorded",
+        )
+
+
+def _last_materialized(dagster_instance: dg.DagsterInstance, view: str) -> datetime | None:
+    event = dagster_instance.get_latest_materialization_event(dg.AssetKey(view))
+    return datetime.fromtimestamp(event.timestamp, tz=timezone.utc) if event else None
+
+
+def view_stats(url: str) -> list[ViewStats]:
+    """The old getViewStats(): each view's rows, size, populated flag, unique index and last refresh."""
+    stats = []
+    with database.connect(url, autocommit=True) as conn, instance() as dagster_instance:
+        if conn.execute("SELECT to_regclass('analytics_views_migrations')").fetchone()[0] is None:
+            raise AnalyticsViewsError("this database was never migrated: run `analytics-views migrate`")
+        for view in view_names():
+            state = database.view_state(conn, view)
+            if not state.exists:
+                raise AnalyticsViewsError(f"view {view} is missing: run `analytics-views migrate`")
+            stats.append(
+                ViewStats(
+                    view=view,
+                    rows=database.row_count(conn, view) if state.populated else None,
+                    size_bytes=state.size_bytes,
+                    size=state.size_pretty,
+                    populated=state.populated,
+                    unique_index=state.unique_index,
+                    last_refreshed=_last_materialized(dagster_instance, view),
+                )
+            )
+    return stats

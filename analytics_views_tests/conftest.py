@@ -1,0 +1,97 @@
+"""A real PostgreSQL server for the tests, and a fresh database for each test.
+
+The server is ANALYTICS_TEST_DATABASE_URL when set (any server where that role may CREATE DATABASE),
+otherwise an embedded PostgreSQL started once for the session and stopped at its end.
+"""
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from analytics_views.database import with_database
+from analytics_views.embedded import embedded_server
+from analytics_views.migrate import migrate
+from analytics_views.seed import seed
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory) -> Iterator[str]:
+    """URL of a maintenance database on the test server."""
+    if url := os.environ.get("ANALYTICS_TEST_DATABASE_URL"):
+        yield url
+        return
+    with embedded_server(tmp_path_factory.mktemp("embedded-postgres")) as url:
+        yield url
+
+
+class DatabaseFactory:
+    """Creates uniquely named databases on the test server and drops them all at the end."""
+
+    def __init__(self, server_url: str):
+        self.server_url = server_url
+        self.names: list[str] = []
+
+    def _admin(self, statement: sql.Composable) -> None:
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    def create(self, template: str | None = None) -> str:
+        name = f"av_test_{uuid.uuid4().hex[:12]}"
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        self._admin(statement)
+        self.names.append(name)
+        return with_database(self.server_url, name)
+
+    def drop_all(self) -> None:
+        for name in reversed(self.names):
+            self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def database_name(url: str) -> str:
+    return psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+
+
+@pytest.fixture(scope="session")
+def databases(postgres_url) -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory(postgres_url)
+    yield factory
+    factory.drop_all()
+
+
+@pytest.fixture(scope="session")
+def migrated_template(databases) -> str:
+    url = databases.create()
+    migrate(url)
+    return database_name(url)
+
+
+@pytest.fixture(scope="session")
+def seeded_template(databases) -> str:
+    url = databases.create()
+    migrate(url)
+    seed(url, users=400, seed=7)
+    return database_name(url)
+
+
+@pytest.fixture
+def empty_db(databases) -> str:
+    """URL of a fresh, empty database."""
+    return databases.create()
+
+
+@pytest.fixture
+def migrated_db(databases, migrated_template) -> str:
+    """URL of a fresh database with every migration and view applied (views unpopulated, tables empty)."""
+    return databases.create(template=migrated_template)
+
+
+@pytest.fixture
+def seeded_db(databases, seeded_template) -> str:
+    """URL of a fresh migrated database holding a small seeded demo data set (views unpopulated)."""
+    return databases.create(template=seeded_template)

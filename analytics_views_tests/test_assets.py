@@ -1,0 +1,109 @@
+"""Materializing the view assets against a real database: refresh modes, metadata and checks."""
+
+import dagster as dg
+import psycopg
+import pytest
+
+from analytics_views.assets import UNIQUE_INDEX_CHECK
+from analytics_views.definitions import defs
+from analytics_views.refresh import CONCURRENT, INITIAL_PLAIN
+from analytics_views.views import load_views, views_with_cadence
+
+DAILY = [view.name for view in views_with_cadence("daily")]
+
+
+@pytest.fixture
+def database_url(seeded_db, monkeypatch) -> str:
+    monkeypatch.setenv("DATABASE_URL", seeded_db)
+    return seeded_db
+
+
+def run_job(name: str, **kwargs) -> dg.ExecuteInProcessResult:
+    return defs.resolve_job_def(name).execute_in_process(raise_on_error=False, **kwargs)
+
+
+def materialization_metadata(result: dg.ExecuteInProcessResult, view: str) -> dict:
+    [event] = result.asset_materializations_for_node(view)
+    return {key: value.value for key, value in event.metadata.items()}
+
+
+def check_results(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvaluation]:
+    return {evaluation.asset_key.to_user_string(): evaluation for evaluation in result.get_asset_check_evaluations()}
+
+
+def test_row_count_metadata_equals_the_views_real_row_count(database_url):
+    result = run_job("daily_refresh_job")
+    assert result.success
+    with psycopg.connect(database_url) as conn:
+        for view in DAILY:
+            metadata = materialization_metadata(result, view)
+            assert metadata["dagster/row_count"] == conn.execute(f"SELECT count(*) FROM {view}").fetchone()[0]
+            assert metadata["dagster/row_count"] > 0
+            size = conn.execute("SELECT pg_total_relation_size(%s::regclass)", [view]).fetchone()[0]
+            assert metadata["size_bytes"] == size
+            assert metadata["size"].endswith(("bytes", "kB", "MB"))
+            assert metadata["dagster/table_name"].endswith(f".public.{view}")
+            assert metadata["refresh_duration_s"] >= 0
+            columns = [column.name for column in metadata["dagster/column_schema"].columns]
+            assert columns == [
+                row[0]
+                for row in conn.execute(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 ORDER BY attnum",
+                    [view],
+                )
+            ]
+
+
+def test_unpopulated_view_is_populated_before_concurrent_refresh(database_url):
+    first = run_job("weekly_refresh_job")
+    second = run_job("weekly_refresh_job")
+    assert first.success and second.success
+    assert materialization_metadata(first, "weekly_aggregations")["refresh_mode"] == INITIAL_PLAIN
+    assert materialization_metadata(second, "weekly_aggregations")["refresh_mode"] == CONCURRENT
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'weekly_aggregations'").fetchone()[0]
+
+
+def test_unique_index_check_passes_with_the_index(database_url):
+    result = run_job("daily_refresh_job")
+    checks = check_results(result)
+    assert set(checks) == set(DAILY)
+    for evaluation in checks.values():
+        assert evaluation.check_name == UNIQUE_INDEX_CHECK
+        assert evaluation.passed
+        assert evaluation.severity == dg.AssetCheckSeverity.ERROR
+
+
+def test_missing_unique_index_fails_its_check_and_step_while_other_views_refresh(database_url):
+    assert run_job("daily_refresh_job").success  # populated, so only CONCURRENTLY would be allowed
+    broken = "cohort_aggregations"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for (index,) in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", [broken]).fetchall():
+            conn.execute(f"DROP INDEX {index}")
+        before = conn.execute(f"SELECT * FROM {broken} ORDER BY 1").fetchall()
+
+    result = run_job("daily_refresh_job")
+
+    assert not result.success
+    checks = check_results(result)
+    assert not checks[broken].passed
+    assert "CREATE UNIQUE INDEX" in checks[broken].description
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    assert failure.step_key == broken
+    assert "no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY" in failure.step_failure_data.error.message
+    refreshed = {event.asset_key.path[-1] for event in result.get_asset_materialization_events()}
+    assert refreshed == set(DAILY) - {broken}
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute(f"SELECT * FROM {broken} ORDER BY 1").fetchall() == before  # old contents kept
+
+
+def test_every_view_asset_has_description_kind_cadence_and_lineage():
+    specs = {spec.key.to_user_string(): spec for spec in defs.resolve_all_asset_specs()}
+    for view in load_views():
+        spec = specs[view.name]
+        assert spec.description.startswith(view.summary)
+        assert spec.kinds == {"postgres"}
+        assert spec.tags["cadence"] == view.cadence
+        assert {dep.asset_key.to_user_string() for dep in spec.deps} == set(view.deps)
+        for dep in view.deps:
+            assert dep in specs, f"{dep} read by {view.name} is not an asset"

@@ -1,0 +1,25 @@
+import dagster as dg
+
+from analytics_views.definitions import defs
+
+
+def job_views(name: str) -> set[str]:
+    job = defs.resolve_job_def(name)
+    return {key.to_user_string() for key in job.asset_layer.executable_asset_keys}
+
+
+def test_jobs_select_their_cadence_views():
+    assert job_views("daily_refresh_job") == {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
+    assert job_views("weekly_refresh_job") == {"weekly_aggregations"}
+
+
+def test_schedules_carry_the_old_cron_timetable_in_utc_and_start_running():
+    schedules = {schedule.name: schedule for schedule in defs.schedules}
+    daily, weekly = schedules["daily_refresh_schedule"], schedules["weekly_refresh_schedule"]
+    assert (daily.cron_schedule, daily.execution_timezone, daily.job_name) == ("0 3 * * *", "UTC", "daily_refresh_job")
+    assert (weekly.cron_schedule, weekly.execution_timezone, weekly.job_name) == ("0 4 * * 1", "UTC", "weekly_refresh_job")
+    assert daily.default_status == weekly.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_definitions_validate():
+    dg.Definitions.validate_loadable(defs)
