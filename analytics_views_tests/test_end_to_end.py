@@ -1,0 +1,94 @@
+"""The service as it runs in production: webserver and daemon on PostgreSQL storage, a run via GraphQL."""
+
+import os
+import socket
+import time
+
+import dagster as dg
+import pytest
+from dagster_graphql import DagsterGraphQLClient
+
+from analytics_views.database import libpq_url
+from analytics_views.services import dagster_services, prepare_dagster_home
+
+DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
+
+SCHEDULES_QUERY = """
+query {
+  repositoriesOrError {
+    ... on RepositoryConnection {
+      nodes { name location { name } schedules { name scheduleState { status } } }
+    }
+  }
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def services(seeded_db, empty_db, tmp_path, monkeypatch):
+    # A plain postgresql:// URL on purpose: the form that breaks dagster-postgres on psycopg 3.
+    env = {
+        **os.environ,
+        "DATABASE_URL": seeded_db,
+        "DAGSTER_POSTGRES_URL": libpq_url(empty_db),
+        "DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "dagster_home")),
+    }
+    for name in ("DATABASE_URL", "DAGSTER_POSTGRES_URL", "DAGSTER_HOME"):
+        monkeypatch.setenv(name, env[name])
+    port = free_port()
+    logs = tmp_path / "logs"
+    with dagster_services(env=env, port=port, log_dir=logs) as processes:
+        yield DagsterGraphQLClient("127.0.0.1", port_number=port), logs
+    for process in processes:
+        assert process.poll() is not None, "a Dagster process outlived the test"
+
+
+def wait_for_run(client: DagsterGraphQLClient, run_id: str, timeout_s: float = 240) -> dg.DagsterRunStatus:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get_run_status(run_id)
+        if status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} still {status} after {timeout_s} s")
+
+
+def test_daily_job_launched_through_graphql_refreshes_every_daily_view(services):
+    client, logs = services
+    run_id = client.submit_job_execution("daily_refresh_job", repository_location_name="analytics_views")
+
+    assert wait_for_run(client, run_id) == dg.DagsterRunStatus.SUCCESS
+
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_records_for_run(run_id).records
+        materialized = {
+            record.event_log_entry.dagster_event.asset_key.to_user_string()
+            for record in records
+            if record.event_log_entry.dagster_event and record.event_log_entry.dagster_event.is_step_materialization
+        }
+        checks = {
+            (evaluation.asset_key.to_user_string(), evaluation.check_name): evaluation.passed
+            for record in records
+            if (event := record.event_log_entry.dagster_event) and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            for evaluation in [event.event_specific_data]
+        }
+    assert materialized == DAILY_VIEWS
+    assert checks == {(view, "unique_index"): True for view in DAILY_VIEWS}
+
+    result = client._execute(SCHEDULES_QUERY)  # noqa: SLF001 - the client has no schedule helper
+    [repository] = result["repositoriesOrError"]["nodes"]
+    assert {s["name"]: s["scheduleState"]["status"] for s in repository["schedules"]} == {
+        "daily_refresh_schedule": "RUNNING",
+        "weekly_refresh_schedule": "RUNNING",
+    }
+
+    time.sleep(2)  # let the daemon's event watcher see the run's last events before reading its log
+    for name in ("webserver", "daemon"):
+        errors = [line for line in (logs / f"{name}.log").read_text().splitlines() if " - ERROR - " in line or "Traceback" in line]
+        assert errors == [], f"{name} log has errors"
