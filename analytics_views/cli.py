@@ -3,9 +3,13 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from analytics_views.database import database_url_from_env
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.services import PROJECT_ROOT
+
+DEV_DIR = PROJECT_ROOT / ".dev"
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -31,8 +35,7 @@ def _refresh(args: argparse.Namespace) -> int:
     from analytics_views.operations import refresh, selected_views
 
     views = selected_views(all_views=args.all, daily=args.daily, weekly=args.weekly, names=args.views)
-    database_url_from_env()  # fail early, before Dagster starts, when it is missing
-    outcomes = refresh(views)
+    outcomes = refresh(database_url_from_env(), views)
     for outcome in outcomes:
         print(outcome.line())
     return 0 if all(outcome.ok for outcome in outcomes) else 1
@@ -56,7 +59,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _dev(args: argparse.Namespace) -> int:
     from analytics_views.dev import run_dev
 
-    return run_dev(host=args.host, port=args.port, users=args.users)
+    return run_dev(host=args.host, port=args.port, users=args.users, state_dir=args.state_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--host", default="127.0.0.1", help="address the UI binds to (default: 127.0.0.1)")
     dev.add_argument("--port", type=int, default=3000, help="UI port (default: 3000)")
     dev.add_argument("--users", type=int, default=5000, help="demo users seeded on first start (default: 5000)")
+    dev.add_argument(
+        "--state-dir", type=Path, default=DEV_DIR, help="where the embedded database and DAGSTER_HOME live (default: .dev)"
+    )
     dev.set_defaults(run=_dev)
     return parser
 

@@ -31,8 +31,10 @@ def describe_target(url: str) -> str:
     except psycopg.ProgrammingError:
         return "<unparsable URL>"
     host = params.get("host") or "localhost"
-    port = params.get("port") or "5432"
-    return f"{host}:{port}/{params.get('dbname') or params.get('user') or ''}"
+    dbname = params.get("dbname") or params.get("user") or ""
+    if host.startswith("/"):
+        return f"{dbname} on the socket in {host}"
+    return f"{host}:{params.get('port') or '5432'}/{dbname}"
 
 
 def with_database(url: str, dbname: str) -> str:

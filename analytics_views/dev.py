@@ -21,9 +21,7 @@ from analytics_views.embedded import embedded_server
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.migrate import migrate
 from analytics_views.seed import seed
-from analytics_views.services import PROJECT_ROOT, dagster_services, ensure_port_free, prepare_dagster_home
-
-DEV_DIR = PROJECT_ROOT / ".dev"
+from analytics_views.services import dagster_services, ensure_port_free, prepare_dagster_home
 
 
 def ensure_database(server_url: str, name: str) -> str:
@@ -47,7 +45,7 @@ def _raise_stop(signum, frame):
     raise _Stop(signal.Signals(signum).name)
 
 
-def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, dev_dir: Path = DEV_DIR) -> int:
+def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, state_dir: Path) -> int:
     ensure_port_free(host, port)  # before anything starts, so a busy port costs nothing
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_stop)
@@ -57,8 +55,8 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, dev
             database_url = os.environ.get("DATABASE_URL", "").strip()
             dagster_url = os.environ.get("DAGSTER_POSTGRES_URL", "").strip()
             if not (database_url and dagster_url):
-                print(f"starting the embedded PostgreSQL in {dev_dir / 'postgres'} ...", flush=True)
-                server_url = stack.enter_context(embedded_server(dev_dir / "postgres"))
+                print(f"starting the embedded PostgreSQL in {state_dir / 'postgres'} ...", flush=True)
+                server_url = stack.enter_context(embedded_server(state_dir / "postgres"))
                 database_url = database_url or ensure_database(server_url, "analytics")
                 dagster_url = dagster_url or ensure_database(server_url, "dagster")
             print(f"analytics database: {describe_target(database_url)}", flush=True)
@@ -69,14 +67,14 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, dev
                 summary = seed(database_url, users=users)
                 print(f"seeded demo data: {summary.users} users, {summary.events} events", flush=True)
 
-            dagster_home = prepare_dagster_home(dev_dir / "dagster_home")
+            dagster_home = prepare_dagster_home(state_dir / "dagster_home")
             os.environ.update(
                 DATABASE_URL=database_url, DAGSTER_POSTGRES_URL=dagster_url, DAGSTER_HOME=str(dagster_home)
             )
             from analytics_views.operations import refresh
             from analytics_views.views import view_names
 
-            for report in refresh(list(view_names())):
+            for report in refresh(database_url, list(view_names())):
                 print(report.line(), flush=True)
 
             processes = stack.enter_context(dagster_services(env=dict(os.environ), host=host, port=port))

@@ -1,5 +1,6 @@
 """What the command line does with Dagster: refresh views as recorded runs, and report view stats."""
 
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -7,6 +8,7 @@ import dagster as dg
 
 from analytics_views import database
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.migrate import LEDGER
 from analytics_views.views import CADENCES, load_views, view_names
 
 
@@ -29,10 +31,7 @@ def selected_views(*, all_views: bool, daily: bool, weekly: bool, names: list[st
 
 def instance() -> dg.DagsterInstance:
     """The persistent instance when DAGSTER_HOME is set, so runs show in the UI; else a throwaway one."""
-    try:
-        return dg.DagsterInstance.get()
-    except dg.DagsterInvariantViolationError:
-        return dg.DagsterInstance.ephemeral()
+    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,12 @@ def _step_failures(result: dg.ExecuteInProcessResult) -> dict[str, str]:
     return failures
 
 
-def refresh(views: list[str]) -> list[RefreshReport]:
+def refresh(url: str, views: list[str]) -> list[RefreshReport]:
     """Run each cadence's job for the selected views, in process, recorded in the Dagster instance."""
     from analytics_views.definitions import defs
 
+    with database.connect(url) as conn:  # fail in one line before Dagster starts a run
+        ensure_migrated(conn)
     reports = []
     with instance() as dagster_instance:
         for cadence in CADENCES:
@@ -73,6 +74,7 @@ def refresh(views: list[str]) -> list[RefreshReport]:
                 asset_selection=[dg.AssetKey(name) for name in chosen],
                 raise_on_error=False,
                 tags={"launched_by": "analytics-views refresh"},
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
             )
             failures = _step_failures(result)
             for name in chosen:
@@ -133,12 +135,18 @@ def _last_materialized(dagster_instance: dg.DagsterInstance, view: str) -> datet
     return datetime.fromtimestamp(event.timestamp, tz=timezone.utc) if event else None
 
 
+def ensure_migrated(conn) -> None:
+    if conn.execute("SELECT to_regclass(%s)", [LEDGER]).fetchone()[0] is None:
+        raise AnalyticsViewsError(
+            f"{database.describe_target(conn.info.dsn)} was never migrated: run `analytics-views migrate`"
+        )
+
+
 def view_stats(url: str) -> list[ViewStats]:
     """The old getViewStats(): each view's rows, size, populated flag, unique index and last refresh."""
     stats = []
     with database.connect(url, autocommit=True) as conn, instance() as dagster_instance:
-        if conn.execute("SELECT to_regclass('analytics_views_migrations')").fetchone()[0] is None:
-            raise AnalyticsViewsError("this database was never migrated: run `analytics-views migrate`")
+        ensure_migrated(conn)
         for view in view_names():
             state = database.view_state(conn, view)
             if not state.exists:

@@ -1,0 +1,138 @@
+"""The `analytics-views` command as a user runs it: real processes, real databases, exit codes and messages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+
+from analytics_views.services import prepare_dagster_home
+
+COMMAND = str(Path(sys.executable).parent / "analytics-views")
+VIEWS = ["campaign_aggregations", "cohort_aggregations", "daily_aggregations", "weekly_aggregations"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, **overrides: str | None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    for name, value in overrides.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    return subprocess.run([COMMAND, *args], env=environment, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("subcommand", ["migrate", "seed", "refresh", "stats", "dev"])
+def test_every_subcommand_has_help(subcommand):
+    result = run(subcommand, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"usage: analytics-views {subcommand}")
+
+
+def test_migrate_then_migrate_again_says_up_to_date(empty_db):
+    first = run("migrate", DATABASE_URL=empty_db)
+    second = run("migrate", DATABASE_URL=empty_db)
+    assert first.returncode == 0 and "applied sql/migrations/001_source_tables.sql" in first.stdout
+    assert second.returncode == 0 and second.stdout.strip() == "database is up to date"
+
+
+def test_seed_fills_the_source_tables(migrated_db):
+    result = run("seed", "--users", "200", "--seed", "3", DATABASE_URL=migrated_db)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("seeded 200 users, ")
+    with psycopg.connect(migrated_db) as conn:
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 200
+
+
+@pytest.fixture
+def dagster_home(empty_db, tmp_path) -> dict[str, str]:
+    """A persistent Dagster instance on PostgreSQL storage, as in production."""
+    return {"DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "dagster_home")), "DAGSTER_POSTGRES_URL": empty_db}
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        (["--all"], VIEWS),
+        (["--daily"], ["campaign_aggregations", "cohort_aggregations", "daily_aggregations"]),
+        (["--weekly"], ["weekly_aggregations"]),
+        (["daily_aggregations", "weekly_aggregations"], ["daily_aggregations", "weekly_aggregations"]),
+    ],
+)
+def test_refresh_runs_through_dagster_and_is_recorded_in_the_instance(seeded_db, dagster_home, selection, expected, monkeypatch):
+    result = run("refresh", *selection, env=dagster_home, DATABASE_URL=seeded_db)
+
+    assert result.returncode == 0, result.stderr
+    refreshed = sorted(line.split(":")[0] for line in result.stdout.splitlines() if ": refreshed (" in line)
+    assert refreshed == expected
+    for name, value in dagster_home.items():
+        monkeypatch.setenv(name, value)
+    with dg.DagsterInstance.get() as instance:
+        for view in expected:
+            assert instance.get_latest_materialization_event(dg.AssetKey(view)) is not None
+        runs = instance.get_runs()
+        assert runs and all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
+
+
+def test_stats_reports_rows_size_state_index_and_last_refresh(seeded_db, dagster_home):
+    before = json.loads(run("stats", "--json", env=dagster_home, DATABASE_URL=seeded_db).stdout)
+    run("refresh", "--daily", env=dagster_home, DATABASE_URL=seeded_db)
+    after = run("stats", "--json", env=dagster_home, DATABASE_URL=seeded_db)
+    table = run("stats", env=dagster_home, DATABASE_URL=seeded_db)
+
+    assert after.returncode == 0 and table.returncode == 0
+    assert [row["view"] for row in before] == [row["view"] for row in json.loads(after.stdout)]
+    stats = {row["view"]: row for row in json.loads(after.stdout)}
+    assert all(row["populated"] is False and row["rows"] is None and row["last_refreshed"] is None for row in before)
+    with psycopg.connect(seeded_db) as conn:
+        assert stats["daily_aggregations"]["rows"] == conn.execute("SELECT count(*) FROM daily_aggregations").fetchone()[0]
+    assert stats["daily_aggregations"]["populated"] is True
+    assert stats["daily_aggregations"]["unique_index_usable"] is True
+    assert stats["daily_aggregations"]["last_refreshed"] is not None
+    assert stats["weekly_aggregations"]["populated"] is False
+    assert stats["weekly_aggregations"]["size_bytes"] > 0
+    assert table.stdout.splitlines()[0].split() == ["view", "rows", "size", "populated", "unique", "index", "last", "refreshed"]
+
+
+def test_a_failed_refresh_exits_non_zero_naming_the_view_and_the_fix(seeded_db, dagster_home):
+    assert run("refresh", "--daily", env=dagster_home, DATABASE_URL=seeded_db).returncode == 0
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        conn.execute("DROP INDEX daily_aggregations_key")
+    result = run("refresh", "--daily", env=dagster_home, DATABASE_URL=seeded_db)
+    assert result.returncode == 1
+    assert "daily_aggregations: FAILED (daily_aggregations has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY" in result.stdout
+    assert "cohort_aggregations: refreshed (" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["migrate"], ["seed"], ["refresh", "--all"], ["stats"]])
+def test_missing_database_url_is_one_line_naming_the_fix(args):
+    assert_one_line_error(run(*args, DATABASE_URL=None), "DATABASE_URL is not set", "export DATABASE_URL=")
+
+
+@pytest.mark.parametrize("args", [["migrate"], ["stats"], ["refresh", "--weekly"]])
+def test_unreachable_database_is_one_line_naming_the_fix(args):
+    result = run(*args, DATABASE_URL="postgresql://analyst:s3cret-pw@127.0.0.1:9/analytics")
+    assert_one_line_error(result, "cannot connect to the analytics database at 127.0.0.1:9/analytics", "check DATABASE_URL")
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+def test_unknown_view_is_one_line_listing_the_views(seeded_db):
+    result = run("refresh", "daily_aggregations", "dayly_aggregations", DATABASE_URL=seeded_db)
+    assert_one_line_error(result, "unknown view 'dayly_aggregations'", "daily_aggregations")
+
+
+def test_stats_on_a_database_never_migrated_says_to_migrate(empty_db):
+    assert_one_line_error(run("stats", DATABASE_URL=empty_db), "run `analytics-views migrate`")
