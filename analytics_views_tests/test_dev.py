@@ -1,0 +1,72 @@
+"""`analytics-views dev` as a newcomer runs it: embedded database, UI up, and nothing left after a signal."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from analytics_views_tests.test_end_to_end import free_port
+
+COMMAND = str(Path(sys.executable).parent / "analytics-views")
+
+
+def processes_of(dev: subprocess.Popen, state_dir: Path) -> list[psutil.Process]:
+    """Everything dev started: its descendants and the embedded server (which pg_ctl detaches)."""
+    tree = psutil.Process(dev.pid).children(recursive=True)
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(state_dir) in part for part in process.info["cmdline"] or []):
+            tree.append(process)
+    return tree
+
+
+def start_dev(state_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DAGSTER_POSTGRES_URL", "DAGSTER_HOME")}
+    return subprocess.Popen(
+        [COMMAND, "dev", "--port", str(port), "--state-dir", str(state_dir), "--users", "300"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # like a terminal: our signal goes to dev alone
+    )
+
+
+def wait_for_ui(port: int, dev: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert dev.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no UI after {timeout_s} s:\n{log.read_text()}")
+
+
+def test_dev_serves_the_ui_stops_everything_on_ctrl_c_or_sigterm_and_keeps_state(tmp_path):
+    state_dir, port = tmp_path / "state", free_port()
+    for start, stop in enumerate([signal.SIGINT, signal.SIGTERM]):
+        log = tmp_path / f"dev-{start}.log"
+        dev = start_dev(state_dir, port, log)
+        try:
+            wait_for_ui(port, dev, log)
+            started = processes_of(dev, state_dir)
+            assert len(started) >= 3  # webserver, daemon and the database at least
+            dev.send_signal(stop)
+            assert dev.wait(timeout=60) == 0
+            _, alive = psutil.wait_procs(started, timeout=15)
+            assert alive == [], f"left behind: {[p.pid for p in alive]}"
+        finally:
+            if dev.poll() is None:
+                dev.kill()
+        output = log.read_text()
+        assert "analytics database: analytics on the socket in" in output
+        assert "daily_aggregations: refreshed (" in output
+        # Demo data is seeded on the first start only: the second start finds it in the kept database.
+        assert ("seeded demo data: 300 users" in output) == (start == 0)
+        assert "Traceback" not in output
