@@ -1,0 +1,72 @@
+-- What did each campaign cost, how many users did it bring, and how much revenue do its users bring back?
+-- Grain: one row per campaign in campaigns (organic users belong to no campaign and are left out).
+-- Cadence: daily
+--
+-- Window: the 90 complete UTC days from today - 90 to today - 1; today (UTC) is left out.
+-- Days are UTC days whatever the session TimeZone. Signups, spend and payments are filtered on their
+-- indexed date or timestamp, so a refresh reads the window, not all history.
+-- signups: users acquired by the campaign whose signed_up_at falls in the window.
+-- spend: sum of campaign_spend.amount over the window's spend dates.
+-- revenue: payments made in the window by every user the campaign ever acquired (not only the
+-- window's signups). Spend and revenue are each summed in their own CTE per campaign, never after
+-- a join to users or activity rows, which would multiply them.
+-- roi (return on investment) = (revenue - spend) / spend: the profit per unit spent; 0 is break-even.
+-- roas (return on ad spend) = revenue / spend: the revenue per unit spent; 1 is break-even.
+-- cac (customer acquisition cost) = spend / signups.
+-- roi, roas and cac are NULL when their denominator is 0 (no spend, no signups in the window).
+CREATE MATERIALIZED VIEW campaign_aggregations AS
+WITH campaign_signups AS (
+    SELECT
+        u.campaign_id,
+        count(*) AS signups
+    FROM users AS u
+    WHERE
+        u.campaign_id IS NOT NULL
+        AND u.signed_up_at >= ((now() AT TIME ZONE 'UTC')::date - 90)::timestamp AT TIME ZONE 'UTC'
+        AND u.signed_up_at < ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
+    GROUP BY u.campaign_id
+),
+
+campaign_window_spend AS (
+    SELECT
+        cs.campaign_id,
+        sum(cs.amount) AS spend
+    FROM campaign_spend AS cs
+    WHERE
+        cs.spend_date >= (now() AT TIME ZONE 'UTC')::date - 90
+        AND cs.spend_date < (now() AT TIME ZONE 'UTC')::date
+    GROUP BY cs.campaign_id
+),
+
+-- Each payment joins exactly one user (users.user_id is the key), so no amount is counted twice.
+campaign_revenue AS (
+    SELECT
+        u.campaign_id,
+        sum(p.amount) AS revenue
+    FROM payments AS p
+    INNER JOIN users AS u ON p.user_id = u.user_id
+    WHERE
+        u.campaign_id IS NOT NULL
+        AND p.paid_at >= ((now() AT TIME ZONE 'UTC')::date - 90)::timestamp AT TIME ZONE 'UTC'
+        AND p.paid_at < ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
+    GROUP BY u.campaign_id
+)
+
+SELECT
+    c.campaign_id,
+    c.name AS campaign_name,
+    c.channel,
+    c.started_on,
+    coalesce(su.signups, 0) AS signups,
+    coalesce(sp.spend, 0)::numeric(14, 2) AS spend,
+    coalesce(rv.revenue, 0)::numeric(14, 2) AS revenue,
+    round((coalesce(rv.revenue, 0) - sp.spend) / nullif(sp.spend, 0), 4) AS roi,
+    round(coalesce(rv.revenue, 0) / nullif(sp.spend, 0), 4) AS roas,
+    round(coalesce(sp.spend, 0) / nullif(su.signups, 0), 2)::numeric(14, 2) AS cac
+FROM campaigns AS c
+LEFT JOIN campaign_signups AS su ON c.campaign_id = su.campaign_id
+LEFT JOIN campaign_window_spend AS sp ON c.campaign_id = sp.campaign_id
+LEFT JOIN campaign_revenue AS rv ON c.campaign_id = rv.campaign_id
+WITH NO DATA;
+
+CREATE UNIQUE INDEX campaign_aggregations_key ON campaign_aggregations (campaign_id);

@@ -1,0 +1,98 @@
+-- How many users were active, signed up and paid each ISO week, and what share of last week's came back?
+-- Grain: one row per ISO week (Monday 00:00 UTC start), for the 52 complete weeks before the current week.
+-- Cadence: weekly
+--
+-- Window: the 52 weeks from current week start - 52 weeks to current week start - 1 week; the current
+-- week is still running and is left out. The window starts on a Monday, so the oldest week is a full
+-- week. Every week of the window has a row; a week without activity shows zeros.
+-- Weeks are UTC weeks whatever the session TimeZone: instants are bucketed with AT TIME ZONE 'UTC'.
+-- Each source is filtered on its indexed timestamp, so a refresh reads the window, not all history.
+-- weekly_active_users: distinct users with at least one event in the week.
+-- new_users: users whose signed_up_at falls in the week.
+-- events: number of events in the week.
+-- revenue: sum of payments in the week, summed in its own CTE (never after a join to activity rows).
+-- wow_retention: week-over-week retention, the share of the previous week's active users who are
+-- active again this week; NULL when nobody was active the previous week. The oldest week needs
+-- its previous week, so activity is read for 53 weeks and 52 are reported.
+CREATE MATERIALIZED VIEW weekly_aggregations AS
+WITH report_weeks AS (
+    SELECT date_trunc('week', now() AT TIME ZONE 'UTC')::date - 7 * weeks_ago.n AS week_start
+    FROM generate_series(1, 52) AS weeks_ago (n)
+),
+
+-- One row per user and week in which the user was active: the 52 reported weeks and the one before.
+user_active_weeks AS (
+    SELECT
+        date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date AS week_start,
+        e.user_id,
+        count(*) AS events
+    FROM events AS e
+    WHERE
+        e.occurred_at
+        >= (date_trunc('week', now() AT TIME ZONE 'UTC') - interval '53 weeks') AT TIME ZONE 'UTC'
+        AND e.occurred_at < date_trunc('week', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    GROUP BY date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date, e.user_id
+),
+
+weekly_activity AS (
+    SELECT
+        uaw.week_start,
+        count(*) AS weekly_active_users,
+        sum(uaw.events) AS events
+    FROM user_active_weeks AS uaw
+    GROUP BY uaw.week_start
+),
+
+-- Users active in a week who were also active in the week before it.
+weekly_returning_users AS (
+    SELECT
+        this_week.week_start,
+        count(*) AS returning_users
+    FROM user_active_weeks AS this_week
+    INNER JOIN user_active_weeks AS previous_week
+        ON
+            this_week.user_id = previous_week.user_id
+            AND this_week.week_start - 7 = previous_week.week_start
+    GROUP BY this_week.week_start
+),
+
+weekly_signups AS (
+    SELECT
+        date_trunc('week', u.signed_up_at AT TIME ZONE 'UTC')::date AS week_start,
+        count(*) AS new_users
+    FROM users AS u
+    WHERE
+        u.signed_up_at
+        >= (date_trunc('week', now() AT TIME ZONE 'UTC') - interval '52 weeks') AT TIME ZONE 'UTC'
+        AND u.signed_up_at < date_trunc('week', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    GROUP BY date_trunc('week', u.signed_up_at AT TIME ZONE 'UTC')::date
+),
+
+weekly_revenue AS (
+    SELECT
+        date_trunc('week', p.paid_at AT TIME ZONE 'UTC')::date AS week_start,
+        sum(p.amount) AS revenue
+    FROM payments AS p
+    WHERE
+        p.paid_at >= (date_trunc('week', now() AT TIME ZONE 'UTC') - interval '52 weeks') AT TIME ZONE 'UTC'
+        AND p.paid_at < date_trunc('week', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    GROUP BY date_trunc('week', p.paid_at AT TIME ZONE 'UTC')::date
+)
+
+SELECT
+    rw.week_start,
+    coalesce(wa.weekly_active_users, 0) AS weekly_active_users,
+    coalesce(ws.new_users, 0) AS new_users,
+    coalesce(wa.events, 0)::bigint AS events,
+    coalesce(wr.revenue, 0)::numeric(14, 2) AS revenue,
+    round(coalesce(wru.returning_users, 0)::numeric / nullif(previous_wa.weekly_active_users, 0), 4)
+        AS wow_retention
+FROM report_weeks AS rw
+LEFT JOIN weekly_activity AS wa ON rw.week_start = wa.week_start
+LEFT JOIN weekly_activity AS previous_wa ON rw.week_start - 7 = previous_wa.week_start
+LEFT JOIN weekly_returning_users AS wru ON rw.week_start = wru.week_start
+LEFT JOIN weekly_signups AS ws ON rw.week_start = ws.week_start
+LEFT JOIN weekly_revenue AS wr ON rw.week_start = wr.week_start
+WITH NO DATA;
+
+CREATE UNIQUE INDEX weekly_aggregations_key ON weekly_aggregations (week_start);
