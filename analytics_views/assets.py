@@ -9,14 +9,17 @@ import re
 import dagster as dg
 
 from analytics_views import database
-from analytics_views.database import AnalyticsDatabase
-from analytics_views.errors import AnalyticsViewsError
-from analytics_views.refresh import refresh_view
+from analytics_views.resources import AnalyticsDatabase
+from analytics_views.refresh import RefreshError, refresh_view
 from analytics_views.views import ViewDefinition, load_views, source_tables
 
 UNIQUE_INDEX_CHECK = "unique_index"
 SOURCES_GROUP = "sources"
 VIEWS_GROUP = "analytics_views"
+
+# Transient failures (lost connection, lock timeout, deadlock, ...) are retried; permanent ones raise
+# Failure(allow_retries=False) and fail at once.
+TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 _UNIQUE_INDEX_DDL = re.compile(r"CREATE\s+UNIQUE\s+INDEX\s+[^;]+;", re.IGNORECASE)
 
@@ -54,9 +57,12 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
         tags={"cadence": view.cadence},
         check_specs=[check_spec],
         metadata={"grain": view.grain, "sql_file": f"sql/views/{view.path.name}"},
+        # One refresh of a view at a time across all runs (dagster.yaml: pools default_limit 1).
+        pool=f"refresh_{view.name}",
+        retry_policy=TRANSIENT_RETRY,
     )
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
-        with analytics_db.connection() as conn:
+        with analytics_db.connection(f"analytics-views {view.name} run {context.run_id[:8]}") as conn:
             state = database.view_state(conn, view.name)
             if not state.exists:
                 raise dg.Failure(
@@ -81,9 +87,11 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     allow_retries=False,
                 )
             try:
-                outcome = refresh_view(conn, view.name)
-            except AnalyticsViewsError as error:
-                raise dg.Failure(str(error), allow_retries=False) from error
+                outcome = refresh_view(conn, view.name, analytics_db.refresh_settings)
+            except RefreshError as error:
+                if error.transient:
+                    raise  # the retry policy tries again, with backoff
+                raise dg.Failure(str(error), allow_retries=False) from None
             context.log.info(f"refreshed {view.name} ({outcome.mode}) in {outcome.duration_s:.3f} s")
             state = database.view_state(conn, view.name)
             yield dg.MaterializeResult(

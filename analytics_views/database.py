@@ -2,15 +2,11 @@
 
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-import dagster as dg
 import psycopg
 from psycopg import sql
-from pydantic import Field
 
 from analytics_views.errors import AnalyticsViewsError
 
@@ -53,11 +49,11 @@ def database_url_from_env(variable: str = "DATABASE_URL") -> str:
     return url
 
 
-def connect(url: str, **kwargs) -> psycopg.Connection:
+def connect(url: str, *, application_name: str = APPLICATION_NAME, **kwargs) -> psycopg.Connection:
     """A connection labelled for DBAs, with a clear one-line error when the server can't be reached."""
     try:
         return psycopg.connect(
-            libpq_url(url), application_name=APPLICATION_NAME, connect_timeout=10, **kwargs
+            libpq_url(url), application_name=application_name[:63], connect_timeout=10, **kwargs
         )
     except psycopg.ProgrammingError as error:
         raise AnalyticsViewsError(
@@ -70,17 +66,6 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
             f"cannot connect to the analytics database at {describe_target(url)} ({reason}): "
             "check DATABASE_URL and that the server is running"
         ) from error
-
-
-class AnalyticsDatabase(dg.ConfigurableResource):
-    """The PostgreSQL database holding the source tables and the materialized views."""
-
-    url: str = Field(description="libpq URL of the analytics database, normally from DATABASE_URL.")
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        with connect(self.url, autocommit=True) as conn:
-            yield conn
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from analytics_views.assets import build_assets
-from analytics_views.database import AnalyticsDatabase
+from analytics_views.resources import AnalyticsDatabase
 from analytics_views.jobs import refresh_jobs, refresh_schedules
 
 defs = dg.Definitions(

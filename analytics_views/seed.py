@@ -30,7 +30,6 @@ def seed(url: str, *, users: int = DEFAULT_USERS, days: int = DEFAULT_DAYS, seed
         for name, value in {"users": users, "days": days, "seed": seed}.items():
             conn.execute("SELECT set_config(%s, %s, true)", [f"analytics_seed.{name}", str(value)])
         conn.execute(SEED_SQL.read_text())
-        conn.execute("ANALYZE users, events, payments, campaigns, campaign_spend")
         counts = conn.execute(
             "SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM events),"
             " (SELECT count(*) FROM payments), (SELECT count(*) FROM campaigns)"

@@ -1,0 +1,34 @@
+"""The analytics database as a Dagster resource, configured from the environment."""
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import dagster as dg
+import psycopg
+from pydantic import Field
+
+from analytics_views.database import APPLICATION_NAME, connect
+from analytics_views.refresh import RefreshSettings
+
+
+class AnalyticsDatabase(dg.ConfigurableResource):
+    """The PostgreSQL database holding the source tables and the materialized views."""
+
+    url: str = Field(description="libpq URL of the analytics database, normally from DATABASE_URL.")
+    lock_timeout_s: float = Field(
+        default=RefreshSettings.lock_timeout_s,
+        description="Longest wait, in seconds, for a view's lock or for another refresh of the same view.",
+    )
+    statement_timeout_s: float = Field(
+        default=RefreshSettings.statement_timeout_s,
+        description="Longest refresh, in seconds, before PostgreSQL cancels it.",
+    )
+
+    @property
+    def refresh_settings(self) -> RefreshSettings:
+        return RefreshSettings(lock_timeout_s=self.lock_timeout_s, statement_timeout_s=self.statement_timeout_s)
+
+    @contextmanager
+    def connection(self, application_name: str = APPLICATION_NAME) -> Iterator[psycopg.Connection]:
+        with connect(self.url, autocommit=True, application_name=application_name) as conn:
+            yield conn
