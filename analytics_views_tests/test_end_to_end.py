@@ -5,10 +5,12 @@ import socket
 import time
 
 import dagster as dg
+import psycopg
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
 from analytics_views.database import libpq_url
+from analytics_views.refresh import refresh_view
 from analytics_views.services import dagster_services, prepare_dagster_home
 
 DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
@@ -92,3 +94,29 @@ def test_daily_job_launched_through_graphql_refreshes_every_daily_view(services)
     for name in ("webserver", "daemon"):
         errors = [line for line in (logs / f"{name}.log").read_text().splitlines() if " - ERROR - " in line or "Traceback" in line]
         assert errors == [], f"{name} log has errors"
+
+
+def test_terminating_a_run_cancels_its_query_in_the_database(services, seeded_db):
+    client, _ = services
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        refresh_view(conn, "daily_aggregations")  # populated, so the run's refresh is a CONCURRENTLY one
+    with psycopg.connect(seeded_db) as blocker, psycopg.connect(seeded_db, autocommit=True) as watcher:
+        blocker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # the refresh waits here, lock_timeout 30 s
+        run_id = client.submit_job_execution(
+            "daily_refresh_job", repository_location_name="analytics_views", asset_selection=["daily_aggregations"]
+        )
+        refreshing = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'REFRESH%daily_aggregations%' AND state = 'active'"
+        deadline = time.monotonic() + 120
+        while watcher.execute(refreshing).fetchone() is None:
+            assert time.monotonic() < deadline, "the run's refresh never started"
+            time.sleep(0.2)
+
+        client.terminate_run(run_id)
+
+        # The query goes away while the lock is still held: cancelled, not timed out.
+        deadline = time.monotonic() + 15
+        while watcher.execute(refreshing).fetchone() is not None:
+            assert time.monotonic() < deadline, "the refresh query outlived its terminated run"
+            time.sleep(0.2)
+        blocker.rollback()
+    assert wait_for_run(client, run_id, timeout_s=60) == dg.DagsterRunStatus.CANCELED
