@@ -49,19 +49,34 @@ def database_url_from_env(variable: str = "DATABASE_URL") -> str:
     return url
 
 
+def redact(text: str, url: str) -> str:
+    """text with the URL's password replaced, for messages that might quote it."""
+    try:
+        password = psycopg.conninfo.conninfo_to_dict(libpq_url(url)).get("password")
+    except psycopg.ProgrammingError:
+        password = urlsplit(url).password if "://" in url else None
+    return text.replace(password, "***") if password else text
+
+
 def connect(url: str, *, application_name: str = APPLICATION_NAME, **kwargs) -> psycopg.Connection:
     """A connection labelled for DBAs, with a clear one-line error when the server can't be reached."""
-    try:
-        return psycopg.connect(
-            libpq_url(url), application_name=application_name[:63], connect_timeout=10, **kwargs
+    url = libpq_url(url)
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise AnalyticsViewsError(
+            "DATABASE_URL is not a PostgreSQL URL: use postgresql://user:password@host:5432/dbname"
         )
+    try:
+        port = psycopg.conninfo.conninfo_to_dict(url).get("port")
+        if port and not all(part.isdigit() for part in str(port).split(",")):
+            raise AnalyticsViewsError(f"DATABASE_URL has port {port!r}, which is not a number: fix the URL's :PORT part")
+        return psycopg.connect(url, application_name=application_name[:63], connect_timeout=10, **kwargs)
     except psycopg.ProgrammingError as error:
         raise AnalyticsViewsError(
             "DATABASE_URL is not a valid PostgreSQL URL: use postgresql://user:password@host:5432/dbname"
         ) from error
     except psycopg.OperationalError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        reason = reason.removeprefix("FATAL:").strip()
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        reason = redact(lines[-1].removeprefix("FATAL:").strip() if lines else type(error).__name__, url)
         raise AnalyticsViewsError(
             f"cannot connect to the analytics database at {describe_target(url)} ({reason}): "
             "check DATABASE_URL and that the server is running"

@@ -1,10 +1,12 @@
 """What the command line does with Dagster: refresh views as recorded runs, and report view stats."""
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import dagster as dg
+import yaml
 
 from analytics_views import database
 from analytics_views.errors import AnalyticsViewsError
@@ -31,7 +33,24 @@ def selected_views(*, all_views: bool, daily: bool, weekly: bool, names: list[st
 
 def instance() -> dg.DagsterInstance:
     """The persistent instance when DAGSTER_HOME is set, so runs show in the UI; else a throwaway one."""
-    return dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
+    if not os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.ephemeral()
+    try:
+        return dg.DagsterInstance.get()
+    except yaml.YAMLError as error:
+        mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = f"it is not valid YAML{where}"
+    except Exception as error:  # noqa: BLE001 - Dagster raises many kinds here; each becomes one line
+        missing = re.search(r'environment variable "(\w+)" which is not set', str(error))
+        if missing:
+            reason = f"it reads {missing[1]}, which is not set: export {missing[1]}=postgresql://..."
+        else:
+            reason = database.redact(str(error).strip().splitlines()[0], os.environ.get("DAGSTER_POSTGRES_URL", ""))
+    raise AnalyticsViewsError(
+        f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
+        "or copy the project's dagster.yaml there"
+    )
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,48 @@ def test_unknown_view_is_one_line_listing_the_views(seeded_db):
 
 def test_stats_on_a_database_never_migrated_says_to_migrate(empty_db):
     assert_one_line_error(run("stats", DATABASE_URL=empty_db), "run `analytics-views migrate`")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("not a url", "DATABASE_URL is not a PostgreSQL URL: use postgresql://"),
+        ("postgresq://analyst:s3cret-pw@db/analytics", "DATABASE_URL is not a PostgreSQL URL"),
+        ("postgresql://analyst:s3cret-pw@db:54x2/analytics", "DATABASE_URL has port '54x2', which is not a number"),
+        ("postgresql://analyst:s3cret-pw@db.invalid/analytics", "cannot connect to the analytics database at db.invalid:5432"),
+    ],
+)
+def test_malformed_database_url_is_one_line_without_the_password(url, expected):
+    result = run("stats", DATABASE_URL=url)
+    assert_one_line_error(result, expected)
+    assert "s3cret-pw" not in result.stderr + result.stdout
+
+
+def test_sql_injection_in_a_view_name_is_an_unknown_view_and_changes_nothing(seeded_db):
+    result = run("refresh", "daily_aggregations; drop table users", DATABASE_URL=seeded_db)
+    assert_one_line_error(result, "unknown view 'daily_aggregations; drop table users'")
+    with psycopg.connect(seeded_db) as conn:
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] > 0
+
+
+def test_refresh_on_a_database_never_migrated_says_to_migrate(empty_db):
+    assert_one_line_error(run("refresh", "--all", DATABASE_URL=empty_db), "was never migrated: run `analytics-views migrate`")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "environment", "expected"),
+    [
+        (None, {"DAGSTER_POSTGRES_URL": None}, "it reads DAGSTER_POSTGRES_URL, which is not set: export DAGSTER_POSTGRES_URL="),
+        ("storage:\n  custom: [oops\n", {}, "it is not valid YAML at line 2, column 11"),
+        ("storage:\n  postgres:\n    postgres_url: 42\n    bogus_setting: true\n", {}, "cannot load the Dagster instance"),
+    ],
+)
+def test_a_broken_dagster_yaml_is_one_line_naming_the_file(seeded_db, tmp_path, yaml_text, environment, expected):
+    home = prepare_dagster_home(tmp_path / "dagster_home")
+    if yaml_text is not None:
+        (home / "dagster.yaml").unlink()
+        (home / "dagster.yaml").write_text(yaml_text)
+    result = run("refresh", "--weekly", DATABASE_URL=seeded_db, DAGSTER_HOME=str(home), **environment)
+    assert_one_line_error(result, "$DAGSTER_HOME/dagster.yaml", expected)
+    with psycopg.connect(seeded_db) as conn:  # nothing ran
+        assert conn.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'weekly_aggregations'").fetchone()[0] is False

@@ -274,3 +274,10 @@ def test_a_read_replica_is_refused_with_a_clear_message(refreshed_db):
         conn.execute("SET search_path = replica_shadow, pg_catalog, public")
         with pytest.raises(RefreshError, match="read replica.*point DATABASE_URL at the primary"):
             refresh_view(conn, "daily_aggregations", QUICK)
+
+
+def test_a_view_name_carrying_sql_is_quoted_not_executed(refreshed_db):
+    with psycopg.connect(refreshed_db, autocommit=True) as conn:
+        with pytest.raises(RefreshError, match="daily_aggregations; drop table users"):
+            refresh_view(conn, "daily_aggregations; drop table users", QUICK)
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] > 0
