@@ -10,7 +10,7 @@ import dagster as dg
 
 from analytics_views import database
 from analytics_views.resources import AnalyticsDatabase
-from analytics_views.refresh import RefreshError, refresh_view
+from analytics_views.refresh import SKIPPED, RefreshError, refresh_view
 from analytics_views.views import ViewDefinition, load_views, source_tables
 
 UNIQUE_INDEX_CHECK = "unique_index"
@@ -86,17 +86,30 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     f"{unique_index_fix(view)}, then materialize again",
                     allow_retries=False,
                 )
+            last = context.instance.get_latest_materialization_event(dg.AssetKey(view.name))
+            last_metadata = last.asset_materialization.metadata if last and last.asset_materialization else {}
+            last_fingerprint = last_metadata.get("sources_fingerprint")
             try:
-                outcome = refresh_view(conn, view.name, analytics_db.refresh_settings)
+                outcome = refresh_view(
+                    conn,
+                    view.name,
+                    analytics_db.refresh_settings,
+                    skip_if_unchanged_since=last_fingerprint.value if last_fingerprint and analytics_db.skip_unchanged else None,
+                )
             except RefreshError as error:
                 if error.transient:
                     raise  # the retry policy tries again, with backoff
                 raise dg.Failure(str(error), allow_retries=False) from None
-            context.log.info(f"refreshed {view.name} ({outcome.mode}) in {outcome.duration_s:.3f} s")
+            context.log.info(f"{view.name}: {outcome.mode} in {outcome.duration_s:.3f} s")
             state = database.view_state(conn, view.name)
+            skipped = outcome.mode == SKIPPED
             yield dg.MaterializeResult(
                 metadata={
-                    "dagster/row_count": database.row_count(conn, view.name),
+                    # Unchanged sources mean unchanged rows: a skip costs catalog look-ups only.
+                    "dagster/row_count": last_metadata["dagster/row_count"].value
+                    if skipped
+                    else database.row_count(conn, view.name),
+                    "sources_fingerprint": outcome.sources_fingerprint or "",
                     "size_bytes": state.size_bytes,
                     "size": state.size_pretty,
                     "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),

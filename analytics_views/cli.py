@@ -35,7 +35,7 @@ def _refresh(args: argparse.Namespace) -> int:
     from analytics_views.operations import refresh, selected_views
 
     views = selected_views(all_views=args.all, daily=args.daily, weekly=args.weekly, names=args.views)
-    outcomes = refresh(database_url_from_env(), views)
+    outcomes = refresh(database_url_from_env(), views, force=args.force)
     for outcome in outcomes:
         print(outcome.line())
     return 0 if all(outcome.ok for outcome in outcomes) else 1
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--daily", action="store_true", help="the views of daily_refresh_job")
     which.add_argument("--weekly", action="store_true", help="the views of weekly_refresh_job")
     which.add_argument("views", nargs="*", default=[], metavar="VIEW", help="views by name")
+    refresh.add_argument(
+        "--force", action="store_true", help="refresh even views whose sources did not change since their last refresh"
+    )
     refresh.set_defaults(run=_refresh)
 
     stats = commands.add_parser("stats", help="rows, size, state and last refresh of each view")

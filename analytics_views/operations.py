@@ -11,6 +11,7 @@ import yaml
 from analytics_views import database
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.migrate import LEDGER
+from analytics_views.refresh import SKIPPED
 from analytics_views.views import CADENCES, load_views, view_names
 
 
@@ -56,27 +57,33 @@ def instance() -> dg.DagsterInstance:
 @dataclass(frozen=True)
 class RefreshReport:
     view: str
-    ok: bool
+    outcome: str  # "refreshed", "skipped" (sources unchanged) or "FAILED"
     detail: str  # the run's metadata summary, or the failure message
 
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "FAILED"
+
     def line(self) -> str:
-        return f"{self.view}: {'refreshed' if self.ok else 'FAILED'} ({self.detail})"
+        return f"{self.view}: {self.outcome} ({self.detail})"
 
 
 def _step_failures(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """Each failed step's one-line reason, without the exception's class name."""
     failures = {}
     for event in result.all_events:
         if event.is_step_failure:
             error = event.step_failure_data.error
-            message = (error.message if error else event.message or "failed").strip()
-            if error and error.cause and not message.startswith("dagster._core.definitions.events.Failure"):
-                message = error.cause.message.strip()
-            failures[event.step_key] = message.splitlines()[0].removeprefix("dagster._core.definitions.events.Failure: ")
+            message = (error.message if error else event.message or "failed").strip().splitlines()[0]
+            failures[event.step_key] = re.sub(r"^[\w.]+(Error|Failure): ", "", message)
     return failures
 
 
-def refresh(url: str, views: list[str]) -> list[RefreshReport]:
-    """Run each cadence's job for the selected views, in process, recorded in the Dagster instance."""
+def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshReport]:
+    """Run each cadence's job for the selected views, in process, recorded in the Dagster instance.
+
+    Views whose sources did not change since their last refresh are skipped unless `force` is set.
+    """
     from analytics_views.definitions import defs
 
     with database.connect(url) as conn:  # fail in one line before Dagster starts a run
@@ -93,12 +100,17 @@ def refresh(url: str, views: list[str]) -> list[RefreshReport]:
                 asset_selection=[dg.AssetKey(name) for name in chosen],
                 raise_on_error=False,
                 tags={"launched_by": "analytics-views refresh"},
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                run_config={
+                    "loggers": {"console": {"config": {"log_level": "INFO"}}},
+                    "resources": {
+                        "analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}
+                    },
+                },
             )
             failures = _step_failures(result)
             for name in chosen:
                 if name in failures:
-                    reports.append(RefreshReport(name, False, failures[name]))
+                    reports.append(RefreshReport(name, "FAILED", failures[name]))
                     continue
                 metadata = {
                     key: value.value
@@ -108,7 +120,7 @@ def refresh(url: str, views: list[str]) -> list[RefreshReport]:
                 reports.append(
                     RefreshReport(
                         name,
-                        True,
+                        "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
                         f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
                         f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
                     )

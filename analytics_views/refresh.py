@@ -22,6 +22,7 @@ from analytics_views.errors import AnalyticsViewsError
 CONCURRENT = "concurrent"
 # CONCURRENTLY is refused on a view that was never populated; the first refresh must be a plain one.
 INITIAL_PLAIN = "plain (first population)"
+SKIPPED = "skipped (sources unchanged)"
 
 # First key of the two-key advisory lock, so ours never collide with other applications' locks:
 # pg_advisory_xact_lock(ADVISORY_LOCK_NAMESPACE, hashtext(view)).
@@ -50,6 +51,7 @@ class RefreshOutcome:
     view: str
     mode: str
     duration_s: float
+    sources_fingerprint: str | None = None  # what the view's sources looked like when it was refreshed
 
 
 class RefreshError(AnalyticsViewsError):
@@ -78,6 +80,34 @@ def _holder(conn: psycopg.Connection, view: str) -> str:
         [ADVISORY_LOCK_NAMESPACE, view],
     ).fetchone()
     return f"pid {row[0]}, {row[1] or 'no application_name'}, since {row[2]} UTC" if row else "a session"
+
+
+# The relations a view's query reads (from its rewrite rule's dependencies), each with its file node (new
+# after TRUNCATE or a plain REFRESH) and its cumulative insert/update/delete counters; plus today's UTC date,
+# since the views' windows move with the date even when no source row changes.
+_SOURCES_FINGERPRINT = """
+SELECT CASE WHEN current_setting('track_counts')::boolean THEN
+    md5(string_agg(concat_ws(':', c.oid, c.relfilenode, s.n_tup_ins, s.n_tup_upd, s.n_tup_del), ',' ORDER BY c.oid))
+    || ':' || (now() AT TIME ZONE 'UTC')::date
+END
+FROM (
+    SELECT DISTINCT dep.refobjid
+    FROM pg_rewrite AS rule
+    JOIN pg_depend AS dep ON dep.classid = 'pg_rewrite'::regclass AND dep.objid = rule.oid
+    WHERE rule.ev_class = %(view)s::regclass AND dep.refclassid = 'pg_class'::regclass AND dep.refobjid <> rule.ev_class
+) AS sources
+JOIN pg_class AS c ON c.oid = sources.refobjid
+LEFT JOIN pg_stat_all_tables AS s ON s.relid = c.oid
+"""
+
+
+def sources_fingerprint(conn: psycopg.Connection, view: str) -> str | None:
+    """Changes whenever any source of the view may have changed; None when PostgreSQL does not count changes.
+
+    The counters are PostgreSQL's cumulative statistics, which a writing session reports when it goes idle
+    (within about a second), so a change committed in the last moment may be seen only by the next refresh.
+    """
+    return conn.execute(_SOURCES_FINGERPRINT, {"view": view}).fetchone()[0]
 
 
 def _explain(view: str, error: psycopg.Error, settings: RefreshSettings) -> RefreshError:
@@ -109,10 +139,16 @@ def _explain(view: str, error: psycopg.Error, settings: RefreshSettings) -> Refr
 
 
 def refresh_view(
-    conn: psycopg.Connection, view: str, settings: RefreshSettings = RefreshSettings()
+    conn: psycopg.Connection,
+    view: str,
+    settings: RefreshSettings = RefreshSettings(),
+    *,
+    skip_if_unchanged_since: str | None = None,
 ) -> RefreshOutcome:
     """REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated.
 
+    With `skip_if_unchanged_since` (the `sources_fingerprint` of the last refresh), a populated view whose
+    sources show no change since then is left as it is: the cost is a catalog look-up.
     `conn` must be in autocommit mode; the refresh makes its own transaction.
     """
     try:
@@ -149,6 +185,9 @@ def refresh_view(
                     "(unique, no WHERE clause, plain columns; see its file in sql/views/) and refresh again",
                     transient=False,
                 )
+            fingerprint = sources_fingerprint(conn, view)
+            if state.populated and fingerprint is not None and fingerprint == skip_if_unchanged_since:
+                return RefreshOutcome(view=view, mode=SKIPPED, duration_s=0.0, sources_fingerprint=fingerprint)
             mode = CONCURRENT if state.populated else INITIAL_PLAIN
             statement = sql.SQL(
                 "REFRESH MATERIALIZED VIEW CONCURRENTLY {}" if mode == CONCURRENT else "REFRESH MATERIALIZED VIEW {}"
@@ -168,4 +207,4 @@ def refresh_view(
         raise
     except psycopg.Error as error:
         raise _explain(view, error, settings) from error
-    return RefreshOutcome(view=view, mode=mode, duration_s=duration)
+    return RefreshOutcome(view=view, mode=mode, duration_s=duration, sources_fingerprint=fingerprint)

@@ -24,6 +24,11 @@ class AnalyticsDatabase(dg.ConfigurableResource):
         description="Longest refresh, in seconds, before PostgreSQL cancels it.",
     )
 
+    skip_unchanged: bool = Field(
+        default=True,
+        description="Skip the refresh of a populated view when none of its sources changed since its last refresh.",
+    )
+
     @property
     def refresh_settings(self) -> RefreshSettings:
         return RefreshSettings(lock_timeout_s=self.lock_timeout_s, statement_timeout_s=self.statement_timeout_s)

@@ -5,8 +5,11 @@ otherwise an embedded PostgreSQL started once for the session and stopped at its
 """
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -18,13 +21,21 @@ from analytics_views.migrate import migrate
 from analytics_views.seed import seed
 
 
+@contextmanager
+def server_directory() -> Iterator[Path]:
+    """A folder for an embedded server's data, outside pytest's tmp root: the server runs as another
+    user, and pytest resets its root to mode 700 whenever a pytest session starts."""
+    with tempfile.TemporaryDirectory(prefix="analytics-views-test-") as folder:
+        yield Path(folder)
+
+
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory) -> Iterator[str]:
+def postgres_url() -> Iterator[str]:
     """URL of a maintenance database on the test server."""
     if url := os.environ.get("ANALYTICS_TEST_DATABASE_URL"):
         yield url
         return
-    with embedded_server(tmp_path_factory.mktemp("embedded-postgres")) as url:
+    with server_directory() as folder, embedded_server(folder / "postgres") as url:
         yield url
 
 

@@ -1,12 +1,14 @@
 """Materializing the view assets against a real database: refresh modes, metadata and checks."""
 
+import time
+
 import dagster as dg
 import psycopg
 import pytest
 
 from analytics_views.assets import UNIQUE_INDEX_CHECK
 from analytics_views.definitions import defs
-from analytics_views.refresh import CONCURRENT, INITIAL_PLAIN
+from analytics_views.refresh import CONCURRENT, INITIAL_PLAIN, SKIPPED
 from analytics_views.views import load_views, views_with_cadence
 
 DAILY = [view.name for view in views_with_cadence("daily")]
@@ -107,3 +109,42 @@ def test_every_view_asset_has_description_kind_cadence_and_lineage():
         assert {dep.asset_key.to_user_string() for dep in spec.deps} == set(view.deps)
         for dep in view.deps:
             assert dep in specs, f"{dep} read by {view.name} is not an asset"
+
+
+def refresh_mode(result: dg.ExecuteInProcessResult, view: str) -> str:
+    return materialization_metadata(result, view)["refresh_mode"]
+
+
+def wait_until_counted(url: str, table: str, inserted_before: int) -> None:
+    """PostgreSQL reports a session's row counts when it goes idle; wait until it has."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(200):
+            if conn.execute("SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = %s::regclass", [table]).fetchone()[0] > inserted_before:
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"{table}'s insert was never counted")
+
+
+def test_a_refresh_is_skipped_while_no_source_changed_and_runs_after_any_change(database_url):
+    instance = dg.DagsterInstance.ephemeral()
+    weekly = lambda **kwargs: run_job("weekly_refresh_job", instance=instance, **kwargs)  # noqa: E731
+    first, second = weekly(), weekly()
+    assert refresh_mode(first, "weekly_aggregations") == INITIAL_PLAIN
+    assert refresh_mode(second, "weekly_aggregations") == SKIPPED
+    assert materialization_metadata(second, "weekly_aggregations")["dagster/row_count"] == materialization_metadata(
+        first, "weekly_aggregations"
+    )["dagster/row_count"]
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        counted = conn.execute("SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'events'::regclass").fetchone()[0]
+        conn.execute(
+            "INSERT INTO events (user_id, event_type, occurred_at)"
+            " SELECT user_id, 'late_arrival', now() - interval '8 days' FROM users LIMIT 1"
+        )
+    wait_until_counted(database_url, "events", counted)
+    assert refresh_mode(weekly(), "weekly_aggregations") == CONCURRENT
+    assert refresh_mode(weekly(), "weekly_aggregations") == SKIPPED
+    forced = weekly(
+        run_config={"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": False}}}}
+    )
+    assert refresh_mode(forced, "weekly_aggregations") == CONCURRENT

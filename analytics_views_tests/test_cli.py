@@ -114,7 +114,17 @@ def test_a_failed_refresh_exits_non_zero_naming_the_view_and_the_fix(seeded_db, 
     result = run("refresh", "--daily", env=dagster_home, DATABASE_URL=seeded_db)
     assert result.returncode == 1
     assert "daily_aggregations: FAILED (daily_aggregations has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY" in result.stdout
-    assert "cohort_aggregations: refreshed (" in result.stdout
+    assert "cohort_aggregations: skipped (" in result.stdout  # its sources did not change in between
+
+
+def test_refresh_skips_unchanged_views_unless_forced(seeded_db, dagster_home):
+    first = run("refresh", "--weekly", env=dagster_home, DATABASE_URL=seeded_db)
+    again = run("refresh", "--weekly", env=dagster_home, DATABASE_URL=seeded_db)
+    forced = run("refresh", "--weekly", "--force", env=dagster_home, DATABASE_URL=seeded_db)
+    assert [r.returncode for r in (first, again, forced)] == [0, 0, 0]
+    assert "weekly_aggregations: refreshed (" in first.stdout and "plain (first population)" in first.stdout
+    assert "weekly_aggregations: skipped (" in again.stdout and "skipped (sources unchanged)" in again.stdout
+    assert "weekly_aggregations: refreshed (" in forced.stdout and "concurrent in" in forced.stdout
 
 
 @pytest.mark.parametrize("args", [["migrate"], ["seed"], ["refresh", "--all"], ["stats"]])

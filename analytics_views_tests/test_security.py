@@ -1,12 +1,9 @@
 """Least privilege and secrets, on real servers: a refresher role that cannot write, and passwords that
 never reach output, logs, run records or metadata."""
 
-import os
-import subprocess
 import uuid
 from pathlib import Path
 
-import dagster as dg
 import psycopg
 import pytest
 from psycopg import sql
@@ -17,8 +14,8 @@ from analytics_views.refresh import CONCURRENT, refresh_view
 from analytics_views.seed import seed
 from analytics_views.services import prepare_dagster_home
 from analytics_views.views import SQL_DIR, view_names
-from analytics_views_tests.conftest import database_name
-from analytics_views_tests.test_cli import COMMAND, assert_one_line_error, run
+from analytics_views_tests.conftest import server_directory
+from analytics_views_tests.test_cli import assert_one_line_error, run
 
 REFRESHER_SQL = SQL_DIR / "roles" / "refresher.sql"
 PASSWORD = "Pw-7f3a-never-shown"
@@ -72,10 +69,10 @@ def test_the_refresher_role_sql_can_run_twice(refresher, seeded_db):
 
 
 @pytest.fixture(scope="module")
-def password_server(tmp_path_factory):
+def password_server():
     """An embedded server where role `analyst` must give its password (scram-sha-256)."""
-    data_dir = tmp_path_factory.mktemp("password-postgres")
-    with embedded_server(data_dir) as admin_url:
+    with server_directory() as folder, embedded_server(folder / "postgres") as admin_url:
+        data_dir = folder / "postgres"
         hba = data_dir / "pg_hba.conf"
         hba.write_text("local all analyst scram-sha-256\n" + hba.read_text())
         with psycopg.connect(admin_url, autocommit=True) as admin:

@@ -11,6 +11,7 @@ figures, which docs/soak.md records.
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -40,7 +41,33 @@ def server_connections(url: str) -> int:
         ).fetchone()[0]
 
 
-def reader(url: str, views: list[str], stop: threading.Event, latencies: list[float], errors: list[str]) -> None:
+class ReaderStats:
+    """Queries, errors, maximum latency and a bounded random sample of latencies (for the median): memory
+    stays flat however long the soak runs."""
+
+    def __init__(self, sample_size: int = 10_000):
+        self.count, self.maximum, self.sample, self.sample_size = 0, 0.0, [], sample_size
+        self.error_count, self.first_errors = 0, []
+        self.random = random.Random(0)
+        self.lock = threading.Lock()
+
+    def add_error(self, message: str) -> None:
+        with self.lock:
+            self.error_count += 1
+            if len(self.first_errors) < 3:
+                self.first_errors.append(message)
+
+    def add(self, seconds: float) -> None:
+        with self.lock:
+            self.count += 1
+            self.maximum = max(self.maximum, seconds)
+            if len(self.sample) < self.sample_size:
+                self.sample.append(seconds)
+            elif (slot := self.random.randrange(self.count)) < self.sample_size:
+                self.sample[slot] = seconds
+
+
+def reader(url: str, views: list[str], stop: threading.Event, stats: ReaderStats) -> None:
     with connect(url, autocommit=True, application_name="analytics-views soak reader") as conn:
         while not stop.is_set():
             for view in views:
@@ -48,8 +75,8 @@ def reader(url: str, views: list[str], stop: threading.Event, latencies: list[fl
                 try:
                     conn.execute(sql.SQL("SELECT * FROM {} ORDER BY 1 LIMIT 100").format(sql.Identifier(view))).fetchall()
                 except psycopg.Error as error:
-                    errors.append(f"{view}: {error}")
-                latencies.append(time.perf_counter() - started)
+                    stats.add_error(f"{view}: {error}")
+                stats.add(time.perf_counter() - started)
 
 
 def soak(url: str, minutes: float, readers: int) -> dict:
@@ -59,12 +86,15 @@ def soak(url: str, minutes: float, readers: int) -> dict:
         for view in views:
             refresh_view(conn, view)
     connections_before, rss_before = server_connections(url), process.memory_info().rss
-    stop, latencies, errors = threading.Event(), [], []
-    threads = [threading.Thread(target=reader, args=(url, views, stop, latencies, errors)) for _ in range(readers)]
+    stop, stats = threading.Event(), ReaderStats()
+    threads = [threading.Thread(target=reader, args=(url, views, stop, stats)) for _ in range(readers)]
     for thread in threads:
         thread.start()
-    refreshes, deadline = 0, time.monotonic() + minutes * 60
+    refreshes, started = 0, time.monotonic()
+    deadline, warm_at, rss_warm = started + minutes * 60, started + minutes * 6, None  # warm after 10%
     while time.monotonic() < deadline:
+        if rss_warm is None and time.monotonic() >= warm_at:
+            rss_warm = process.memory_info().rss
         for view in views:  # a new connection each time, as each Dagster step opens its own
             with connect(url, autocommit=True, application_name=f"analytics-views {view} soak") as conn:
                 refresh_view(conn, view)
@@ -77,14 +107,15 @@ def soak(url: str, minutes: float, readers: int) -> dict:
         "views": len(views),
         "refreshes": refreshes,
         "reader_threads": readers,
-        "reader_queries": len(latencies),
-        "reader_errors": len(errors),
-        "first_errors": errors[:3],
-        "reader_latency_median_ms": round(statistics.median(latencies) * 1000, 2),
-        "reader_latency_max_ms": round(max(latencies) * 1000, 2),
+        "reader_queries": stats.count,
+        "reader_errors": stats.error_count,
+        "first_errors": stats.first_errors,
+        "reader_latency_median_ms": round(statistics.median(stats.sample) * 1000, 2),
+        "reader_latency_max_ms": round(stats.maximum * 1000, 2),
         "server_connections_before": connections_before,
         "server_connections_after": server_connections(url),
         "rss_mb_before": round(rss_before / 2**20, 1),
+        "rss_mb_after_warm_up": round((rss_warm or rss_before) / 2**20, 1),
         "rss_mb_after": round(process.memory_info().rss / 2**20, 1),
     }
 
