@@ -109,12 +109,14 @@ def _explain(view: str, error: psycopg.Error, settings: RefreshSettings) -> Refr
 
 
 def refresh_view(
-    conn: psycopg.Connection, view: str, settings: RefreshSettings = RefreshSettings()
+    conn: psycopg.Connection, view: str, settings: RefreshSettings = RefreshSettings(), *, schema: str | None = None
 ) -> RefreshOutcome:
     """REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated.
 
-    `conn` must be in autocommit mode; the refresh makes its own transaction.
+    `conn` must be in autocommit mode; the refresh makes its own transaction. `schema` names a view made
+    elsewhere (discovered); None is the project's own view, found on the search_path.
     """
+    name, view = view, view if schema is None else f"{schema}.{view}"  # `view` names it in messages and locks
     try:
         with conn.transaction():
             if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
@@ -137,7 +139,7 @@ def refresh_view(
                     f"skipped {view}: another refresh of it is running ({_holder(conn, view)}) and did not "
                     f"finish within lock_timeout ({settings.lock_timeout_s:g} s); its result will be current"
                 ) from None
-            state = view_state(conn, view)
+            state = view_state(conn, name, schema)
             if not state.exists:
                 raise RefreshError(
                     f"materialized view {view!r} does not exist in this database: run `analytics-views migrate`",
@@ -152,7 +154,7 @@ def refresh_view(
             mode = CONCURRENT if state.populated else INITIAL_PLAIN
             statement = sql.SQL(
                 "REFRESH MATERIALIZED VIEW CONCURRENTLY {}" if mode == CONCURRENT else "REFRESH MATERIALIZED VIEW {}"
-            ).format(sql.Identifier(view))
+            ).format(sql.Identifier(name) if schema is None else sql.Identifier(schema, name))
             started = time.perf_counter()
             try:
                 conn.execute(statement)
