@@ -158,7 +158,7 @@ class Discovered:
     sources: tuple[SourceRelation, ...]
 
 
-def _asset_keys(state: dict, project_names: set[str]) -> dict[tuple[str, str], tuple[str, ...]]:
+def asset_keys(state: dict, project_names: set[str]) -> dict[tuple[str, str], tuple[str, ...]]:
     """Asset key of each relation in the state: its name, or [schema, name] when the name is taken twice.
 
     A project view or table is the relation of that name in the schema discovery ran in; it keeps its key.
@@ -188,7 +188,7 @@ def discovered_views(config: ManagedConfig) -> Discovered:
         return Discovered((), ())
     state = load_state(config)
     project = load_views() if config.project_views else ()
-    keys = _asset_keys(state, {view.name for view in project} | set(source_tables(project)))
+    keys = asset_keys(state, {view.name for view in project} | set(source_tables(project)))
     views = []
     for v in state["views"]:
         label = f"{v['schema']}.{v['name']}"

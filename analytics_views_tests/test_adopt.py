@@ -15,7 +15,7 @@ import pytest
 from analytics_views import cli
 from analytics_views.assets import MATCHES_DISCOVERY_CHECK, UNIQUE_INDEX_CHECK
 from analytics_views.definitions import build_definitions
-from analytics_views.discovery import discover
+from analytics_views.discovery import asset_keys, discover
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import CONFIG_ENV, load_config
 from analytics_views.migrate import migrate
@@ -303,3 +303,36 @@ def test_refresh_command_refreshes_discovered_views_by_schema_qualified_name(ado
     assert all("refreshed (" in line for line in lines)
     assert cli.main(["refresh", "events"]) == 1
     assert "unknown view 'events'" in capsys.readouterr().err
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path):
+    config = tmp_path / "views.toml"
+    config.write_text('schemas = ["reporting"]\n[cadence]\n"x*" = "hourly"\n')
+    with pytest.raises(AnalyticsViewsError, match=r"cadence of 'x\*' is 'hourly'; use one of daily, weekly"):
+        load_config(config)
+    config.write_text("schema = ['reporting']\n")
+    with pytest.raises(AnalyticsViewsError, match="unknown setting 'schema'"):
+        load_config(config)
+
+
+def test_default_config_manages_the_project_views_only(monkeypatch):
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    config = load_config()
+    assert config.project_views and not config.discovers
+    assert config.selects("reporting", "anything") is False
+    assert config.cadence_of("reporting", "anything") == "daily"
+
+
+def test_names_taken_twice_are_schema_qualified_but_project_relations_keep_theirs():
+    state = {
+        "current_schema": "public",
+        "views": [{"schema": "legacy", "name": "daily_aggregations"}, {"schema": "legacy", "name": "rollup"}],
+        "relations": [{"schema": "public", "name": "events"}, {"schema": "legacy", "name": "users"}],
+    }
+    keys = asset_keys(state, {"daily_aggregations", "events", "users"})
+    assert keys == {
+        ("legacy", "daily_aggregations"): ("legacy", "daily_aggregations"),  # ours is public.daily_aggregations
+        ("legacy", "rollup"): ("rollup",),
+        ("public", "events"): ("events",),  # the project's own source table: the same relation, the same asset
+        ("legacy", "users"): ("legacy", "users"),
+    }
