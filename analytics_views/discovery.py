@@ -28,7 +28,7 @@ KINDS = {"r": "table", "p": "table", "v": "view", "m": "materialized view", "f":
 _MATVIEWS = """
 SELECT c.oid, n.nspname, c.relname, obj_description(c.oid, 'pg_class'), pg_get_viewdef(c.oid)
 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
-WHERE c.relkind = 'm' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%%'
+WHERE c.relkind = 'm' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
 ORDER BY n.nspname, c.relname
 """
 
