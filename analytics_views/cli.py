@@ -42,9 +42,12 @@ def _refresh(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from analytics_views.operations import view_stats
+    from analytics_views.operations import discovery_warning, view_stats
 
-    stats = view_stats(database_url_from_env())
+    url = database_url_from_env()
+    if warning := discovery_warning(url):
+        print(f"analytics-views stats: warning: {warning}", file=sys.stderr)
+    stats = view_stats(url)
     if args.json:
         print(json.dumps([row.as_json() for row in stats], indent=2))
         return 0
@@ -53,6 +56,19 @@ def _stats(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from analytics_views.discovery import discover
+    from analytics_views.managed import load_config
+
+    config = load_config()
+    state = discover(database_url_from_env(), config)
+    for view in state["views"]:
+        reads = ", ".join(f"{r['schema']}.{r['name']}" for r in view["reads"]) or "nothing"
+        print(f"{view['schema']}.{view['name']} ({view['cadence']}): reads {reads}")
+    print(f"wrote {len(state['views'])} views and {len(state['relations'])} relations they read to {config.state_file}")
     return 0
 
 
@@ -93,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="refresh even views whose sources did not change since their last refresh"
     )
     refresh.set_defaults(run=_refresh)
+
+    discover = commands.add_parser(
+        "discover",
+        help="record the materialized views views.toml selects, as the catalog describes them, in the state file",
+        description="Read the materialized views that views.toml (or $ANALYTICS_VIEWS_CONFIG) selects from the "
+        "catalog of DATABASE_URL (columns, comments, the relations they read, indexes) and write the state file "
+        "the Dagster definitions load. Run it again when those views are added, dropped or redefined.",
+    )
+    discover.set_defaults(run=_discover)
 
     stats = commands.add_parser("stats", help="rows, size, state and last refresh of each view")
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -119,18 +119,25 @@ LIMIT 1
 """
 
 
-def view_state(conn: psycopg.Connection, view: str) -> ViewState:
+def relation_text(conn: psycopg.Connection, relation: str, schema: str | None = None) -> str:
+    """The relation as regclass input: the bare name (found on search_path), or "schema"."name" quoted."""
+    return relation if schema is None else sql.Identifier(schema, relation).as_string(conn)
+
+
+def view_state(conn: psycopg.Connection, view: str, schema: str | None = None) -> ViewState:
+    """The view's catalog state; `schema` None means the one search_path finds (the project's views)."""
+    rel = relation_text(conn, view, schema)
     row = conn.execute(
         """
-        SELECT to_regclass(%(view)s) IS NOT NULL,
+        SELECT to_regclass(%(rel)s) IS NOT NULL,
                coalesce((SELECT ispopulated FROM pg_matviews
-                         WHERE schemaname = current_schema() AND matviewname = %(view)s), false),
-               coalesce(pg_total_relation_size(to_regclass(%(view)s)), 0)
+                         WHERE schemaname = coalesce(%(schema)s, current_schema()) AND matviewname = %(view)s), false),
+               coalesce(pg_total_relation_size(to_regclass(%(rel)s)), 0)
         """,
-        {"view": view},
+        {"view": view, "schema": schema, "rel": rel},
     ).fetchone()
     exists, populated, size_bytes = row
-    index = conn.execute(_USABLE_UNIQUE_INDEX, {"view": view}).fetchone() if exists else None
+    index = conn.execute(_USABLE_UNIQUE_INDEX, {"view": rel}).fetchone() if exists else None
     return ViewState(
         name=view,
         exists=exists,
@@ -141,11 +148,12 @@ def view_state(conn: psycopg.Connection, view: str) -> ViewState:
     )
 
 
-def row_count(conn: psycopg.Connection, view: str) -> int:
-    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(view))).fetchone()[0]
+def row_count(conn: psycopg.Connection, view: str, schema: str | None = None) -> int:
+    name = sql.Identifier(view) if schema is None else sql.Identifier(schema, view)
+    return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(name)).fetchone()[0]
 
 
-def columns(conn: psycopg.Connection, relation: str) -> list[Column]:
+def columns(conn: psycopg.Connection, relation: str, schema: str | None = None) -> list[Column]:
     rows = conn.execute(
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod), col_description(a.attrelid, a.attnum)
@@ -153,11 +161,12 @@ def columns(conn: psycopg.Connection, relation: str) -> list[Column]:
         WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum
         """,
-        [relation],
+        [relation_text(conn, relation, schema)],
     ).fetchall()
     return [Column(*row) for row in rows]
 
 
-def qualified_name(conn: psycopg.Connection, relation: str) -> str:
+def qualified_name(conn: psycopg.Connection, relation: str, schema: str | None = None) -> str:
     """database.schema.relation, the form Dagster's `dagster/table_name` expects."""
-    return ".".join(conn.execute("SELECT current_database(), current_schema()").fetchone() + (relation,))
+    database, current = conn.execute("SELECT current_database(), current_schema()").fetchone()
+    return ".".join((database, schema or current, relation))

@@ -1,14 +1,26 @@
-"""Everything Dagster loads, assembled: assets, jobs, schedules and the database resource."""
+"""Everything Dagster loads, assembled: assets, jobs, schedules and the database resource.
+
+Which views come from views.toml (or $ANALYTICS_VIEWS_CONFIG); views made elsewhere from the state file
+`analytics-views discover` wrote. Loading never connects to the database.
+"""
 
 import dagster as dg
 
 from analytics_views.assets import build_assets
+from analytics_views.jobs import build_jobs, build_schedules
+from analytics_views.managed import ManagedConfig, load_config
 from analytics_views.resources import AnalyticsDatabase
-from analytics_views.jobs import refresh_jobs, refresh_schedules
 
-defs = dg.Definitions(
-    assets=build_assets(),
-    jobs=list(refresh_jobs.values()),
-    schedules=refresh_schedules,
-    resources={"analytics_db": AnalyticsDatabase(url=dg.EnvVar("DATABASE_URL"))},
-)
+
+def build_definitions(config: ManagedConfig | None = None) -> dg.Definitions:
+    config = config or load_config()
+    jobs = build_jobs(config)
+    return dg.Definitions(
+        assets=build_assets(config),
+        jobs=list(jobs.values()),
+        schedules=build_schedules(jobs),
+        resources={"analytics_db": AnalyticsDatabase(url=dg.EnvVar("DATABASE_URL"))},
+    )
+
+
+defs = build_definitions()

@@ -1,16 +1,26 @@
-"""The refresh jobs and the cron schedules the daemon runs them on (the old node-cron timetable)."""
+"""The refresh jobs and the cron schedules the daemon runs them on (the old node-cron timetable).
+
+A job holds its cadence's managed views; within it a view is refreshed after every view it reads (asset
+deps order the steps). A view reading a view of the other cadence reads that view's latest contents: the
+daily run (03:00) comes before Monday's weekly run (04:00), so a weekly view sees that morning's daily
+data, and a daily view sees a weekly view's new week from Tuesday.
+"""
 
 import dagster as dg
 
-from analytics_views.views import views_with_cadence
+from analytics_views.discovery import managed_views
+from analytics_views.managed import ManagedConfig, load_config
+from analytics_views.views import ViewDefinition
 
 REFRESH_TIMES = {"daily": "0 3 * * *", "weekly": "0 4 * * 1"}  # UTC
 
 
-def refresh_job(cadence: str):
+def refresh_job(cadence: str, views: tuple[ViewDefinition, ...]):
     return dg.define_asset_job(
         name=f"{cadence}_refresh_job",
-        selection=dg.AssetSelection.assets(*(view.name for view in views_with_cadence(cadence))),
+        selection=dg.AssetSelection.assets(
+            *(dg.AssetKey(list(view.asset_key_path)) for view in views if view.cadence == cadence)
+        ),
         description=f"Refreshes the {cadence} materialized views, each in its own step.",
         tags={"cadence": cadence},
     )
@@ -27,5 +37,10 @@ def refresh_schedule(job, cadence: str) -> dg.ScheduleDefinition:
     )
 
 
-refresh_jobs = {cadence: refresh_job(cadence) for cadence in REFRESH_TIMES}
-refresh_schedules = [refresh_schedule(job, cadence) for cadence, job in refresh_jobs.items()]
+def build_jobs(config: ManagedConfig | None = None) -> dict:
+    views = managed_views(config or load_config()).views
+    return {cadence: refresh_job(cadence, views) for cadence in REFRESH_TIMES}
+
+
+def build_schedules(jobs: dict) -> list[dg.ScheduleDefinition]:
+    return [refresh_schedule(job, cadence) for cadence, job in jobs.items()]

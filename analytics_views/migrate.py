@@ -13,6 +13,7 @@ from psycopg import sql
 
 from analytics_views.database import connect
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.ownership import refuse_foreign_objects
 from analytics_views.views import MIGRATIONS_DIR, load_views
 
 LEDGER = "analytics_views_migrations"
@@ -75,6 +76,8 @@ def migrate(url: str) -> list[str]:
     with connect(url) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         applied = _applied(conn)
+        # Never clobber: a relation a pending file creates must not exist already (made by someone else).
+        refuse_foreign_objects(conn, [f for f in (*migrations, *view_files.values()) if f.name not in applied])
         for file in migrations:
             if file.name not in applied:
                 _execute(conn, file)

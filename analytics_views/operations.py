@@ -9,21 +9,28 @@ import dagster as dg
 import yaml
 
 from analytics_views import database
+from analytics_views.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.managed import load_config
 from analytics_views.migrate import LEDGER
 from analytics_views.refresh import SKIPPED
-from analytics_views.views import CADENCES, load_views, view_names
+from analytics_views.views import CADENCES, ViewDefinition
+
+
+def _managed() -> tuple[ViewDefinition, ...]:
+    """The views views.toml manages: the project's, named as before, and discovered ones as schema.name."""
+    return managed_views(load_config()).views
 
 
 def selected_views(*, all_views: bool, daily: bool, weekly: bool, names: list[str]) -> list[str]:
     if all_views:
-        return list(view_names())
+        return [view.label for view in _managed()]
     if daily or weekly:
         cadence = "daily" if daily else "weekly"
-        return [view.name for view in load_views() if view.cadence == cadence]
+        return [view.label for view in _managed() if view.cadence == cadence]
     if not names:
         raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly or view names")
-    known = view_names()
+    known = [view.label for view in _managed()]
     for name in names:
         if name not in known:
             raise AnalyticsViewsError(
@@ -84,20 +91,23 @@ def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshR
 
     Views whose sources did not change since their last refresh are skipped unless `force` is set.
     """
-    from analytics_views.definitions import defs
+    from analytics_views.definitions import build_definitions
 
+    config = load_config()
+    defs = build_definitions(config)
     with database.connect(url) as conn:  # fail in one line before Dagster starts a run
-        ensure_migrated(conn)
+        if config.project_views:
+            ensure_migrated(conn)
     reports = []
     with instance() as dagster_instance:
         for cadence in CADENCES:
-            chosen = [view.name for view in load_views() if view.cadence == cadence and view.name in views]
+            chosen = [view for view in _managed() if view.cadence == cadence and view.label in views]
             if not chosen:
                 continue
             job = defs.resolve_job_def(f"{cadence}_refresh_job")
             result = job.execute_in_process(
                 instance=dagster_instance,
-                asset_selection=[dg.AssetKey(name) for name in chosen],
+                asset_selection=[dg.AssetKey(list(view.asset_key_path)) for view in chosen],
                 raise_on_error=False,
                 tags={"launched_by": "analytics-views refresh"},
                 run_config={
@@ -108,13 +118,14 @@ def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshR
                 },
             )
             failures = _step_failures(result)
-            for name in chosen:
-                if name in failures:
-                    reports.append(RefreshReport(name, "FAILED", failures[name]))
+            for view in chosen:
+                name, node = view.label, dg.AssetKey(list(view.asset_key_path)).to_python_identifier()
+                if node in failures:
+                    reports.append(RefreshReport(name, "FAILED", failures[node]))
                     continue
                 metadata = {
                     key: value.value
-                    for event in result.asset_materializations_for_node(name)
+                    for event in result.asset_materializations_for_node(node)
                     for key, value in event.metadata.items()
                 }
                 reports.append(
@@ -161,8 +172,8 @@ class ViewStats:
         )
 
 
-def _last_materialized(dagster_instance: dg.DagsterInstance, view: str) -> datetime | None:
-    event = dagster_instance.get_latest_materialization_event(dg.AssetKey(view))
+def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinition) -> datetime | None:
+    event = dagster_instance.get_latest_materialization_event(dg.AssetKey(list(view.asset_key_path)))
     return datetime.fromtimestamp(event.timestamp, tz=timezone.utc) if event else None
 
 
@@ -176,16 +187,19 @@ def ensure_migrated(conn) -> None:
 def view_stats(url: str) -> list[ViewStats]:
     """The old getViewStats(): each view's rows, size, populated flag, unique index and last refresh."""
     stats = []
+    config = load_config()
     with database.connect(url, autocommit=True) as conn, instance() as dagster_instance:
-        ensure_migrated(conn)
-        for view in view_names():
-            state = database.view_state(conn, view)
+        if config.project_views:
+            ensure_migrated(conn)
+        for view in _managed():
+            state = database.view_state(conn, view.name, view.schema)
             if not state.exists:
-                raise AnalyticsViewsError(f"view {view} is missing: run `analytics-views migrate`")
+                fix = "run `analytics-views migrate`" if view.path else staleness(conn, config).line(config)
+                raise AnalyticsViewsError(f"view {view.label} is missing: {fix}")
             stats.append(
                 ViewStats(
-                    view=view,
-                    rows=database.row_count(conn, view) if state.populated else None,
+                    view=view.label,
+                    rows=database.row_count(conn, view.name, view.schema) if state.populated else None,
                     size_bytes=state.size_bytes,
                     size=state.size_pretty,
                     populated=state.populated,
@@ -194,3 +208,13 @@ def view_stats(url: str) -> list[ViewStats]:
                 )
             )
     return stats
+
+
+def discovery_warning(url: str) -> str | None:
+    """One line when the discovery state differs from the catalog (views added, dropped, redefined)."""
+    config = load_config()
+    if not config.discovers:
+        return None
+    with database.connect(url) as conn:
+        stale = staleness(conn, config)
+    return stale.line(config) if stale else None

@@ -143,14 +143,18 @@ def refresh_view(
     view: str,
     settings: RefreshSettings = RefreshSettings(),
     *,
+    schema: str | None = None,
     skip_if_unchanged_since: str | None = None,
 ) -> RefreshOutcome:
     """REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated.
 
-    With `skip_if_unchanged_since` (the `sources_fingerprint` of the last refresh), a populated view whose
-    sources show no change since then is left as it is: the cost is a catalog look-up.
+    `schema` names a view made elsewhere (discovered); None is the project's own view, found on the
+    search_path. With `skip_if_unchanged_since` (the `sources_fingerprint` of the last refresh), a populated
+    view whose sources show no change since then is left as it is: the cost is a catalog look-up.
     `conn` must be in autocommit mode; the refresh makes its own transaction.
     """
+    name, view = view, view if schema is None else f"{schema}.{view}"  # `view` names it in messages and locks
+    relation = sql.Identifier(name) if schema is None else sql.Identifier(schema, name)
     try:
         with conn.transaction():
             if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
@@ -173,7 +177,7 @@ def refresh_view(
                     f"skipped {view}: another refresh of it is running ({_holder(conn, view)}) and did not "
                     f"finish within lock_timeout ({settings.lock_timeout_s:g} s); its result will be current"
                 ) from None
-            state = view_state(conn, view)
+            state = view_state(conn, name, schema)
             if not state.exists:
                 raise RefreshError(
                     f"materialized view {view!r} does not exist in this database: run `analytics-views migrate`",
@@ -185,13 +189,13 @@ def refresh_view(
                     "(unique, no WHERE clause, plain columns; see its file in sql/views/) and refresh again",
                     transient=False,
                 )
-            fingerprint = sources_fingerprint(conn, view)
+            fingerprint = sources_fingerprint(conn, relation.as_string(conn))
             if state.populated and fingerprint is not None and fingerprint == skip_if_unchanged_since:
                 return RefreshOutcome(view=view, mode=SKIPPED, duration_s=0.0, sources_fingerprint=fingerprint)
             mode = CONCURRENT if state.populated else INITIAL_PLAIN
             statement = sql.SQL(
                 "REFRESH MATERIALIZED VIEW CONCURRENTLY {}" if mode == CONCURRENT else "REFRESH MATERIALIZED VIEW {}"
-            ).format(sql.Identifier(view))
+            ).format(relation)
             started = time.perf_counter()
             try:
                 conn.execute(statement)

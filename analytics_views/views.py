@@ -14,6 +14,8 @@ from pathlib import Path
 import sqlglot
 from sqlglot import exp
 
+from analytics_views.database import Column
+
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 VIEWS_DIR = SQL_DIR / "views"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
@@ -29,13 +31,27 @@ _CREATE_VIEW = re.compile(
 @dataclass(frozen=True)
 class ViewDefinition:
     name: str
-    path: Path
+    path: Path | None  # None for a view discovered in the catalog (made by someone else's migrations)
     sql: str
     summary: str  # the header's first line: what the view answers
     description: str  # the whole header
-    grain: str
+    grain: str | None
     cadence: str
-    deps: tuple[str, ...]  # tables and views the query reads, sorted
+    deps: tuple[str, ...]  # tables and views the query reads, sorted (asset key strings for discovered views)
+    # Discovered views only (analytics_views/discovery.py); project views live in the current schema.
+    schema: str | None = None
+    key: tuple[str, ...] | None = None  # asset key path when not just the name (names that collide)
+    columns: tuple[Column, ...] = ()
+    fingerprint: str | None = None  # of the catalog definition, to tell when discovery is out of date
+
+    @property
+    def asset_key_path(self) -> tuple[str, ...]:
+        return self.key or (self.name,)
+
+    @property
+    def label(self) -> str:
+        """How messages and the CLI name the view: schema-qualified when discovered."""
+        return f"{self.schema}.{self.name}" if self.schema else self.name
 
 
 def _header(text: str) -> list[str]:
