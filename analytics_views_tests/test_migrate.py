@@ -3,7 +3,8 @@ import pytest
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.migrate import LEDGER, migrate
-from analytics_views.views import MIGRATIONS_DIR, load_views
+from analytics_views.paths import MIGRATIONS_DIR
+from analytics_views.views import load_views
 
 CATALOG_FINGERPRINT = """
 SELECT c.relname, c.relkind, c.oid
