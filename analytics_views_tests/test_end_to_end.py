@@ -1,15 +1,13 @@
 """The service as it runs in production: webserver and daemon on PostgreSQL storage, a run via GraphQL."""
 
-import os
-import socket
 import time
 
 import dagster as dg
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
-from analytics_views.database import libpq_url
-from analytics_views.services import dagster_services, prepare_dagster_home
+from analytics_views.services import dagster_services
+from analytics_views_tests.conftest import free_port
 
 DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
 
@@ -24,26 +22,11 @@ query {
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def services(seeded_db, empty_db, tmp_path, monkeypatch):
-    # A plain postgresql:// URL on purpose: the form that breaks dagster-postgres on psycopg 3.
-    env = {
-        **os.environ,
-        "DATABASE_URL": seeded_db,
-        "DAGSTER_POSTGRES_URL": libpq_url(empty_db),
-        "DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "dagster_home")),
-    }
-    for name in ("DATABASE_URL", "DAGSTER_POSTGRES_URL", "DAGSTER_HOME"):
-        monkeypatch.setenv(name, env[name])
+def services(dagster_env, tmp_path):
     port = free_port()
     logs = tmp_path / "logs"
-    with dagster_services(env=env, port=port, log_dir=logs) as processes:
+    with dagster_services(env=dagster_env, port=port, log_dir=logs) as processes:
         yield DagsterGraphQLClient("127.0.0.1", port_number=port), logs
     for process in processes:
         assert process.poll() is not None, "a Dagster process outlived the test"
