@@ -1,24 +1,35 @@
 """One Dagster asset per materialized view in sql/views/, and one per source table they read.
 
-The translation from a SQL file to an asset happens here and only here: key, group, description, kinds,
-tags, lineage and the `unique_index` check all come from the view's `ViewDefinition`.
+The translation from SQL to an asset happens here and only here: key, group, description, owners, kinds,
+tags, freshness, column schema, column lineage, code reference and the `unique_index` check all come from
+the view's `ViewDefinition` or, for a source table, from its migration (`SourceTable`).
 """
 
+import os
 import re
+import warnings
+from collections.abc import Iterable
+from datetime import timedelta
+from pathlib import Path
 
 import dagster as dg
 
 from analytics_views import database
 from analytics_views.discovery import SourceRelation, current_fingerprint, managed_views
 from analytics_views.managed import ManagedConfig, load_config
-from analytics_views.resources import AnalyticsDatabase
+from analytics_views.paths import PROJECT_ROOT
 from analytics_views.refresh import SKIPPED, RefreshError, refresh_view
+from analytics_views.resources import AnalyticsDatabase
+from analytics_views.source_tables import ColumnDoc, SourceTable, load_source_tables
 from analytics_views.views import ViewDefinition, source_tables
 
 UNIQUE_INDEX_CHECK = "unique_index"
 MATCHES_DISCOVERY_CHECK = "matches_discovery"
 SOURCES_GROUP = "sources"
 VIEWS_GROUP = "analytics_views"
+OWNERS = ["team:analytics"]
+# A view is late once its last refresh is older than its cadence plus slack for a slow or retried run.
+FRESHNESS_WINDOWS = {"daily": timedelta(hours=26), "weekly": timedelta(days=8)}
 
 # Transient failures (lost connection, lock timeout, deadlock, ...) are retried; permanent ones raise
 # Failure(allow_retries=False) and fail at once.
@@ -36,17 +47,62 @@ def unique_index_fix(view: ViewDefinition) -> str:
     return f"run `{statement}` (from {view.path.parent.name}/{view.path.name})"
 
 
-def source_table_spec(table: str) -> dg.AssetSpec:
-    return dg.AssetSpec(
-        key=table,
-        group_name=SOURCES_GROUP,
-        description=f"Source table `{table}`, written by the product application.",
-        kinds={"postgres"},
+def code_reference(path: Path, line: int) -> dg.CodeReferencesMetadataValue:
+    """"View source" in the UI: the SQL file and line that define the asset.
+
+    A path on this machine by default (the UI opens it in the local editor); with ANALYTICS_VIEWS_GIT_URL
+    set (e.g. https://github.com/org/analytics-views), a link to the file on ANALYTICS_VIEWS_GIT_BRANCH
+    (default main), for a server whose paths mean nothing to the analyst's browser.
+    """
+    relative = path.relative_to(PROJECT_ROOT).as_posix()
+    git_url = os.environ.get("ANALYTICS_VIEWS_GIT_URL", "").strip().rstrip("/")
+    with warnings.catch_warnings():  # beta since 1.7, yet what the UI reads; one warning per asset is noise
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        if git_url:
+            branch = os.environ.get("ANALYTICS_VIEWS_GIT_BRANCH", "main")
+            reference = dg.UrlCodeReference(url=f"{git_url}/blob/{branch}/{relative}#L{line}", label=relative)
+        else:
+            reference = dg.LocalFileCodeReference(file_path=str(path), line_number=line, label=relative)
+        return dg.CodeReferencesMetadataValue(code_references=[reference])
+
+
+def table_schema(columns: Iterable[ColumnDoc | database.Column]) -> dg.TableSchema:
+    # A view's types are known only once PostgreSQL has created it: its materializations record them.
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name=c.name, type=c.type or "", description=c.description) for c in columns]
     )
 
 
-def _column_schema(columns: tuple[database.Column, ...] | list[database.Column]) -> dg.TableSchema:
-    return dg.TableSchema(columns=[dg.TableColumn(name=c.name, type=c.type, description=c.description) for c in columns])
+def source_table_spec(table: str, declared: SourceTable | None) -> dg.AssetSpec:
+    if declared is None:  # read by a view but created outside sql/migrations
+        return dg.AssetSpec(
+            key=table,
+            group_name=SOURCES_GROUP,
+            description=f"Source table `{table}`, not created by sql/migrations.",
+            kinds={"postgres"},
+            owners=OWNERS,
+        )
+    return dg.AssetSpec(
+        key=table,
+        group_name=SOURCES_GROUP,
+        description=declared.description or f"Source table `{table}`, written by the product application.",
+        kinds={"postgres"},
+        owners=OWNERS,
+        metadata={
+            "dagster/table_name": f"public.{table}",
+            "dagster/column_schema": table_schema(declared.columns),
+            "dagster/code_references": code_reference(declared.path, declared.line),
+        },
+    )
+
+
+def column_lineage(view: ViewDefinition) -> dg.TableColumnLineage:
+    return dg.TableColumnLineage(
+        deps_by_column={
+            column: [dg.TableColumnDep(asset_key=dg.AssetKey(table), column_name=name) for table, name in deps]
+            for column, deps in view.column_lineage.items()
+        }
+    )
 
 
 def source_relation_spec(relation: SourceRelation) -> dg.AssetSpec:
@@ -56,16 +112,23 @@ def source_relation_spec(relation: SourceRelation) -> dg.AssetSpec:
         group_name=SOURCES_GROUP,
         description=relation.comment or f"Source {relation.kind} `{relation.schema}.{relation.name}`.",
         kinds={"postgres"},
-        metadata={"dagster/column_schema": _column_schema(relation.columns), "schema": relation.schema},
+        owners=OWNERS,
+        metadata={"dagster/column_schema": table_schema(relation.columns), "schema": relation.schema},
     )
 
 
 def _view_metadata(view: ViewDefinition) -> dict:
     if view.path is not None:
-        return {"grain": view.grain, "sql_file": f"sql/views/{view.path.name}"}
+        return {
+            "grain": view.grain,
+            "sql_file": f"sql/views/{view.path.name}",
+            "dagster/column_schema": table_schema(view.columns),
+            "dagster/column_lineage": column_lineage(view),
+            "dagster/code_references": code_reference(view.path, view.line),
+        }
     return {
         "schema": view.schema,
-        "dagster/column_schema": _column_schema(view.columns),
+        "dagster/column_schema": table_schema(view.columns),
         "definition": dg.MetadataValue.md(f"```sql\n{view.sql}\n```"),
         "fingerprint": view.fingerprint,
     }
@@ -97,7 +160,9 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
         description=view.description,
         group_name=VIEWS_GROUP,
         kinds={"postgres"},
+        owners=OWNERS,
         tags={"cadence": view.cadence},
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=FRESHNESS_WINDOWS[view.cadence]),
         check_specs=check_specs,
         metadata=_view_metadata(view),
         # One refresh of a view at a time across all runs (dagster.yaml: pools default_limit 1).
@@ -105,7 +170,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
         retry_policy=TRANSIENT_RETRY,
     )
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
-        with analytics_db.connection(f"analytics-views {view.label} run {context.run_id[:8]}") as conn:
+        with analytics_db.connection(f"analytics-views {view.label} run {context.run.run_id[:8]}") as conn:
             state = database.view_state(conn, view.name, view.schema)
             if not state.exists:
                 fix = "run `analytics-views migrate`" if view.path else "run `analytics-views discover` and reload"
@@ -167,7 +232,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),
                     "refresh_mode": outcome.mode,
                     "dagster/table_name": database.qualified_name(conn, view.name, view.schema),
-                    "dagster/column_schema": _column_schema(database.columns(conn, view.name, view.schema)),
+                    "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }
             )
 
@@ -179,8 +244,13 @@ def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.
     managed = managed_views(config or load_config())
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
+    declared = load_source_tables()
     return [
-        *(source_table_spec(table) for table in source_tables(tuple(project)) if (table,) not in discovered_keys),
+        *(
+            source_table_spec(table, declared.get(table))
+            for table in source_tables(tuple(project))
+            if (table,) not in discovered_keys
+        ),
         *map(source_relation_spec, managed.sources),
         *map(view_asset, managed.views),
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from analytics_views.database import database_url_from_env
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.services import PROJECT_ROOT
+from analytics_views.paths import PROJECT_ROOT
 
 DEV_DIR = PROJECT_ROOT / ".dev"
 

@@ -14,9 +14,10 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.views import CADENCES, SQL_DIR
+from analytics_views.paths import PROJECT_ROOT
+from analytics_views.views import CADENCES
 
-PROJECT_ROOT = SQL_DIR.parent
+
 DEFAULT_CONFIG = PROJECT_ROOT / "views.toml"
 CONFIG_ENV = "ANALYTICS_VIEWS_CONFIG"
 DEFAULT_CADENCE = "daily"

@@ -2,7 +2,9 @@
 
 Every file applied is recorded in `analytics_views_migrations` with its checksum. A migration file is
 applied once, in name order; a view file is (re)created whenever its checksum changes, together with every
-view that reads it. The whole run is one transaction under an advisory lock: all of it or none of it.
+view that reads it, and its header comment becomes the view's `COMMENT ON MATERIALIZED VIEW` (the file's
+own `COMMENT ON COLUMN` statements describe its columns). The whole run is one transaction under an
+advisory lock: all of it or none of it.
 """
 
 import hashlib
@@ -14,7 +16,8 @@ from psycopg import sql
 from analytics_views.database import connect
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.ownership import refuse_foreign_objects
-from analytics_views.views import MIGRATIONS_DIR, load_views
+from analytics_views.paths import MIGRATIONS_DIR
+from analytics_views.views import load_views
 
 LEDGER = "analytics_views_migrations"
 _LOCK_KEY = "analytics_views.migrate"
@@ -98,6 +101,12 @@ def migrate(url: str) -> list[str]:
         for view in views:
             if view.name in stale:
                 _execute(conn, view_files[view.name])
+                # The header comment, the asset's description in Dagster, is also what psql's \dm+ shows.
+                conn.execute(
+                    sql.SQL("COMMENT ON MATERIALIZED VIEW {} IS {}").format(
+                        sql.Identifier(view.name), sql.Literal(view.description)
+                    )
+                )
                 _record(conn, view_files[view.name])
                 done.append(view_files[view.name].name)
     return done

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from analytics_views.database import connect
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.views import SQL_DIR
+from analytics_views.paths import SQL_DIR
 
 SEED_SQL = SQL_DIR / "seed.sql"
 DEFAULT_USERS = 5000

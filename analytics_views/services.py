@@ -19,8 +19,8 @@ from typing import Iterator
 import psutil
 
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 DAGSTER_YAML = PROJECT_ROOT / "dagster.yaml"
 STOP_GRACE_S = 10.0

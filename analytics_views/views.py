@@ -1,12 +1,14 @@
 """The materialized views, read from their SQL files: the one source of truth.
 
 Each `sql/views/<name>.sql` holds a header comment, one `CREATE MATERIALIZED VIEW <name> AS ... WITH NO
-DATA;` and the unique index that `REFRESH ... CONCURRENTLY` needs. Everything Python knows about a view
-(description, cadence, upstream tables and views) is derived here, so adding a view is adding a file.
+DATA;`, the unique index that `REFRESH ... CONCURRENTLY` needs and a `COMMENT ON COLUMN <name>.<column>`
+for each output column. Everything Python knows about a view (description, cadence, columns and their
+descriptions, upstream tables and views, column lineage) is derived here, so adding a view is adding a file.
 """
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from graphlib import TopologicalSorter
 from pathlib import Path
@@ -15,10 +17,9 @@ import sqlglot
 from sqlglot import exp
 
 from analytics_views.database import Column
-
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
-VIEWS_DIR = SQL_DIR / "views"
-MIGRATIONS_DIR = SQL_DIR / "migrations"
+from analytics_views.lineage import SourceColumn, column_lineage, output_columns
+from analytics_views.paths import VIEWS_DIR
+from analytics_views.source_tables import ColumnDoc, lineage_schema, load_source_tables
 
 CADENCES = ("daily", "weekly")
 
@@ -38,10 +39,14 @@ class ViewDefinition:
     grain: str | None
     cadence: str
     deps: tuple[str, ...]  # tables and views the query reads, sorted (asset key strings for discovered views)
+    # Output columns in order: from the file's COMMENT ON COLUMN (project views) or the catalog (discovered).
+    columns: tuple[ColumnDoc | Column, ...] = ()
+    # Project views only: where the CREATE statement is (1-based) and each output column's sources.
+    line: int | None = None
+    column_lineage: Mapping[str, tuple[SourceColumn, ...]] = field(default_factory=dict)
     # Discovered views only (analytics_views/discovery.py); project views live in the current schema.
     schema: str | None = None
     key: tuple[str, ...] | None = None  # asset key path when not just the name (names that collide)
-    columns: tuple[Column, ...] = ()
     fingerprint: str | None = None  # of the catalog definition, to tell when discovery is out of date
 
     @property
@@ -86,19 +91,45 @@ def query_dependencies(query: str) -> tuple[str, ...]:
     )
 
 
-def parse_view_file(path: Path) -> ViewDefinition:
-    text = path.read_text()
+def _create_statement(path: Path, text: str) -> re.Match:
     match = _CREATE_VIEW.search(text)
     if match is None:
         raise ValueError(f"{path}: no 'CREATE MATERIALIZED VIEW ... AS ... WITH NO DATA;' statement")
     if match["name"] != path.stem:
         raise ValueError(f"{path}: creates view {match['name']!r}; rename the file or the view to match")
+    return match
+
+
+def _column_comments(statements: str, view: str, columns: tuple[str, ...], path: Path) -> dict[str, str]:
+    """The `COMMENT ON COLUMN view.column IS '...'` statements after the CREATE, checked against the view."""
+    comments = {}
+    for statement in sqlglot.parse(statements, read="postgres"):
+        if not isinstance(statement, exp.Comment):
+            continue
+        target = statement.this
+        if statement.args.get("kind") != "COLUMN":
+            raise ValueError(
+                f"{path}: COMMENT ON {statement.args.get('kind')} {target.sql()}: the header comment is the "
+                "view's description (migrate writes it to the database); only COMMENT ON COLUMN belongs here"
+            )
+        if target.table != view or target.name not in columns:
+            raise ValueError(f"{path}: COMMENT ON COLUMN {target.sql()} names no column of {view}")
+        comments[target.name] = statement.expression.name
+    return comments
+
+
+def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None) -> ViewDefinition:
+    """One view file; `schema` ({table: {column: type}}) resolves columns the query leaves unqualified."""
+    text = path.read_text()
+    match = _create_statement(path, text)
     header = _header(text)
     if not header or not header[0]:
         raise ValueError(f"{path}: starts without a header comment saying what the view answers")
     cadence = _field(header, "cadence", path).lower()
     if cadence not in CADENCES:
         raise ValueError(f"{path}: cadence {cadence!r} is not one of {', '.join(CADENCES)}")
+    columns = output_columns(match["query"])
+    comments = _column_comments(text[match.end() :], path.stem, columns, path)
     return ViewDefinition(
         name=path.stem,
         path=path,
@@ -108,13 +139,21 @@ def parse_view_file(path: Path) -> ViewDefinition:
         grain=_field(header, "grain", path),
         cadence=cadence,
         deps=query_dependencies(match["query"]),
+        line=text.count("\n", 0, match.start()) + 1,
+        columns=tuple(ColumnDoc(name, None, comments.get(name)) for name in columns),
+        column_lineage=column_lineage(match["query"], schema or {}),
     )
 
 
 @cache
 def load_views(views_dir: Path = VIEWS_DIR) -> tuple[ViewDefinition, ...]:
     """All views, ordered so that a view comes after every view it reads."""
-    views = {view.name: view for view in map(parse_view_file, sorted(views_dir.glob("*.sql")))}
+    paths = sorted(views_dir.glob("*.sql"))
+    # Columns resolve against the source tables and the other views, so one view may read another.
+    schema = lineage_schema(load_source_tables())
+    for path in paths:
+        schema[path.stem] = dict.fromkeys(output_columns(_create_statement(path, path.read_text())["query"]), "unknown")
+    views = {view.name: view for view in (parse_view_file(path, schema) for path in paths)}
     graph = {name: [dep for dep in view.deps if dep in views] for name, view in views.items()}
     return tuple(views[name] for name in TopologicalSorter(graph).static_order())
 

@@ -5,20 +5,23 @@ otherwise an embedded PostgreSQL started once for the session and stopped at its
 """
 
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from analytics_views.database import with_database
+from analytics_views.database import libpq_url, with_database
 from analytics_views.embedded import embedded_server
 from analytics_views.migrate import migrate
 from analytics_views.seed import seed
+from analytics_views.services import prepare_dagster_home
 
 
 @contextmanager
@@ -106,3 +109,35 @@ def migrated_db(databases, migrated_template) -> str:
 def seeded_db(databases, seeded_template) -> str:
     """URL of a fresh migrated database holding a small seeded demo data set (views unpopulated)."""
     return databases.create(template=seeded_template)
+
+
+DEPLOYMENT_PASSWORD = "E2e-pw-never-logged"
+
+
+def with_password(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{DEPLOYMENT_PASSWORD}@{host}"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def dagster_env(seeded_db, empty_db, tmp_path, monkeypatch) -> dict[str, str]:
+    """The environment of a deployment: a seeded analytics database and Dagster storage in PostgreSQL,
+    set in this process too (so in-process runs land in the same instance) and returned for services."""
+    # A plain postgresql:// URL on purpose: the form that breaks dagster-postgres on psycopg 3. The servers
+    # trust these connections and ignore the password, which must still reach no log.
+    env = {
+        **os.environ,
+        "DATABASE_URL": with_password(seeded_db),
+        "DAGSTER_POSTGRES_URL": with_password(libpq_url(empty_db)),
+        "DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "dagster_home")),
+    }
+    for name in ("DATABASE_URL", "DAGSTER_POSTGRES_URL", "DAGSTER_HOME"):
+        monkeypatch.setenv(name, env[name])
+    return env

@@ -24,6 +24,11 @@ def run_job(name: str, **kwargs) -> dg.ExecuteInProcessResult:
     return defs.resolve_job_def(name).execute_in_process(raise_on_error=False, **kwargs)
 
 
+def definition_metadata(key: str) -> dict:
+    [spec] = [spec for spec in defs.resolve_all_asset_specs() if spec.key.to_user_string() == key]
+    return {name: value.value if isinstance(value, dg.MetadataValue) else value for name, value in spec.metadata.items()}
+
+
 def materialization_metadata(result: dg.ExecuteInProcessResult, view: str) -> dict:
     [event] = result.asset_materializations_for_node(view)
     return {key: value.value for key, value in event.metadata.items()}
@@ -54,6 +59,11 @@ def test_row_count_metadata_equals_the_views_real_row_count(database_url):
                     [view],
                 )
             ]
+            # The database's types and comments agree with the schema the definition shows before any refresh.
+            declared = definition_metadata(view)["dagster/column_schema"].columns
+            recorded = metadata["dagster/column_schema"].columns
+            assert [(c.name, c.description) for c in recorded] == [(c.name, c.description) for c in declared]
+            assert all(c.type for c in recorded)
 
 
 def test_unpopulated_view_is_populated_before_concurrent_refresh(database_url):
@@ -148,3 +158,58 @@ def test_a_refresh_is_skipped_while_no_source_changed_and_runs_after_any_change(
         run_config={"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": False}}}}
     )
     assert refresh_mode(forced, "weekly_aggregations") == CONCURRENT
+
+
+def test_view_assets_show_owner_column_descriptions_lineage_and_their_sql_file():
+    for view in load_views():
+        metadata = definition_metadata(view.name)
+        [spec] = [spec for spec in defs.resolve_all_asset_specs() if spec.key.to_user_string() == view.name]
+        assert spec.owners == ["team:analytics"]
+        columns = metadata["dagster/column_schema"].columns
+        assert [c.name for c in columns] == [c.name for c in view.columns]
+        assert all(c.description for c in columns), f"{view.name}: add COMMENT ON COLUMN for every column"
+        lineage = metadata["dagster/column_lineage"].deps_by_column
+        assert set(lineage) == {c.name for c in view.columns}
+        [reference] = metadata["dagster/code_references"].code_references
+        assert (reference.file_path, reference.label) == (str(view.path), f"sql/views/{view.path.name}")
+        assert view.path.read_text().splitlines()[reference.line_number - 1].startswith(
+            f"CREATE MATERIALIZED VIEW {view.name} AS"
+        )
+    daily = definition_metadata("daily_aggregations")
+    assert daily["dagster/column_lineage"].deps_by_column["arpdau"] == [
+        dg.TableColumnDep(asset_key=dg.AssetKey("events"), column_name="user_id"),
+        dg.TableColumnDep(asset_key=dg.AssetKey("payments"), column_name="amount"),
+    ]
+    [revenue] = [c for c in daily["dagster/column_schema"].columns if c.name == "revenue"]
+    assert revenue.description == "Sum of payments that day."
+
+
+def test_source_table_assets_show_the_migrations_description_and_typed_columns():
+    specs = {spec.key.to_user_string(): spec for spec in defs.resolve_all_asset_specs()}
+    events = specs["events"]
+    assert events.group_name == "sources" and events.kinds == {"postgres"}
+    assert events.description == (
+        "Product events emitted by users' clients; any event makes its user active on that UTC day."
+    )
+    columns = definition_metadata("events")["dagster/column_schema"].columns
+    assert [(c.name, c.type) for c in columns] == [
+        ("event_id", "bigint"),
+        ("user_id", "bigint"),
+        ("event_type", "text"),
+        ("occurred_at", "timestamptz"),
+    ]
+    assert columns[3].description == "Instant the event happened on the client."
+    [reference] = definition_metadata("events")["dagster/code_references"].code_references
+    assert reference.label == "sql/migrations/001_source_tables.sql" and reference.line_number == 41
+
+
+def test_code_references_link_to_the_repository_when_a_git_url_is_configured(monkeypatch):
+    from analytics_views.assets import code_reference
+
+    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_URL", "https://github.com/acme/analytics-views/")
+    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_BRANCH", "release")
+    view = load_views()[0]
+    [reference] = code_reference(view.path, view.line).code_references
+    assert reference.url == (
+        f"https://github.com/acme/analytics-views/blob/release/sql/views/{view.path.name}#L{view.line}"
+    )

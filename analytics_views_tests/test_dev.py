@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 
-from analytics_views_tests.conftest import server_directory
-from analytics_views_tests.test_end_to_end import free_port
+from analytics_views_tests.conftest import free_port, server_directory
+
 
 COMMAND = str(Path(sys.executable).parent / "analytics-views")
 

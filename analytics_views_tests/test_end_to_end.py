@@ -1,18 +1,15 @@
 """The service as it runs in production: webserver and daemon on PostgreSQL storage, a run via GraphQL."""
 
-import os
-import socket
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import dagster as dg
 import psycopg
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
-from analytics_views.database import libpq_url
 from analytics_views.refresh import refresh_view
-from analytics_views.services import dagster_services, prepare_dagster_home
+from analytics_views.services import dagster_services
+from analytics_views_tests.conftest import DEPLOYMENT_PASSWORD, free_port
 
 DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
 
@@ -27,37 +24,11 @@ query {
 """
 
 
-E2E_PASSWORD = "E2e-pw-never-logged"
-
-
-def with_password(url: str) -> str:
-    parts = urlsplit(url)
-    user = parts.username or "postgres"
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:{E2E_PASSWORD}@{host}"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def services(seeded_db, empty_db, tmp_path, monkeypatch):
-    # A plain postgresql:// URL on purpose: the form that breaks dagster-postgres on psycopg 3. The servers
-    # trust local connections, so the passwords are ignored by them, but must not reach any log.
-    env = {
-        **os.environ,
-        "DATABASE_URL": with_password(seeded_db),
-        "DAGSTER_POSTGRES_URL": with_password(libpq_url(empty_db)),
-        "DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "dagster_home")),
-    }
-    for name in ("DATABASE_URL", "DAGSTER_POSTGRES_URL", "DAGSTER_HOME"):
-        monkeypatch.setenv(name, env[name])
+def services(dagster_env, tmp_path):
     port = free_port()
     logs = tmp_path / "logs"
-    with dagster_services(env=env, port=port, log_dir=logs) as processes:
+    with dagster_services(env=dagster_env, port=port, log_dir=logs) as processes:
         yield DagsterGraphQLClient("127.0.0.1", port_number=port), logs
     for process in processes:
         assert process.poll() is not None, "a Dagster process outlived the test"
@@ -107,7 +78,7 @@ def test_daily_job_launched_through_graphql_refreshes_every_daily_view(services)
         log = (logs / f"{name}.log").read_text()
         errors = [line for line in log.splitlines() if " - ERROR - " in line or "Traceback" in line]
         assert errors == [], f"{name} log has errors"
-        assert E2E_PASSWORD not in log
+        assert DEPLOYMENT_PASSWORD not in log
 
 
 def test_terminating_a_run_cancels_its_query_in_the_database(services, seeded_db):

@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from analytics_views.definitions import defs
-from analytics_views.services import PROJECT_ROOT
+from analytics_views.paths import PROJECT_ROOT
 
 
 def job_views(name: str) -> set[str]:

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import psycopg
 import pytest
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.migrate import LEDGER, migrate
-from analytics_views.views import MIGRATIONS_DIR, load_views
+from analytics_views.paths import MIGRATIONS_DIR
+from analytics_views.views import load_views
 
 CATALOG_FINGERPRINT = """
 SELECT c.relname, c.relkind, c.oid
@@ -61,3 +64,33 @@ def test_changed_view_file_recreates_that_view(migrated_db):
     assert f"views/{view.path.name}" in migrate(migrated_db)
     with psycopg.connect(migrated_db) as conn:
         assert conn.execute("SELECT %s::regclass::oid", [view.name]).fetchone()[0] != old_oid
+
+
+def test_header_and_column_comments_reach_the_database_in_the_same_words(migrated_db):
+    with psycopg.connect(migrated_db) as conn:
+        for view in load_views():
+            described = conn.execute("SELECT obj_description(%s::regclass, 'pg_class')", [view.name]).fetchone()[0]
+            assert described == view.description
+            assert described.startswith(view.summary) and f"Cadence: {view.cadence}" in described
+            columns = conn.execute(
+                "SELECT attname, col_description(attrelid, attnum) FROM pg_attribute"
+                " WHERE attrelid = %s::regclass AND attnum > 0 ORDER BY attnum",
+                [view.name],
+            ).fetchall()
+            assert columns == [(column.name, column.description) for column in view.columns]
+        arpdau = conn.execute("SELECT col_description('daily_aggregations'::regclass, 7)").fetchone()[0]
+    assert arpdau == "Average revenue per daily active user, revenue / active_users; NULL when nobody was active."
+
+
+def test_a_quote_in_the_header_is_written_as_a_literal(migrated_db, monkeypatch):
+    view = load_views()[0]
+    tricky = replace(view, description="It's a view'); DROP TABLE users; --")
+    monkeypatch.setattr("analytics_views.migrate.load_views", lambda: (tricky, *load_views()[1:]))
+    with psycopg.connect(migrated_db) as conn:
+        conn.execute(f"UPDATE {LEDGER} SET checksum = 'old' WHERE name = %s", [f"views/{view.path.name}"])
+    migrate(migrated_db)
+    with psycopg.connect(migrated_db) as conn:
+        assert conn.execute("SELECT obj_description(%s::regclass, 'pg_class')", [view.name]).fetchone()[0] == (
+            tricky.description
+        )
+        assert conn.execute("SELECT to_regclass('users')").fetchone()[0] == "users"

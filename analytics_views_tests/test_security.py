@@ -13,7 +13,8 @@ from analytics_views.migrate import migrate
 from analytics_views.refresh import CONCURRENT, refresh_view
 from analytics_views.seed import seed
 from analytics_views.services import prepare_dagster_home
-from analytics_views.views import SQL_DIR, view_names
+from analytics_views.paths import SQL_DIR
+from analytics_views.views import view_names
 from analytics_views_tests.conftest import server_directory
 from analytics_views_tests.test_cli import assert_one_line_error, run
 

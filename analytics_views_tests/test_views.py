@@ -47,3 +47,25 @@ def test_a_file_without_a_header_is_rejected_with_its_path(tmp_path):
     path.write_text("CREATE MATERIALIZED VIEW bare AS SELECT 1 AS one WITH NO DATA;\n")
     with pytest.raises(ValueError, match="bare.sql: starts without a header"):
         parse_view_file(path)
+
+
+def write_view(tmp_path, statements: str):
+    path = tmp_path / "tiny.sql"
+    path.write_text(
+        "-- How many users are there?\n-- Grain: one row\n-- Cadence: daily\n"
+        "CREATE MATERIALIZED VIEW tiny AS SELECT count(*) AS users FROM users WITH NO DATA;\n" + statements
+    )
+    return path
+
+
+def test_column_comments_become_column_descriptions(tmp_path):
+    view = parse_view_file(write_view(tmp_path, "COMMENT ON COLUMN tiny.users IS 'Every user, ever.';\n"))
+    assert [(c.name, c.description) for c in view.columns] == [("users", "Every user, ever.")]
+    assert view.line == 4
+
+
+def test_a_comment_on_a_missing_column_or_on_the_view_itself_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="tiny.sql: COMMENT ON COLUMN tiny.user_count names no column of tiny"):
+        parse_view_file(write_view(tmp_path, "COMMENT ON COLUMN tiny.user_count IS 'typo';\n"))
+    with pytest.raises(ValueError, match="the header comment is the view's description"):
+        parse_view_file(write_view(tmp_path, "COMMENT ON MATERIALIZED VIEW tiny IS 'twice';\n"))

@@ -5,15 +5,8 @@
 -- Window: the 90 complete UTC days from today - 90 to today - 1; today (UTC) is left out.
 -- Days are UTC days whatever the session TimeZone. Signups, spend and payments are filtered on their
 -- indexed date or timestamp, so a refresh reads the window, not all history.
--- signups: users acquired by the campaign whose signed_up_at falls in the window.
--- spend: sum of campaign_spend.amount over the window's spend dates.
--- revenue: payments made in the window by every user the campaign ever acquired (not only the
--- window's signups). Spend and revenue are each summed in their own CTE per campaign, never after
--- a join to users or activity rows, which would multiply them.
--- roi (return on investment) = (revenue - spend) / spend: the profit per unit spent; 0 is break-even.
--- roas (return on ad spend) = revenue / spend: the revenue per unit spent; 1 is break-even.
--- cac (customer acquisition cost) = spend / signups.
--- roi, roas and cac are NULL when their denominator is 0 (no spend, no signups in the window).
+-- Spend and revenue are each summed in their own CTE per campaign, never after a join to users or
+-- activity rows, which would multiply them.
 CREATE MATERIALIZED VIEW campaign_aggregations AS
 WITH campaign_signups AS (
     SELECT
@@ -70,3 +63,21 @@ LEFT JOIN campaign_revenue AS rv ON c.campaign_id = rv.campaign_id
 WITH NO DATA;
 
 CREATE UNIQUE INDEX campaign_aggregations_key ON campaign_aggregations (campaign_id);
+
+-- Column descriptions: the column schema in Dagster and \d+ campaign_aggregations in psql both show them.
+COMMENT ON COLUMN campaign_aggregations.campaign_id IS 'Campaign identifier (the key).';
+COMMENT ON COLUMN campaign_aggregations.campaign_name IS 'Human-readable campaign name.';
+COMMENT ON COLUMN campaign_aggregations.channel IS 'Acquisition channel the campaign runs on.';
+COMMENT ON COLUMN campaign_aggregations.started_on IS 'First day (UTC) the campaign ran.';
+COMMENT ON COLUMN campaign_aggregations.signups IS
+'Users acquired by the campaign whose signed_up_at falls in the window.';
+COMMENT ON COLUMN campaign_aggregations.spend IS
+'Sum of campaign_spend.amount over the window''s spend dates.';
+COMMENT ON COLUMN campaign_aggregations.revenue IS
+'Payments made in the window by every user the campaign ever acquired (not only the window''s signups).';
+COMMENT ON COLUMN campaign_aggregations.roi IS
+'Return on investment = (revenue - spend) / spend: the profit per unit spent; 0 is break-even; NULL without spend.';
+COMMENT ON COLUMN campaign_aggregations.roas IS
+'Return on ad spend = revenue / spend: the revenue per unit spent; 1 is break-even; NULL without spend.';
+COMMENT ON COLUMN campaign_aggregations.cac IS
+'Customer acquisition cost = spend / signups; NULL without signups in the window.';

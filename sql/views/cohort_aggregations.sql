@@ -5,14 +5,9 @@
 -- Window: cohorts from today - 90 to today - 1 (UTC); every cohort day has a row, even an empty one.
 -- Days are UTC days whatever the session TimeZone: instants are bucketed with AT TIME ZONE 'UTC'.
 -- Signups and payments are read for the window only; retention probes read one user-day each.
--- cohort_size: users who signed up that UTC day.
--- dN_retained_users: cohort users with at least one event on the UTC day cohort_day + N (N = 1, 7, 30).
--- dN_retention: dN_retained_users / cohort_size.
--- Both are NULL while day N has not completed (cohort_day + N >= today), not 0: the users
--- may still come back that day. dN_retention is also NULL for an empty cohort (no division by zero).
--- revenue_to_date: all payments of the cohort's users from signup until the end of yesterday (UTC),
--- summed in its own CTE (never after a join to activity rows, which would multiply it).
--- ltv_per_user: revenue_to_date / cohort_size, revenue to date per signed-up user.
+-- Day-N retention is NULL while day N has not completed (cohort_day + N >= today), not 0: the users
+-- may still come back that day. Revenue is summed in its own CTE, never after a join to activity
+-- rows, which would multiply it.
 CREATE MATERIALIZED VIEW cohort_aggregations AS
 WITH report_cohorts AS (
     SELECT (now() AT TIME ZONE 'UTC')::date - days_ago.n AS cohort_day
@@ -116,3 +111,24 @@ LEFT JOIN cohort_revenue AS rev ON ccd.cohort_day = rev.cohort_day
 WITH NO DATA;
 
 CREATE UNIQUE INDEX cohort_aggregations_key ON cohort_aggregations (cohort_day);
+
+-- Column descriptions: the column schema in Dagster and \d+ cohort_aggregations in psql both show them.
+COMMENT ON COLUMN cohort_aggregations.cohort_day IS
+'Signup cohort: the UTC day of signed_up_at; every day of the window has a row, even an empty one.';
+COMMENT ON COLUMN cohort_aggregations.cohort_size IS 'Users who signed up that UTC day.';
+COMMENT ON COLUMN cohort_aggregations.d1_retained_users IS
+'Cohort users with at least one event on the UTC day cohort_day + 1; NULL until that day has completed.';
+COMMENT ON COLUMN cohort_aggregations.d1_retention IS
+'d1_retained_users / cohort_size; NULL until day 1 has completed, and for an empty cohort.';
+COMMENT ON COLUMN cohort_aggregations.d7_retained_users IS
+'Cohort users with at least one event on the UTC day cohort_day + 7; NULL until that day has completed.';
+COMMENT ON COLUMN cohort_aggregations.d7_retention IS
+'d7_retained_users / cohort_size; NULL until day 7 has completed, and for an empty cohort.';
+COMMENT ON COLUMN cohort_aggregations.d30_retained_users IS
+'Cohort users with at least one event on the UTC day cohort_day + 30; NULL until that day has completed.';
+COMMENT ON COLUMN cohort_aggregations.d30_retention IS
+'d30_retained_users / cohort_size; NULL until day 30 has completed, and for an empty cohort.';
+COMMENT ON COLUMN cohort_aggregations.revenue_to_date IS
+'All payments of the cohort''s users from signup until the end of yesterday (UTC).';
+COMMENT ON COLUMN cohort_aggregations.ltv_per_user IS
+'revenue_to_date / cohort_size: revenue to date per signed-up user; NULL for an empty cohort.';

@@ -6,13 +6,8 @@
 -- and is left out. Every day of the window has a row; a day without activity shows zeros.
 -- Days are UTC days whatever the session TimeZone: instants are bucketed with AT TIME ZONE 'UTC'.
 -- Each source is filtered on its indexed timestamp, so a refresh reads the window, not all history.
--- active_users: distinct users with at least one event that day.
--- new_users: users whose signed_up_at falls on that day.
--- events: number of events that day.
--- revenue: sum of payments that day, summed in its own CTE (never after a join to activity rows,
--- which would multiply each payment by the payer's events).
--- paying_users: distinct users with at least one payment that day.
--- arpdau: average revenue per daily active user, revenue / active_users; NULL when nobody was active.
+-- Revenue is summed in its own CTE, never after a join to activity rows, which would multiply each
+-- payment by the payer's events.
 CREATE MATERIALIZED VIEW daily_aggregations AS
 WITH report_days AS (
     SELECT (now() AT TIME ZONE 'UTC')::date - days_ago.n AS day
@@ -69,3 +64,13 @@ LEFT JOIN daily_revenue AS dr ON rd.day = dr.day
 WITH NO DATA;
 
 CREATE UNIQUE INDEX daily_aggregations_key ON daily_aggregations (day);
+
+-- Column descriptions: the column schema in Dagster and \d+ daily_aggregations in psql both show them.
+COMMENT ON COLUMN daily_aggregations.day IS 'UTC calendar day of the row; every day of the window has one.';
+COMMENT ON COLUMN daily_aggregations.active_users IS 'Distinct users with at least one event that day.';
+COMMENT ON COLUMN daily_aggregations.new_users IS 'Users whose signed_up_at falls on that day.';
+COMMENT ON COLUMN daily_aggregations.events IS 'Number of events that day.';
+COMMENT ON COLUMN daily_aggregations.revenue IS 'Sum of payments that day.';
+COMMENT ON COLUMN daily_aggregations.paying_users IS 'Distinct users with at least one payment that day.';
+COMMENT ON COLUMN daily_aggregations.arpdau IS
+'Average revenue per daily active user, revenue / active_users; NULL when nobody was active.';

@@ -7,13 +7,8 @@
 -- week. Every week of the window has a row; a week without activity shows zeros.
 -- Weeks are UTC weeks whatever the session TimeZone: instants are bucketed with AT TIME ZONE 'UTC'.
 -- Each source is filtered on its indexed timestamp, so a refresh reads the window, not all history.
--- weekly_active_users: distinct users with at least one event in the week.
--- new_users: users whose signed_up_at falls in the week.
--- events: number of events in the week.
--- revenue: sum of payments in the week, summed in its own CTE (never after a join to activity rows).
--- wow_retention: week-over-week retention, the share of the previous week's active users who are
--- active again this week; NULL when nobody was active the previous week. The oldest week needs
--- its previous week, so activity is read for 53 weeks and 52 are reported.
+-- Revenue is summed in its own CTE, never after a join to activity rows. Week-over-week retention of
+-- the oldest week needs its previous week, so activity is read for 53 weeks and 52 are reported.
 CREATE MATERIALIZED VIEW weekly_aggregations AS
 WITH report_weeks AS (
     SELECT date_trunc('week', now() AT TIME ZONE 'UTC')::date - 7 * weeks_ago.n AS week_start
@@ -96,3 +91,14 @@ LEFT JOIN weekly_revenue AS wr ON rw.week_start = wr.week_start
 WITH NO DATA;
 
 CREATE UNIQUE INDEX weekly_aggregations_key ON weekly_aggregations (week_start);
+
+-- Column descriptions: the column schema in Dagster and \d+ weekly_aggregations in psql both show them.
+COMMENT ON COLUMN weekly_aggregations.week_start IS
+'Monday (UTC) the ISO week starts on; every week of the window has a row.';
+COMMENT ON COLUMN weekly_aggregations.weekly_active_users IS
+'Distinct users with at least one event in the week.';
+COMMENT ON COLUMN weekly_aggregations.new_users IS 'Users whose signed_up_at falls in the week.';
+COMMENT ON COLUMN weekly_aggregations.events IS 'Number of events in the week.';
+COMMENT ON COLUMN weekly_aggregations.revenue IS 'Sum of payments in the week.';
+COMMENT ON COLUMN weekly_aggregations.wow_retention IS
+'Week-over-week retention: the share of the previous week''s active users who are active again this week; NULL when nobody was active the previous week.';

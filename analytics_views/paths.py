@@ -1,0 +1,8 @@
+"""Where the SQL lives: the one source of truth for tables and views."""
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SQL_DIR = PROJECT_ROOT / "sql"
+VIEWS_DIR = SQL_DIR / "views"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
