@@ -66,6 +66,11 @@ def code_reference(path: Path, line: int) -> dg.CodeReferencesMetadataValue:
         return dg.CodeReferencesMetadataValue(code_references=[reference])
 
 
+def as_markdown(text: str) -> str:
+    """The UI renders descriptions as Markdown: keep the header's line breaks (Grain:, Cadence: ...)."""
+    return "\n".join(f"{line}  " if line.strip() else "" for line in text.splitlines())
+
+
 def table_schema(columns: Iterable[ColumnDoc | database.Column]) -> dg.TableSchema:
     # A view's types are known only once PostgreSQL has created it: its materializations record them.
     return dg.TableSchema(
@@ -157,7 +162,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
     @dg.asset(
         key=key,
         deps=[dg.AssetKey.from_user_string(dep) for dep in view.deps],
-        description=view.description,
+        description=as_markdown(view.description),
         group_name=VIEWS_GROUP,
         kinds={"postgres"},
         owners=OWNERS,

@@ -114,6 +114,8 @@ def test_every_view_asset_has_description_kind_cadence_and_lineage():
     for view in load_views():
         spec = specs[view.name]
         assert spec.description.startswith(view.summary)
+        # Markdown hard breaks keep "Grain:" and "Cadence:" on lines of their own in the UI.
+        assert f"{view.summary}  \nGrain: {view.grain}  \nCadence: {view.cadence}  \n" in spec.description
         assert spec.kinds == {"postgres"}
         assert spec.tags["cadence"] == view.cadence
         assert {dep.asset_key.to_user_string() for dep in spec.deps} == set(view.deps)
