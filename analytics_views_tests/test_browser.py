@@ -153,6 +153,7 @@ def test_analyst_sees_lineage_description_row_count_check_and_freshness(refreshe
     page.get_by_text("How many users were active, signed up and paid on each UTC day").first.wait_for()
     page.get_by_text("Distinct users with at least one event that day.").first.wait_for()  # a column comment
     page.get_by_text("Fails if more than 26 hours since last materialization").first.wait_for()
+    page.get_by_text("Passing", exact=True).first.wait_for()  # the freshness panel loads after the page
     overview = page.inner_text("body")
     for shown in (
         "Freshness policy\nPassing",
@@ -181,6 +182,9 @@ def test_analyst_sees_lineage_description_row_count_check_and_freshness(refreshe
 
     page.goto(f"{base}/assets/{LATE_VIEW}")
     page.get_by_text("9 days ago").first.wait_for()  # its latest materialization
+    # The freshness panel loads after the page: wait for its policy line before reading the page.
+    page.get_by_text("Fails if more than 8 days since last materialization").first.wait_for()
+    page.get_by_text("Failed", exact=True).first.wait_for()
     late = page.inner_text("body")
     assert "Freshness policy\nFailed" in late, "the weekly view refreshed 9 days ago is not shown as late"
     assert "Row count\n52" in late
