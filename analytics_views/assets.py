@@ -87,12 +87,13 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     allow_retries=False,
                 )
             try:
-                outcome = refresh_view(conn, view.name, analytics_db.refresh_settings)
+                outcome = refresh_view(conn, view.name, analytics_db.refresh_settings, view.refresh_strategy)
             except RefreshError as error:
                 if error.transient:
                     raise  # the retry policy tries again, with backoff
                 raise dg.Failure(str(error), allow_retries=False) from None
-            context.log.info(f"refreshed {view.name} ({outcome.mode}) in {outcome.duration_s:.3f} s")
+            note = f"; {outcome.note}" if outcome.note else ""
+            context.log.info(f"refreshed {view.name} ({outcome.mode}{note}) in {outcome.duration_s:.3f} s")
             state = database.view_state(conn, view.name)
             yield dg.MaterializeResult(
                 metadata={
@@ -101,6 +102,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     "size": state.size_pretty,
                     "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),
                     "refresh_mode": outcome.mode,
+                    **({"refresh_note": outcome.note} if outcome.note else {}),
                     "dagster/table_name": database.qualified_name(conn, view.name),
                     "dagster/column_schema": dg.TableSchema(
                         columns=[

@@ -5,7 +5,9 @@ Every refresh runs in one transaction that
 - sets `lock_timeout` and `statement_timeout` with SET LOCAL semantics, so they never outlive it;
 - takes a per-view advisory lock, waiting at most `lock_timeout`: two refreshes of one view never overlap,
   whoever started them (Dagster, the CLI or a psql session using the same lock);
-- runs REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated.
+- runs REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated,
+  or for large views (strategy `auto` or `swap`) builds the new contents beside the view and swaps them
+  in (swap.py), falling back to CONCURRENTLY where that cannot be done faithfully.
 The lock ends with the transaction, on success and on failure alike. An interrupted refresh (a run
 terminated in the UI) cancels its query in the server before the error goes on.
 """
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import errors, sql
 
+from analytics_views import swap
 from analytics_views.database import view_state
 from analytics_views.errors import AnalyticsViewsError
 
@@ -50,6 +53,7 @@ class RefreshOutcome:
     view: str
     mode: str
     duration_s: float
+    note: str = ""  # why the mode differs from the strategy asked for, or how the swap went
 
 
 class RefreshError(AnalyticsViewsError):
@@ -109,9 +113,10 @@ def _explain(view: str, error: psycopg.Error, settings: RefreshSettings) -> Refr
 
 
 def refresh_view(
-    conn: psycopg.Connection, view: str, settings: RefreshSettings = RefreshSettings()
+    conn: psycopg.Connection, view: str, settings: RefreshSettings = RefreshSettings(), strategy: str = swap.AUTO
 ) -> RefreshOutcome:
-    """REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated.
+    """REFRESH MATERIALIZED VIEW CONCURRENTLY (or build-and-swap, see `strategy` and swap.py), or a plain
+    REFRESH when the view was never populated.
 
     `conn` must be in autocommit mode; the refresh makes its own transaction.
     """
@@ -150,12 +155,14 @@ def refresh_view(
                     transient=False,
                 )
             mode = CONCURRENT if state.populated else INITIAL_PLAIN
-            statement = sql.SQL(
-                "REFRESH MATERIALIZED VIEW CONCURRENTLY {}" if mode == CONCURRENT else "REFRESH MATERIALIZED VIEW {}"
-            ).format(sql.Identifier(view))
+            statement = sql.SQL("REFRESH MATERIALIZED VIEW {}").format(sql.Identifier(view))
             started = time.perf_counter()
+            note = ""
             try:
-                conn.execute(statement)
+                if mode == CONCURRENT:
+                    mode, note = swap.refresh_populated(conn, view, strategy, lock_wait_s=settings.lock_timeout_s)
+                else:
+                    conn.execute(statement)
             except psycopg.Error:
                 raise
             except BaseException:
@@ -168,4 +175,4 @@ def refresh_view(
         raise
     except psycopg.Error as error:
         raise _explain(view, error, settings) from error
-    return RefreshOutcome(view=view, mode=mode, duration_s=duration)
+    return RefreshOutcome(view=view, mode=mode, duration_s=duration, note=note)

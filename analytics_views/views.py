@@ -14,6 +14,8 @@ from pathlib import Path
 import sqlglot
 from sqlglot import exp
 
+from analytics_views.swap import AUTO, STRATEGIES
+
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 VIEWS_DIR = SQL_DIR / "views"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
@@ -36,6 +38,7 @@ class ViewDefinition:
     grain: str
     cadence: str
     deps: tuple[str, ...]  # tables and views the query reads, sorted
+    refresh_strategy: str = "auto"  # optional `-- Refresh: auto|concurrent|swap` header line (see swap.py)
 
 
 def _header(text: str) -> list[str]:
@@ -47,11 +50,13 @@ def _header(text: str) -> list[str]:
     return lines
 
 
-def _field(header: list[str], name: str, path: Path) -> str:
+def _field(header: list[str], name: str, path: Path, default: str | None = None) -> str:
     for line in header:
         key, sep, value = line.partition(":")
         if sep and key.strip().lower() == name:
             return value.strip()
+    if default is not None:
+        return default
     raise ValueError(f"{path}: header has no '-- {name.capitalize()}: ...' line; add one")
 
 
@@ -83,6 +88,9 @@ def parse_view_file(path: Path) -> ViewDefinition:
     cadence = _field(header, "cadence", path).lower()
     if cadence not in CADENCES:
         raise ValueError(f"{path}: cadence {cadence!r} is not one of {', '.join(CADENCES)}")
+    strategy = _field(header, "refresh", path, default=AUTO).lower()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{path}: refresh strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     return ViewDefinition(
         name=path.stem,
         path=path,
@@ -92,6 +100,7 @@ def parse_view_file(path: Path) -> ViewDefinition:
         grain=_field(header, "grain", path),
         cadence=cadence,
         deps=query_dependencies(match["query"]),
+        refresh_strategy=strategy,
     )
 
 
