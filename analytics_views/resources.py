@@ -24,9 +24,18 @@ class AnalyticsDatabase(dg.ConfigurableResource):
         description="Longest refresh, in seconds, before PostgreSQL cancels it.",
     )
 
+    work_mem_mb: int = Field(
+        default=RefreshSettings.work_mem_mb,
+        description="Memory, in MB, for each sort or hash of a refresh (work_mem, set for the refresh only).",
+    )
+
     @property
     def refresh_settings(self) -> RefreshSettings:
-        return RefreshSettings(lock_timeout_s=self.lock_timeout_s, statement_timeout_s=self.statement_timeout_s)
+        return RefreshSettings(
+            lock_timeout_s=self.lock_timeout_s,
+            statement_timeout_s=self.statement_timeout_s,
+            work_mem_mb=self.work_mem_mb,
+        )
 
     @contextmanager
     def connection(self, application_name: str = APPLICATION_NAME) -> Iterator[psycopg.Connection]:
