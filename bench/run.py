@@ -16,7 +16,7 @@ and for each job, the wall time of a run submitted through the webserver and lau
 (Dagster's default settings against the project's), against the old service's way (one connection,
 views refreshed one after another), and the peak memory of the Dagster processes.
 
-It prints a table, writes bench/results/<size>.json and docs/benchmark-<size>.png, drops its databases
+It prints a table, writes bench/results/<size>.json (.txt, .md) and docs/benchmark-<size>.png, drops its databases
 and stops every server and process it started.
 """
 
@@ -514,6 +514,46 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict) -> str:
+    """The figures as Markdown tables, for docs/benchmarks.md."""
+    out = [
+        "| view | rows | window read (floor) | query alone | plain REFRESH | CONCURRENTLY | build-and-swap "
+        "| asset (mode) | x floor: plain / concurrent / swap / asset | readers p99 / max ms: none, plain, "
+        "concurrent, swap | 2x history: plain, window read |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for name, view in results["views"].items():
+        t, r, asset = view["times_s"], view["readers"], results["assets"][name]
+        floor = t["window_read"]
+        doubled = results.get("doubled_history", {}).get(name)
+        out.append(
+            f"| `{name}` | {view['rows']:,} | {floor:.3f} s | {t['query']:.3f} s | {t['plain']:.3f} s "
+            f"| {t['concurrent']:.3f} s | {t['swap']:.3f} s | {asset['wall_s']:.3f} s ({asset['mode']}) "
+            f"| {ratio(t['plain'], floor)} / {ratio(t['concurrent'], floor)} / {ratio(t['swap'], floor)} "
+            f"/ {ratio(asset['wall_s'], floor)} | "
+            + ", ".join(f"{r[k]['p99_ms']:.0f} / {r[k]['max_ms']:.0f}" for k in ("none", "plain", "concurrent", "swap"))
+            + (f" | {doubled['plain_change_pct']:+.0f}%, {doubled['window_read_change_pct']:+.0f}% |" if doubled else " | |")
+        )
+    jobs = results.get("jobs")
+    if jobs:
+        out += [
+            "",
+            "| job | way | wall (submit -> SUCCESS) | slowest view | launch cost | of which queued / worker |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for job, old in jobs["old_way"].items():
+            out.append(f"| `{job}` | old way: one connection, views one after another | {old:.2f} s | | | |")
+            for label, variant in jobs["variants"].items():
+                j = variant["jobs"][job]
+                out.append(
+                    f"| `{job}` | {label} | {j['wall_s']:.2f} s | {j['slowest_view_s']:.2f} s "
+                    f"| {j['launch_cost_s']:.2f} s | {j['submit_to_worker_start_s']:.2f} s / {j['worker_s']:.2f} s |"
+                )
+        out += ["", "| Dagster processes (sum of RSS, MB) | idle | peak during runs |", "|---|---:|---:|"]
+        out += [f"| {label} | {m['idle']} | {m['peak']} |" for label, m in jobs["memory_mb"].items()]
+    return "\n".join(out)
+
+
 def chart(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -622,9 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / f"{args.size}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS_DIR / f"{args.size}.txt").write_text(text + "\n")
+    (RESULTS_DIR / f"{args.size}.md").write_text(markdown(results) + "\n")
     DOCS_DIR.mkdir(exist_ok=True)
     chart(results, DOCS_DIR / f"benchmark-{args.size}.png")
-    log(f"wrote bench/results/{args.size}.json, bench/results/{args.size}.txt, docs/benchmark-{args.size}.png")
+    log(f"wrote bench/results/{args.size}.{{json,txt,md}} and docs/benchmark-{args.size}.png")
     return 0
 
 
