@@ -46,9 +46,9 @@ TRANSIENT = (
 class RefreshSettings:
     lock_timeout_s: float = 30.0  # longest wait for the view's lock or for another refresh of it
     statement_timeout_s: float = 3600.0  # longest refresh before PostgreSQL cancels it
-    # Memory per sort or hash of the refresh: at 4 MB (PostgreSQL's default) a users x weeks aggregate
-    # spills hundreds of MB to disk and takes several times longer (bench/).
-    work_mem_mb: int = 256
+    # Memory per sort or hash of the refresh; None keeps the server's. More is not always faster: at 256MB
+    # PostgreSQL 15 ran the weekly view 1.5x faster, PostgreSQL 18 1.5x slower (docs/benchmarks.md).
+    work_mem_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,11 +133,11 @@ def refresh_view(
                 )
             conn.execute(
                 "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true),"
-                " set_config('work_mem', %s, true)",
+                " set_config('work_mem', coalesce(%s, current_setting('work_mem')), true)",
                 [
                     f"{int(settings.lock_timeout_s * 1000)}ms",
                     f"{int(settings.statement_timeout_s * 1000)}ms",
-                    f"{settings.work_mem_mb}MB",
+                    f"{settings.work_mem_mb}MB" if settings.work_mem_mb else None,
                 ],
             )
             try:

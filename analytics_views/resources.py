@@ -24,9 +24,10 @@ class AnalyticsDatabase(dg.ConfigurableResource):
         description="Longest refresh, in seconds, before PostgreSQL cancels it.",
     )
 
-    work_mem_mb: int = Field(
+    work_mem_mb: int | None = Field(
         default=RefreshSettings.work_mem_mb,
-        description="Memory, in MB, for each sort or hash of a refresh (work_mem, set for the refresh only).",
+        description="Memory, in MB, for each sort or hash of a refresh (work_mem, set for the refresh only); "
+        "unset keeps the server's work_mem.",
     )
 
     @property

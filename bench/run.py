@@ -617,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = Path(tmp)
         with bench_database(server_url, args.size) as url, psycopg.connect(url, autocommit=True) as conn:
             # Plain and concurrent refreshes get the memory our refreshes get, so that they compare alike.
-            conn.execute("SELECT set_config('work_mem', %s, false)", [f"{RefreshSettings().work_mem_mb}MB"])
+            if RefreshSettings().work_mem_mb:
+                conn.execute("SELECT set_config('work_mem', %s, false)", [f"{RefreshSettings().work_mem_mb}MB"])
             results["server"] = server_facts(conn)
             log(f"generating {size['users']} users over {size['days']} days")
             results["seed_s"] = round(timed(lambda: (migrate(url), seed(url, users=size["users"], days=size["days"]))), 1)
