@@ -215,6 +215,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     conn,
                     view.name,
                     analytics_db.refresh_settings,
+                    view.refresh_strategy,
                     schema=view.schema,
                     skip_if_unchanged_since=last_fingerprint.value if last_fingerprint and analytics_db.skip_unchanged else None,
                 )
@@ -222,7 +223,8 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                 if error.transient:
                     raise  # the retry policy tries again, with backoff
                 raise dg.Failure(str(error), allow_retries=False) from None
-            context.log.info(f"{view.label}: {outcome.mode} in {outcome.duration_s:.3f} s")
+            note = f"; {outcome.note}" if outcome.note else ""
+            context.log.info(f"{view.label}: {outcome.mode}{note} in {outcome.duration_s:.3f} s")
             state = database.view_state(conn, view.name, view.schema)
             skipped = outcome.mode == SKIPPED
             yield dg.MaterializeResult(
@@ -236,6 +238,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     "size": state.size_pretty,
                     "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),
                     "refresh_mode": outcome.mode,
+                    **({"refresh_note": outcome.note} if outcome.note else {}),
                     "dagster/table_name": database.qualified_name(conn, view.name, view.schema),
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }

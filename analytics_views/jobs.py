@@ -14,15 +14,28 @@ from analytics_views.views import ViewDefinition
 
 REFRESH_TIMES = {"daily": "0 3 * * *", "weekly": "0 4 * * 1"}  # UTC
 
+# Each view is its own step. Launching a process costs seconds, refreshing a small view milliseconds
+# (bench/), so a job of one view runs in the run's own process (in_process), and a job of several runs
+# its independent views in parallel, in processes forked from a server that has already imported Dagster
+# and this package (forkserver) rather than fresh interpreters (spawn, Dagster's default). The refreshes
+# run in PostgreSQL, so all of a job's views may start at once (max_concurrent), not one per local core.
+# A run may still pick another executor in its run config.
+PARALLEL_EXECUTOR = {"multiprocess": {"start_method": {"forkserver": {}}, "max_concurrent": 8}}
+SINGLE_STEP_EXECUTOR = {"in_process": {}}
+
+
+def executor_config(view_count: int) -> dict:
+    return {"execution": {"config": SINGLE_STEP_EXECUTOR if view_count == 1 else PARALLEL_EXECUTOR}}
+
 
 def refresh_job(cadence: str, views: tuple[ViewDefinition, ...]):
+    keys = [dg.AssetKey(list(view.asset_key_path)) for view in views if view.cadence == cadence]
     return dg.define_asset_job(
         name=f"{cadence}_refresh_job",
-        selection=dg.AssetSelection.assets(
-            *(dg.AssetKey(list(view.asset_key_path)) for view in views if view.cadence == cadence)
-        ),
+        selection=dg.AssetSelection.assets(*keys),
         description=f"Refreshes the {cadence} materialized views, each in its own step.",
         tags={"cadence": cadence},
+        config=executor_config(len(keys)),
     )
 
 

@@ -28,10 +28,19 @@ class AnalyticsDatabase(dg.ConfigurableResource):
         default=True,
         description="Skip the refresh of a populated view when none of its sources changed since its last refresh.",
     )
+    work_mem_mb: int | None = Field(
+        default=RefreshSettings.work_mem_mb,
+        description="Memory, in MB, for each sort or hash of a refresh (work_mem, set for the refresh only); "
+        "unset keeps the server's work_mem.",
+    )
 
     @property
     def refresh_settings(self) -> RefreshSettings:
-        return RefreshSettings(lock_timeout_s=self.lock_timeout_s, statement_timeout_s=self.statement_timeout_s)
+        return RefreshSettings(
+            lock_timeout_s=self.lock_timeout_s,
+            statement_timeout_s=self.statement_timeout_s,
+            work_mem_mb=self.work_mem_mb,
+        )
 
     @contextmanager
     def connection(self, application_name: str = APPLICATION_NAME) -> Iterator[psycopg.Connection]:

@@ -20,6 +20,7 @@ from analytics_views.database import Column
 from analytics_views.lineage import SourceColumn, column_lineage, output_columns
 from analytics_views.paths import VIEWS_DIR
 from analytics_views.source_tables import ColumnDoc, lineage_schema, load_source_tables
+from analytics_views.swap import AUTO, STRATEGIES
 
 CADENCES = ("daily", "weekly")
 
@@ -48,6 +49,7 @@ class ViewDefinition:
     schema: str | None = None
     key: tuple[str, ...] | None = None  # asset key path when not just the name (names that collide)
     fingerprint: str | None = None  # of the catalog definition, to tell when discovery is out of date
+    refresh_strategy: str = AUTO  # optional `-- Refresh: auto|concurrent|swap` header line (see swap.py)
 
     @property
     def asset_key_path(self) -> tuple[str, ...]:
@@ -68,11 +70,13 @@ def _header(text: str) -> list[str]:
     return lines
 
 
-def _field(header: list[str], name: str, path: Path) -> str:
+def _field(header: list[str], name: str, path: Path, default: str | None = None) -> str:
     for line in header:
         key, sep, value = line.partition(":")
         if sep and key.strip().lower() == name:
             return value.strip()
+    if default is not None:
+        return default
     raise ValueError(f"{path}: header has no '-- {name.capitalize()}: ...' line; add one")
 
 
@@ -130,6 +134,9 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
         raise ValueError(f"{path}: cadence {cadence!r} is not one of {', '.join(CADENCES)}")
     columns = output_columns(match["query"])
     comments = _column_comments(text[match.end() :], path.stem, columns, path)
+    strategy = _field(header, "refresh", path, default=AUTO).lower()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{path}: refresh strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     return ViewDefinition(
         name=path.stem,
         path=path,
@@ -142,6 +149,7 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
         line=text.count("\n", 0, match.start()) + 1,
         columns=tuple(ColumnDoc(name, None, comments.get(name)) for name in columns),
         column_lineage=column_lineage(match["query"], schema or {}),
+        refresh_strategy=strategy,
     )
 
 

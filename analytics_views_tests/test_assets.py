@@ -179,6 +179,7 @@ def test_view_assets_show_owner_column_descriptions_lineage_and_their_sql_file()
         )
     daily = definition_metadata("daily_aggregations")
     assert daily["dagster/column_lineage"].deps_by_column["arpdau"] == [
+        dg.TableColumnDep(asset_key=dg.AssetKey("events"), column_name="occurred_at"),
         dg.TableColumnDep(asset_key=dg.AssetKey("events"), column_name="user_id"),
         dg.TableColumnDep(asset_key=dg.AssetKey("payments"), column_name="amount"),
     ]

@@ -44,3 +44,18 @@ def test_dagster_definitions_validate_passes_without_the_analytics_database(empt
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Validation successful" in result.stdout + result.stderr
+
+
+def test_jobs_of_several_views_run_them_in_parallel_and_single_view_jobs_in_process(monkeypatch):
+    from dagster._core.system_config.objects import ResolvedRunConfig
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://unused@localhost/unused")  # resolved, never connected
+    daily = ResolvedRunConfig.build(defs.resolve_job_def("daily_refresh_job"), {}).execution.execution_engine_config
+    weekly = ResolvedRunConfig.build(defs.resolve_job_def("weekly_refresh_job"), {}).execution.execution_engine_config
+    assert daily["multiprocess"]["start_method"] == {"forkserver": {}}
+    assert daily["multiprocess"]["max_concurrent"] >= len(job_views("daily_refresh_job"))
+    assert set(weekly) == {"in_process"}
+    # A run may still ask for another executor.
+    spawn = {"execution": {"config": {"multiprocess": {"start_method": {"spawn": {}}}}}}
+    resolved = ResolvedRunConfig.build(defs.resolve_job_def("daily_refresh_job"), spawn)
+    assert resolved.execution.execution_engine_config["multiprocess"]["start_method"] == {"spawn": {}}

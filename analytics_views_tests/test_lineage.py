@@ -15,10 +15,15 @@ def lineage(view: str) -> dict[str, tuple[tuple[str, str], ...]]:
 
 def test_daily_aggregations_columns_come_from_events_users_and_payments():
     columns = lineage("daily_aggregations")
-    assert columns["active_users"] == (("events", "user_id"),)  # count(DISTINCT e.user_id)
+    # count(*) over the (UTC day of occurred_at, user_id) pairs of user_active_days
+    assert columns["active_users"] == (("events", "occurred_at"), ("events", "user_id"))
     assert columns["new_users"] == (("users", "signed_up_at"),)  # count(*) per signup day
     assert columns["revenue"] == (("payments", "amount"),)
-    assert columns["arpdau"] == (("events", "user_id"), ("payments", "amount"))  # revenue / active_users
+    assert columns["arpdau"] == (  # revenue / active_users
+        ("events", "occurred_at"),
+        ("events", "user_id"),
+        ("payments", "amount"),
+    )
     assert columns["day"] == ()  # the calendar comes from generate_series and now(), not a table
 
 

@@ -1,0 +1,137 @@
+"""Build-and-swap refreshes (swap.py) against a real database: contents, indexes, grants, fallback, readers."""
+
+import threading
+
+import psycopg
+import pytest
+
+from analytics_views.database import view_state
+from analytics_views.refresh import CONCURRENT, refresh_view
+from analytics_views.swap import SWAP
+
+# A view over a tiny table whose query sleeps once (an InitPlan), so its build is slow enough to watch.
+SLOW_VIEW = """
+CREATE TABLE source_numbers (n int PRIMARY KEY);
+INSERT INTO source_numbers VALUES (1), (2), (3);
+CREATE MATERIALIZED VIEW slow_numbers AS
+SELECT s.n, s.n * 10 AS tenfold FROM source_numbers AS s WHERE (SELECT pg_sleep(%s)) IS NOT NULL
+WITH NO DATA;
+CREATE UNIQUE INDEX slow_numbers_key ON slow_numbers (n);
+CREATE INDEX slow_numbers_tenfold ON slow_numbers (tenfold DESC);
+COMMENT ON MATERIALIZED VIEW slow_numbers IS 'Numbers, slowly.';
+COMMENT ON COLUMN slow_numbers.tenfold IS 'Ten times n.';
+COMMENT ON INDEX slow_numbers_key IS 'The key CONCURRENTLY needs.';
+GRANT SELECT ON slow_numbers TO PUBLIC;
+"""
+
+
+def slow_view(url: str, pause_s: float) -> psycopg.Connection:
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute(SLOW_VIEW.replace("%s", str(pause_s)))
+    refresh_view(conn, "slow_numbers")  # first population: plain
+    return conn
+
+
+def numbers(conn: psycopg.Connection) -> list[tuple]:
+    return conn.execute("SELECT n, tenfold FROM slow_numbers ORDER BY n").fetchall()
+
+
+def catalog_facts(conn: psycopg.Connection) -> dict:
+    return {
+        "indexes": conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'slow_numbers' ORDER BY 1"
+        ).fetchall(),
+        "comments": conn.execute(
+            """
+            SELECT obj_description('slow_numbers'::regclass, 'pg_class'),
+                   col_description('slow_numbers'::regclass, 2),
+                   obj_description('slow_numbers_key'::regclass, 'pg_class')
+            """
+        ).fetchone(),
+        "owner_and_acl": conn.execute(
+            "SELECT relowner::regrole::text, relacl::text FROM pg_class WHERE oid = 'slow_numbers'::regclass"
+        ).fetchone(),
+    }
+
+
+def test_swap_refresh_replaces_contents_and_keeps_indexes_comments_owner_and_grants(seeded_db):
+    with slow_view(seeded_db, 0) as conn:
+        before = catalog_facts(conn)
+        conn.execute("INSERT INTO source_numbers VALUES (4)")
+        conn.execute("DELETE FROM source_numbers WHERE n = 1")
+
+        outcome = refresh_view(conn, "slow_numbers", strategy="swap")
+
+        assert outcome.mode == SWAP
+        assert numbers(conn) == [(2, 20), (3, 30), (4, 40)]
+        assert catalog_facts(conn) == before
+        assert view_state(conn, "slow_numbers").unique_index == "slow_numbers_key"
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE '%%__swap'").fetchone()[0] == 0
+        # The swapped view is an ordinary populated view: CONCURRENTLY works on it next time.
+        assert refresh_view(conn, "slow_numbers", strategy="concurrent").mode == CONCURRENT
+
+
+def test_swap_refresh_of_a_project_view_gives_the_rows_of_a_plain_refresh(seeded_db):
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        conn.execute("REFRESH MATERIALIZED VIEW daily_aggregations")
+        plain = conn.execute("SELECT * FROM daily_aggregations ORDER BY day").fetchall()
+        assert refresh_view(conn, "daily_aggregations", strategy="swap").mode == SWAP
+        assert conn.execute("SELECT * FROM daily_aggregations ORDER BY day").fetchall() == plain
+
+
+def test_swap_falls_back_to_concurrently_when_a_view_depends_on_it(seeded_db):
+    with slow_view(seeded_db, 0) as conn:
+        conn.execute("CREATE VIEW big_numbers AS SELECT n FROM slow_numbers WHERE n > 1")
+        oid = conn.execute("SELECT 'slow_numbers'::regclass::oid").fetchone()[0]
+        conn.execute("INSERT INTO source_numbers VALUES (4)")
+
+        outcome = refresh_view(conn, "slow_numbers", strategy="swap")
+
+        assert outcome.mode == CONCURRENT
+        assert "build-and-swap does not apply" in outcome.note and "big_numbers" in outcome.note
+        assert conn.execute("SELECT 'slow_numbers'::regclass::oid").fetchone()[0] == oid  # same relation
+        assert conn.execute("SELECT n FROM big_numbers ORDER BY n").fetchall() == [(2,), (3,), (4,)]
+
+
+def test_swap_falls_back_when_a_column_has_its_own_grant(seeded_db):
+    with slow_view(seeded_db, 0) as conn:
+        conn.execute("GRANT SELECT (n) ON slow_numbers TO PUBLIC")
+        outcome = refresh_view(conn, "slow_numbers", strategy="swap")
+        assert outcome.mode == CONCURRENT
+        assert "column privileges" in outcome.note
+
+
+def test_auto_strategy_keeps_concurrently_for_small_views(seeded_db):
+    with slow_view(seeded_db, 0) as conn:
+        assert refresh_view(conn, "slow_numbers").mode == CONCURRENT
+
+
+def test_readers_get_the_old_rows_at_once_while_the_swap_builds(seeded_db):
+    with slow_view(seeded_db, 2) as conn:
+        conn.execute("INSERT INTO source_numbers VALUES (4)")
+        outcomes = []
+
+        def refresh_in_background():
+            with psycopg.connect(seeded_db, autocommit=True) as refresher_conn:
+                outcomes.append(refresh_view(refresher_conn, "slow_numbers", strategy="swap"))
+
+        refresher = threading.Thread(target=refresh_in_background)
+        refresher.start()
+        with psycopg.connect(seeded_db, autocommit=True) as reader:
+            # Wait until the build is under way (its query sleeps), then read with a short lock_timeout:
+            # a reader blocked by the refresh would fail with LockNotAvailable instead of waiting.
+            while not reader.execute(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE 'CREATE MATERIALIZED VIEW%%__swap%%'"
+                " AND state = 'active')"
+            ).fetchone()[0]:
+                assert refresher.is_alive()
+            reader.execute("SET lock_timeout = '200ms'")
+            assert numbers(reader) == [(1, 10), (2, 20), (3, 30)]
+        refresher.join()
+        assert outcomes[0].mode == SWAP
+        assert numbers(conn) == [(1, 10), (2, 20), (3, 30), (4, 40)]
+
+
+def test_unknown_strategy_is_refused(seeded_db):
+    with slow_view(seeded_db, 0) as conn, pytest.raises(ValueError, match="sideways"):
+        refresh_view(conn, "slow_numbers", strategy="sideways")

@@ -1,0 +1,674 @@
+"""The refresh benchmark: how close each view's refresh is to what PostgreSQL cannot do faster.
+
+    .venv/bin/python -m bench.run --size small        # a quick look (under a minute or two)
+    .venv/bin/python -m bench.run --size reference    # 200k users, ~10M events, 730 days (about 15 min)
+
+It creates its own databases (on an embedded PostgreSQL 18 it starts, or on --server), generates the
+demo data with the project's generator plus one large users x days view of its own
+(bench/user_day_activity.sql), and measures, for every view:
+- the floor: the view's query alone (EXPLAIN ANALYZE, rows discarded in the server) and a plain read of
+  the source rows inside the view's window (the cheapest possible pass over what the view must read);
+- a plain REFRESH, REFRESH ... CONCURRENTLY, build-and-swap (analytics_views/swap.py), and the asset's
+  materialization in process (strategy `auto`, as the jobs run it);
+- readers' latency (median, p99, max) of a query on the view while each kind of refresh runs;
+- refresh times again after doubling the history before every window;
+and for each job, the wall time of a run submitted through the webserver and launched by the daemon
+(Dagster's default settings against the project's), against the old service's way (one connection,
+views refreshed one after another), and the peak memory of the Dagster processes.
+
+It prints a table, writes bench/results/<size>.json (.txt, .md) and docs/benchmark-<size>.png, drops its databases
+and stops every server and process it started.
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from analytics_views.database import libpq_url, with_database
+from analytics_views.embedded import embedded_server
+from analytics_views.migrate import migrate
+from analytics_views.refresh import RefreshSettings, refresh_view
+from analytics_views.seed import seed
+from analytics_views.views import ViewDefinition, load_views, parse_view_file
+
+BENCH_DIR = Path(__file__).resolve().parent
+PROJECT_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+DOCS_DIR = PROJECT_ROOT / "docs"
+BENCH_VIEW = parse_view_file(BENCH_DIR / "user_day_activity.sql")
+
+SIZES = {
+    "small": {"users": 5_000, "days": 730, "repeats": 3, "job_repeats": 2},
+    "reference": {"users": 200_000, "days": 730, "repeats": 3, "job_repeats": 2},
+}
+
+# Window bounds, exactly as the views write them.
+TODAY = "((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'"
+DAYS_AGO = "((now() AT TIME ZONE 'UTC')::date - {n})::timestamp AT TIME ZONE 'UTC'"
+WEEK = "date_trunc('week', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+WEEKS_AGO = "(date_trunc('week', now() AT TIME ZONE 'UTC') - interval '{n} weeks') AT TIME ZONE 'UTC'"
+# One plain read of each source's rows inside a window, through the same indexes the views use.
+READS = {
+    "events": "SELECT count(e.user_id) FROM events AS e WHERE e.occurred_at >= {start} AND e.occurred_at < {end}",
+    "users": "SELECT count(u.campaign_id) FROM users AS u WHERE u.signed_up_at >= {start} AND u.signed_up_at < {end}",
+    "payments": "SELECT sum(p.amount) FROM payments AS p WHERE p.paid_at >= {start} AND p.paid_at < {end}",
+    "campaign_spend": (
+        "SELECT sum(cs.amount) FROM campaign_spend AS cs"
+        " WHERE cs.spend_date >= ({start})::date AND cs.spend_date < ({end})::date"
+    ),
+}
+D90 = (DAYS_AGO.format(n=90), TODAY)
+WINDOW_READS = {
+    "daily_aggregations": {"events": D90, "users": D90, "payments": D90},
+    "cohort_aggregations": {"users": D90, "events": D90, "payments": D90},
+    "campaign_aggregations": {"users": D90, "campaign_spend": D90, "payments": D90},
+    "weekly_aggregations": {
+        "events": (WEEKS_AGO.format(n=53), WEEK),
+        "users": (WEEKS_AGO.format(n=52), WEEK),
+        "payments": (WEEKS_AGO.format(n=52), WEEK),
+    },
+    BENCH_VIEW.name: {"events": (DAYS_AGO.format(n=365), TODAY)},
+}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def median_time(action: Callable[[], object], repeats: int) -> float:
+    return statistics.median(timed(action) for _ in range(repeats))
+
+
+def ident(name: str) -> sql.Identifier:
+    return sql.Identifier(name)
+
+
+# --- databases --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def bench_server(server: str | None, work_dir: Path) -> Iterator[str]:
+    if server:
+        yield server
+        return
+    with embedded_server(work_dir / "pgdata") as url:
+        yield url
+
+
+@contextmanager
+def bench_database(server_url: str, label: str) -> Iterator[str]:
+    name = f"av_bench_{label}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(ident(name)))
+    try:
+        yield with_database(server_url, name)
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident(name)))
+
+
+def server_facts(conn: psycopg.Connection) -> dict:
+    settings = ("server_version", "shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit")
+    return {name: conn.execute(sql.SQL("SHOW {}").format(ident(name))).fetchone()[0] for name in settings}
+
+
+def table_counts(conn: psycopg.Connection) -> dict[str, int]:
+    return {
+        table: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(table))).fetchone()[0]
+        for table in ("users", "events", "payments", "campaign_spend")
+    }
+
+
+def create_bench_view(conn: psycopg.Connection) -> None:
+    conn.execute(BENCH_VIEW.sql)
+
+
+def double_history(conn: psycopg.Connection, days: int) -> None:
+    """Copy every source row `days` days further back (new user ids): twice the history, the same windows."""
+    shift = f"{days} days"
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")  # skip FK triggers: ids are consistent
+        offset = conn.execute("SELECT max(user_id) FROM users").fetchone()[0]
+        conn.execute(
+            "INSERT INTO users (user_id, signed_up_at, campaign_id, country, plan)"
+            " SELECT user_id + %s, signed_up_at - %s::interval, campaign_id, country, plan FROM users",
+            [offset, shift],
+        )
+        conn.execute(
+            "INSERT INTO events (user_id, event_type, occurred_at)"
+            " SELECT user_id + %s, event_type, occurred_at - %s::interval FROM events ORDER BY occurred_at",
+            [offset, shift],
+        )
+        conn.execute(
+            "INSERT INTO payments (user_id, amount, paid_at)"
+            " SELECT user_id + %s, amount, paid_at - %s::interval FROM payments ORDER BY paid_at",
+            [offset, shift],
+        )
+        conn.execute(
+            "INSERT INTO campaign_spend (campaign_id, spend_date, amount)"
+            " SELECT campaign_id, spend_date - %s, amount FROM campaign_spend",
+            [days],
+        )
+    conn.execute("VACUUM ANALYZE users, events, payments, campaign_spend")
+
+
+# --- readers ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Readers:
+    """A reader querying the view back to back (10 ms apart) on its own connection; latencies in seconds."""
+
+    url: str
+    view: str
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        query = sql.SQL("SELECT * FROM {} ORDER BY 1 DESC LIMIT 10").format(ident(self.view))
+        with psycopg.connect(self.url, autocommit=True, application_name="analytics-views bench reader") as conn:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    conn.execute(query).fetchall()
+                except psycopg.Error as error:
+                    self.errors.append(str(error).splitlines()[0])
+                self.latencies.append(time.perf_counter() - started)
+                self._stop.wait(0.01)
+
+    def __enter__(self) -> "Readers":
+        self._thread.start()
+        time.sleep(0.2)  # a few reads before the refresh starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.2)
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        ordered = sorted(self.latencies)
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return {
+            "queries": len(ordered),
+            "median_ms": round(statistics.median(ordered) * 1000, 2),
+            "p99_ms": round(p99 * 1000, 2),
+            "max_ms": round(ordered[-1] * 1000, 2),
+            "errors": self.errors[:3],
+        }
+
+
+# --- per view ---------------------------------------------------------------------------------------
+
+
+def window_read_sql(view: str) -> sql.Composed:
+    parts = [
+        sql.SQL("({})").format(sql.SQL(READS[table].format(start=start, end=end)))
+        for table, (start, end) in WINDOW_READS[view].items()
+    ]
+    return sql.SQL("SELECT ") + sql.SQL(", ").join(parts)
+
+
+def view_query(conn: psycopg.Connection, view: str) -> str:
+    return conn.execute("SELECT pg_get_viewdef(%s::regclass)", [view]).fetchone()[0].rstrip().rstrip(";")
+
+
+def materialize_asset(url: str, view: ViewDefinition) -> tuple[float, dict]:
+    import dagster as dg
+
+    from analytics_views.assets import view_asset
+    from analytics_views.resources import AnalyticsDatabase
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        started = time.perf_counter()
+        result = dg.materialize(
+            [view_asset(view)], resources={"analytics_db": AnalyticsDatabase(url=url)}, instance=instance
+        )
+        wall = time.perf_counter() - started
+    [event] = result.asset_materializations_for_node(view.name)
+    metadata = {key: value.value for key, value in event.metadata.items()}
+    return wall, {"mode": metadata["refresh_mode"], "refresh_s": metadata["refresh_duration_s"]}
+
+
+def measure_refreshes(url: str, conn: psycopg.Connection, view: ViewDefinition, repeats: int) -> dict:
+    name = ident(view.name)
+    query = sql.SQL("EXPLAIN (ANALYZE, TIMING OFF, COSTS OFF) {}").format(sql.SQL(view_query(conn, view.name)))
+    plain = sql.SQL("REFRESH MATERIALIZED VIEW {}").format(name)
+    concurrent = sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(name)
+    actions = {
+        "plain": lambda: conn.execute(plain),
+        "concurrent": lambda: conn.execute(concurrent),
+        "swap": lambda: refresh_view(conn, view.name, strategy="swap"),
+    }
+    times = {
+        "query": median_time(lambda: conn.execute(query).fetchall(), repeats),
+        "window_read": median_time(lambda: conn.execute(window_read_sql(view.name)).fetchall(), repeats),
+    }
+    readers = {}
+    for kind, action in actions.items():
+        times[kind] = median_time(action, repeats)
+        with Readers(url, view.name) as reading:
+            action()
+        readers[kind] = reading.summary()
+    with Readers(url, view.name) as reading:
+        time.sleep(0.5)
+    readers["none"] = reading.summary()
+    return {"times_s": {k: round(v, 4) for k, v in times.items()}, "readers": readers}
+
+
+def measure_assets(url: str, views: list[ViewDefinition], repeats: int) -> dict:
+    materialize_asset(url, views[0])  # warm up: imports and Dagster's first-run costs
+    results = {}
+    for view in views:
+        runs = [materialize_asset(url, view) for _ in range(repeats)]
+        results[view.name] = {
+            "wall_s": round(statistics.median(wall for wall, _ in runs), 4),
+            "refresh_s": round(statistics.median(meta["refresh_s"] for _, meta in runs), 4),
+            "mode": runs[-1][1]["mode"],
+        }
+    return results
+
+
+# --- jobs through the daemon ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MemorySampler:
+    """Peak of the summed RSS of the Dagster processes (and all their children), sampled every 50 ms."""
+
+    def __init__(self, processes: list[subprocess.Popen]):
+        self.roots = [psutil.Process(p.pid) for p in processes]
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        total = 0
+        for root in self.roots:
+            try:
+                members = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+            for member in members:
+                try:
+                    total += member.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> "MemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def dagster_home(path: Path, tuned: bool) -> Path:
+    """The project's dagster.yaml (tuned) or the same without its run-queue tuning (Dagster's defaults)."""
+    from analytics_views.services import DAGSTER_YAML, prepare_dagster_home
+
+    if tuned:
+        return prepare_dagster_home(path)
+    path.mkdir(parents=True, exist_ok=True)
+    text = DAGSTER_YAML.read_text()
+    start = text.find("run_queue:")
+    if start >= 0:
+        end = text.find("\n\n", start)
+        text = text[:start] + text[end + 2 :]
+    (path / "dagster.yaml").write_text(text)
+    return path
+
+
+def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler) -> dict:
+    import dagster as dg
+
+    started = time.perf_counter()
+    run_id = client.submit_job_execution(job, repository_location_name="analytics_views", run_config=run_config)
+    while (status := client.get_run_status(run_id)) not in (
+        dg.DagsterRunStatus.SUCCESS,
+        dg.DagsterRunStatus.FAILURE,
+        dg.DagsterRunStatus.CANCELED,
+    ):
+        time.sleep(0.05)
+    wall = time.perf_counter() - started
+    if status != dg.DagsterRunStatus.SUCCESS:
+        raise RuntimeError(f"{job} run {run_id} ended {status}")
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_records_for_run(run_id).records
+        run = instance.get_run_record_by_id(run_id)
+    refreshes = {
+        event.asset_key.to_user_string(): event.event_specific_data.materialization.metadata[
+            "refresh_duration_s"
+        ].value
+        for record in records
+        if (event := record.event_log_entry.dagster_event) and event.is_step_materialization
+    }
+    slowest = max(refreshes.values())
+    return {
+        "wall_s": round(wall, 3),
+        "slowest_view_s": round(slowest, 3),
+        "launch_cost_s": round(wall - slowest, 3),
+        # Where the time goes: queued until the run worker started, then the worker's own time.
+        "submit_to_worker_start_s": round(run.start_time - run.create_timestamp.timestamp(), 3),
+        "worker_s": round(run.end_time - run.start_time, 3),
+        "views": refreshes,
+    }
+
+
+EXECUTORS = {
+    # Dagster's default: a new Python process per step, started with spawn, at most one per local core.
+    "multiprocess (spawn)": {"execution": {"config": {"multiprocess": {"start_method": {"spawn": {}}}}}},
+    # What the jobs run with (jobs.py): forkserver for several views, in_process for a single one.
+    "project (jobs.py)": None,
+    # One process, steps one after another: no parallel views.
+    "in_process": {"execution": {"config": {"in_process": {}}}},
+}
+VARIANTS = [
+    # (label, tuned dagster.yaml, executor)
+    ("Dagster defaults (5 s queue poll, spawn)", False, "multiprocess (spawn)"),
+    ("project settings (1 s queue poll, jobs.py executors)", True, "project (jobs.py)"),
+    ("project settings, spawn", True, "multiprocess (spawn)"),
+    ("project settings, in_process (serial)", True, "in_process"),
+]
+
+
+def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dict:
+    from dagster_graphql import DagsterGraphQLClient
+
+    from analytics_views.services import dagster_services
+
+    jobs = {cadence: [v.name for v in load_views() if v.cadence == cadence] for cadence in ("daily", "weekly")}
+    results: dict = {"old_way": {}, "variants": {}}
+    for cadence, views in jobs.items():
+        # The old service: one connection, each view refreshed CONCURRENTLY after the other.
+        def old_way():
+            with psycopg.connect(url, autocommit=True) as conn:
+                for view in views:
+                    conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(ident(view)))
+
+        results["old_way"][f"{cadence}_refresh_job"] = round(median_time(old_way, repeats), 3)
+
+    for tuned in (False, True):
+        with bench_database(server_url, "dagster") as dagster_url, ExitStack() as stack:
+            home = dagster_home(work_dir / f"dagster_home_{'tuned' if tuned else 'default'}", tuned)
+            env = {
+                **os.environ,
+                "DATABASE_URL": url,
+                "DAGSTER_POSTGRES_URL": libpq_url(dagster_url),
+                "DAGSTER_HOME": str(home),
+            }
+            previous = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL")}
+            os.environ.update({k: env[k] for k in previous})
+            stack.callback(lambda: [os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+                                    for k, v in previous.items()])
+            port = free_port()
+            log(f"starting dagster-webserver and dagster-daemon ({'project' if tuned else 'default'} settings)")
+            processes = stack.enter_context(dagster_services(env=env, port=port, log_dir=work_dir / "logs"))
+            client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+            time.sleep(3)  # let the daemon start its loops
+            sampler = stack.enter_context(MemorySampler(processes))
+            idle = sampler.current()
+            variants = [(label, executor) for label, variant_tuned, executor in VARIANTS if variant_tuned == tuned]
+            run_job(client, "weekly_refresh_job", None, sampler)  # warm up: code server, first imports
+            runs: dict = {}
+            # Variants interleaved, so that the load other engineers put on the machine hits them alike.
+            for _ in range(repeats):
+                for label, executor in variants:
+                    for cadence in jobs:
+                        job = f"{cadence}_refresh_job"
+                        runs.setdefault((label, job), []).append(run_job(client, job, EXECUTORS[executor], sampler))
+                        log(f"{label}: {job} {runs[label, job][-1]['wall_s']} s")
+            for (label, job), job_runs in runs.items():
+                variant = results["variants"].setdefault(label, {"executor": dict(variants)[label], "jobs": {}})
+                variant["jobs"][job] = {
+                    key: round(statistics.median(r[key] for r in job_runs), 3)
+                    for key in ("wall_s", "slowest_view_s", "launch_cost_s", "submit_to_worker_start_s", "worker_s")
+                } | {"runs": job_runs}
+            results.setdefault("memory_mb", {})["project settings" if tuned else "Dagster defaults"] = {
+                "idle": round(idle / 2**20),
+                "peak": round(sampler.peak / 2**20),
+            }
+    return results
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+def ratio(value: float, floor: float) -> float:
+    return round(value / floor, 2) if floor > 0 else float("nan")
+
+
+def report(results: dict) -> str:
+    lines = [
+        f"size {results['size']}: {results['counts']}; PostgreSQL {results['server']['server_version']}, "
+        f"{results['machine']['cpus']} cores (shared with other engineers' tests)",
+        "",
+        "view                   rows     query  window  plain  concur  swap   asset  | x window: plain concur swap asset"
+        " | readers p99/max ms: plain, concurrent, swap | 2x history plain",
+    ]
+    for name, view in results["views"].items():
+        t = view["times_s"]
+        floor = t["window_read"]
+        asset = results["assets"][name]
+        r = view["readers"]
+        doubled = results.get("doubled_history", {}).get(name, {})
+        lines.append(
+            f"{name:22s} {view['rows']:>8} {t['query']:6.3f} {floor:6.3f} {t['plain']:6.3f} {t['concurrent']:6.3f} "
+            f"{t['swap']:6.3f} {asset['wall_s']:6.3f} | {ratio(t['plain'], floor):6} {ratio(t['concurrent'], floor):6} "
+            f"{ratio(t['swap'], floor):5} {ratio(asset['wall_s'], floor):5} | "
+            + ", ".join(f"{r[k]['p99_ms']:.0f}/{r[k]['max_ms']:.0f}" for k in ("plain", "concurrent", "swap"))
+            + (f" | {doubled.get('plain_change_pct', float('nan')):+.1f}%" if doubled else "")
+        )
+    jobs = results.get("jobs")
+    if jobs:
+        lines += ["", "job wall times (submit -> SUCCESS, median):"]
+        for job, old in jobs["old_way"].items():
+            lines.append(f"  {job}: old way (one connection, one view after another) {old:.3f} s")
+            for label, variant in jobs["variants"].items():
+                j = variant["jobs"][job]
+                lines.append(
+                    f"    {label:48s} {j['wall_s']:6.2f} s  slowest view {j['slowest_view_s']:.3f} s"
+                    f"  launch cost {j['launch_cost_s']:.2f} s (queued {j['submit_to_worker_start_s']:.2f} s,"
+                    f" worker {j['worker_s']:.2f} s)"
+                )
+        lines.append(f"  memory (sum of RSS of webserver, daemon and children, MB): {jobs['memory_mb']}")
+    return "\n".join(lines)
+
+
+def markdown(results: dict) -> str:
+    """The figures as Markdown tables, for docs/benchmarks.md."""
+    out = [
+        "| view | rows | window read (floor) | query alone | plain REFRESH | CONCURRENTLY | build-and-swap "
+        "| asset (mode) | x floor: plain / concurrent / swap / asset | readers p99 / max ms: none, plain, "
+        "concurrent, swap | 2x history: plain, window read |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for name, view in results["views"].items():
+        t, r, asset = view["times_s"], view["readers"], results["assets"][name]
+        floor = t["window_read"]
+        doubled = results.get("doubled_history", {}).get(name)
+        out.append(
+            f"| `{name}` | {view['rows']:,} | {floor:.3f} s | {t['query']:.3f} s | {t['plain']:.3f} s "
+            f"| {t['concurrent']:.3f} s | {t['swap']:.3f} s | {asset['wall_s']:.3f} s ({asset['mode']}) "
+            f"| {ratio(t['plain'], floor)} / {ratio(t['concurrent'], floor)} / {ratio(t['swap'], floor)} "
+            f"/ {ratio(asset['wall_s'], floor)} | "
+            + ", ".join(f"{r[k]['p99_ms']:.0f} / {r[k]['max_ms']:.0f}" for k in ("none", "plain", "concurrent", "swap"))
+            + (f" | {doubled['plain_change_pct']:+.0f}%, {doubled['window_read_change_pct']:+.0f}% |" if doubled else " | |")
+        )
+    jobs = results.get("jobs")
+    if jobs:
+        out += [
+            "",
+            "| job | way | wall (submit -> SUCCESS) | slowest view | launch cost | of which queued / worker |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for job, old in jobs["old_way"].items():
+            out.append(f"| `{job}` | old way: one connection, views one after another | {old:.2f} s | | | |")
+            for label, variant in jobs["variants"].items():
+                j = variant["jobs"][job]
+                out.append(
+                    f"| `{job}` | {label} | {j['wall_s']:.2f} s | {j['slowest_view_s']:.2f} s "
+                    f"| {j['launch_cost_s']:.2f} s | {j['submit_to_worker_start_s']:.2f} s / {j['worker_s']:.2f} s |"
+                )
+        out += ["", "| Dagster processes (sum of RSS, MB) | idle | peak during runs |", "|---|---:|---:|"]
+        out += [f"| {label} | {m['idle']} | {m['peak']} |" for label, m in jobs["memory_mb"].items()]
+    return "\n".join(out)
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["views"])
+    kinds = [("window_read", "window read (floor)"), ("query", "query alone"), ("plain", "REFRESH"),
+             ("concurrent", "REFRESH CONCURRENTLY"), ("swap", "build-and-swap"), ("asset", "asset (auto)")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(kinds)
+    for i, (key, label) in enumerate(kinds):
+        values = [
+            results["assets"][n]["wall_s"] if key == "asset" else results["views"][n]["times_s"][key] for n in names
+        ]
+        left.bar([x + i * width for x in range(len(names))], values, width, label=label)
+    left.set_xticks([x + 0.4 - width / 2 for x in range(len(names))])
+    left.set_xticklabels([n.replace("_", "\n", 1) for n in names], fontsize=8)
+    left.set_ylabel("seconds (median)")
+    left.set_title(f"Refresh of each view, {results['size']} size")
+    left.legend(fontsize=8)
+    jobs = results.get("jobs")
+    if jobs:
+        labels, walls = [], []
+        for job, old in jobs["old_way"].items():
+            labels.append(f"{job}\nold way")
+            walls.append(old)
+            for label, variant in jobs["variants"].items():
+                labels.append(f"{job}\n{label}")
+                walls.append(variant["jobs"][job]["wall_s"])
+        right.barh(range(len(labels)), walls)
+        right.set_yticks(range(len(labels)))
+        right.set_yticklabels(labels, fontsize=6)
+        right.invert_yaxis()
+        right.set_xlabel("seconds, submit -> SUCCESS (median)")
+        right.set_title("Job runs launched by the daemon")
+    fig.suptitle(f"PostgreSQL {results['server']['server_version']}, {results['machine']['cpus']} cores, shared machine",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--server", help="a PostgreSQL URL whose role may CREATE DATABASE (default: embedded 18)")
+    parser.add_argument("--skip-jobs", action="store_true", help="do not start Dagster's services")
+    parser.add_argument("--skip-doubling", action="store_true", help="do not measure twice the history")
+    parser.add_argument("--job-repeats", type=int, help="runs per job and variant (default: by size)")
+    args = parser.parse_args(argv)
+    size = SIZES[args.size]
+    results: dict = {
+        "size": args.size,
+        "parameters": size,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": "shared with other engineers"},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    views = [*load_views(), BENCH_VIEW]
+    with tempfile.TemporaryDirectory(prefix="av-bench-") as tmp, bench_server(args.server, Path(tmp)) as server_url:
+        work_dir = Path(tmp)
+        with bench_database(server_url, args.size) as url, psycopg.connect(url, autocommit=True) as conn:
+            # Plain and concurrent refreshes get the memory our refreshes get, so that they compare alike.
+            if RefreshSettings().work_mem_mb:
+                conn.execute("SELECT set_config('work_mem', %s, false)", [f"{RefreshSettings().work_mem_mb}MB"])
+            results["server"] = server_facts(conn)
+            log(f"generating {size['users']} users over {size['days']} days")
+            results["seed_s"] = round(timed(lambda: (migrate(url), seed(url, users=size["users"], days=size["days"]))), 1)
+            create_bench_view(conn)
+            results["counts"] = table_counts(conn)
+            log(f"data: {results['counts']} in {results['seed_s']} s; populating the views")
+            for view in views:
+                conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(ident(view.name)))
+            conn.execute("VACUUM ANALYZE")
+            results["views"] = {}
+            for view in views:
+                log(f"measuring {view.name}")
+                results["views"][view.name] = measure_refreshes(url, conn, view, size["repeats"])
+                results["views"][view.name]["rows"] = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {}").format(ident(view.name))
+                ).fetchone()[0]
+            log("materializing each view's asset in process")
+            results["assets"] = measure_assets(url, views, size["repeats"])
+            if not args.skip_jobs:
+                results["jobs"] = measure_jobs(url, server_url, work_dir, args.job_repeats or size["job_repeats"])
+            if not args.skip_doubling:
+                log("doubling the history before every window")
+                double_history(conn, size["days"])
+                results["counts_doubled"] = table_counts(conn)
+                results["doubled_history"] = {}
+                for view in views:
+                    name = ident(view.name)
+                    before = results["views"][view.name]["times_s"]
+                    plain = median_time(
+                        lambda: conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(name)), size["repeats"]
+                    )
+                    read = median_time(lambda: conn.execute(window_read_sql(view.name)).fetchall(), size["repeats"])
+                    results["doubled_history"][view.name] = {
+                        "plain_s": round(plain, 4),
+                        "window_read_s": round(read, 4),
+                        "plain_change_pct": round(100 * (plain / before["plain"] - 1), 1),
+                        "window_read_change_pct": round(100 * (read / before["window_read"] - 1), 1),
+                    }
+    results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    text = report(results)
+    print(text)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / f"{args.size}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS_DIR / f"{args.size}.txt").write_text(text + "\n")
+    (RESULTS_DIR / f"{args.size}.md").write_text(markdown(results) + "\n")
+    DOCS_DIR.mkdir(exist_ok=True)
+    chart(results, DOCS_DIR / f"benchmark-{args.size}.png")
+    log(f"wrote bench/results/{args.size}.{{json,txt,md}} and docs/benchmark-{args.size}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
