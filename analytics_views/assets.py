@@ -101,6 +101,15 @@ def source_table_spec(table: str, declared: SourceTable | None) -> dg.AssetSpec:
     )
 
 
+def column_lineage_table(view: ViewDefinition) -> dg.MarkdownMetadataValue:
+    """The same column lineage as a table on the asset page: Dagster OSS does not draw column lineage."""
+    rows = [
+        f"| `{column}` | {', '.join(f'`{table}.{name}`' for table, name in deps) or '(calendar: generate_series, now())'} |"
+        for column, deps in view.column_lineage.items()
+    ]
+    return dg.MetadataValue.md("\n".join(["| column | computed from |", "|---|---|", *rows]))
+
+
 def column_lineage(view: ViewDefinition) -> dg.TableColumnLineage:
     return dg.TableColumnLineage(
         deps_by_column={
@@ -129,6 +138,7 @@ def _view_metadata(view: ViewDefinition) -> dict:
             "sql_file": f"sql/views/{view.path.name}",
             "dagster/column_schema": table_schema(view.columns),
             "dagster/column_lineage": column_lineage(view),
+            "column_lineage": column_lineage_table(view),
             "dagster/code_references": code_reference(view.path, view.line),
         }
     return {

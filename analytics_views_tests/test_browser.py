@@ -162,9 +162,12 @@ def test_analyst_sees_lineage_description_row_count_check_and_freshness(refreshe
         "Owners\nanalytics",  # team:analytics
         "cadence: daily",
         "sql/views/daily_aggregations.sql",  # "Open ... in editor"
+        "payments.amount",  # column lineage: revenue and arpdau are computed from payments.amount
     ):
         assert shown in overview, shown
     screenshot(page, "02-daily-aggregations-overview")
+    page.get_by_text("computed from").first.scroll_into_view_if_needed()
+    screenshot(page, "02b-daily-aggregations-column-lineage")
     page.get_by_text("Plots", exact=True).first.click()
     page.get_by_text("Plots", exact=True).first.scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
