@@ -240,13 +240,15 @@ def view_query(conn: psycopg.Connection, view: str) -> str:
     return conn.execute("SELECT pg_get_viewdef(%s::regclass)", [view]).fetchone()[0].rstrip().rstrip(";")
 
 
-def materialize_asset(url: str, view: ViewDefinition) -> tuple[float, dict]:
+def materialize_asset(url: str, view: ViewDefinition, instance=None) -> tuple[float, dict]:
+    """One in-process materialization; a fresh instance (no last fingerprint, so never a skip) unless given."""
     import dagster as dg
 
     from analytics_views.assets import view_asset
     from analytics_views.resources import AnalyticsDatabase
 
-    with dg.DagsterInstance.ephemeral() as instance:
+    with ExitStack() as stack:
+        instance = instance or stack.enter_context(dg.DagsterInstance.ephemeral())
         started = time.perf_counter()
         result = dg.materialize(
             [view_asset(view)], resources={"analytics_db": AnalyticsDatabase(url=url)}, instance=instance
@@ -296,7 +298,43 @@ def measure_assets(url: str, views: list[ViewDefinition], repeats: int) -> dict:
     return results
 
 
+def measure_skips(url: str, views: list[ViewDefinition]) -> dict:
+    """Each view's asset when no source changed since its last refresh (a skip), then after a write to a
+    source outside every window (the rows stay the same, but a change is a change: it refreshes)."""
+    import dagster as dg
+
+    results = {}
+    with dg.DagsterInstance.ephemeral() as instance:
+        for view in views:
+            materialize_asset(url, view, instance)  # the last refresh, which records the fingerprint
+        unchanged = {view.name: materialize_asset(url, view, instance) for view in views}
+        with psycopg.connect(url, autocommit=True) as conn:
+            counted = conn.execute("SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'events'::regclass")
+            before = counted.fetchone()[0]
+            conn.execute(
+                "INSERT INTO events (user_id, event_type, occurred_at)"
+                " SELECT user_id, 'bench_write', now() - interval '800 days' FROM users LIMIT 1"
+            )
+        with psycopg.connect(url, autocommit=True) as conn:  # the writer's counts are reported when it ends
+            while conn.execute(
+                "SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'events'::regclass"
+            ).fetchone()[0] <= before:
+                time.sleep(0.05)
+        changed = {view.name: materialize_asset(url, view, instance) for view in views}
+    for view in views:
+        (skip_wall, skip), (change_wall, change) = unchanged[view.name], changed[view.name]
+        results[view.name] = {
+            "unchanged": {"wall_s": round(skip_wall, 4), "mode": skip["mode"]},
+            "after_a_source_write": {"wall_s": round(change_wall, 4), "mode": change["mode"]},
+        }
+    return results
+
+
 # --- jobs through the daemon ------------------------------------------------------------------------
+
+# The job timings measure real refreshes: without this, every run after the first would find its sources
+# unchanged and skip (measured on its own by measure_skips).
+FORCE_REFRESH = {"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": False}}}}
 
 
 def free_port() -> int:
@@ -361,6 +399,10 @@ def dagster_home(path: Path, tuned: bool) -> Path:
 def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler) -> dict:
     import dagster as dg
 
+    from analytics_views.jobs import executor_config
+
+    views = sum(1 for view in load_views() if f"{view.cadence}_refresh_job" == job)
+    run_config = {**(run_config or executor_config(views)), **FORCE_REFRESH}
     started = time.perf_counter()
     run_id = client.submit_job_execution(job, repository_location_name="analytics_views", run_config=run_config)
     while (status := client.get_run_status(run_id)) not in (
@@ -485,10 +527,18 @@ def report(results: dict) -> str:
         "view                   rows     query  window  plain  concur  swap   asset  | x window: plain concur swap asset"
         " | readers p99/max ms: plain, concurrent, swap | 2x history plain",
     ]
+    skipped_lines = ["", "asset materialization when no source changed since the last refresh, then after a write:"]
     for name, view in results["views"].items():
         t = view["times_s"]
         floor = t["window_read"]
         asset = results["assets"][name]
+        if name in results.get("skips", {}):
+            skip = results["skips"][name]
+            skipped_lines.append(
+                f"{name:22s} unchanged: {skip['unchanged']['mode']} in {skip['unchanged']['wall_s']:.3f} s;"
+                f" after a source write: {skip['after_a_source_write']['mode']}"
+                f" in {skip['after_a_source_write']['wall_s']:.3f} s (concurrent refresh alone {t['concurrent']:.3f} s)"
+            )
         r = view["readers"]
         doubled = results.get("doubled_history", {}).get(name, {})
         lines.append(
@@ -498,6 +548,8 @@ def report(results: dict) -> str:
             + ", ".join(f"{r[k]['p99_ms']:.0f}/{r[k]['max_ms']:.0f}" for k in ("plain", "concurrent", "swap"))
             + (f" | {doubled.get('plain_change_pct', float('nan')):+.1f}%" if doubled else "")
         )
+    if len(skipped_lines) > 2:
+        lines += skipped_lines
     jobs = results.get("jobs")
     if jobs:
         lines += ["", "job wall times (submit -> SUCCESS, median):"]
@@ -637,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
                 ).fetchone()[0]
             log("materializing each view's asset in process")
             results["assets"] = measure_assets(url, views, size["repeats"])
+            log("materializing each view's asset with its sources unchanged, then after a source write")
+            results["skips"] = measure_skips(url, views)
             if not args.skip_jobs:
                 results["jobs"] = measure_jobs(url, server_url, work_dir, args.job_repeats or size["job_repeats"])
             if not args.skip_doubling:
