@@ -117,15 +117,22 @@ def screenshot(page, name: str) -> Path:
     return path
 
 
+SOURCES_GROUP_NAME = "sources"
+
+
 def show_whole_graph(page, assets: list[str]) -> None:
     """Expand every group (the UI's Alt+E) and zoom out until each asset's node is drawn: the graph draws
     only the nodes inside the viewport."""
-    collapsed = page.get_by_text(f"{len(SOURCES)} assets", exact=False)  # the `sources` group, folded
+    page.get_by_text(SOURCES_GROUP_NAME, exact=True).first.wait_for()  # the sidebar's group list: loaded
     expanded = page.get_by_text(VIEWS[0], exact=True)
-    collapsed.or_(expanded).first.wait_for()
-    if not expanded.count():
-        page.keyboard.press("Alt+KeyE")
-        collapsed.first.wait_for(state="detached")
+    for _ in range(5):  # the graph may open with its groups folded or unfolded, and may still be drawing
+        try:
+            expanded.first.wait_for(timeout=3000)
+            break
+        except sync_api.TimeoutError:
+            page.mouse.move(1100, page.viewport_size["height"] // 2 + 50)
+            page.keyboard.press("Alt+KeyE")  # unfold every group
+    expanded.first.wait_for()
     page.mouse.move(1100, page.viewport_size["height"] // 2 + 50)
     height = page.viewport_size["height"]
     for _ in range(15):
