@@ -23,14 +23,15 @@ def _managed() -> tuple[ViewDefinition, ...]:
 
 
 def selected_views(*, all_views: bool, daily: bool, weekly: bool, names: list[str]) -> list[str]:
+    managed = _managed()
     if all_views:
-        return [view.label for view in _managed()]
+        return [view.label for view in managed]
     if daily or weekly:
         cadence = "daily" if daily else "weekly"
-        return [view.label for view in _managed() if view.cadence == cadence]
+        return [view.label for view in managed if view.cadence == cadence]
     if not names:
         raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly or view names")
-    known = [view.label for view in _managed()]
+    known = [view.label for view in managed]
     for name in names:
         if name not in known:
             raise AnalyticsViewsError(
