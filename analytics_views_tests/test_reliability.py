@@ -168,36 +168,36 @@ def test_statement_timeout_is_permanent_and_names_the_setting(slow_view):
     assert contents(slow_view, "slow_view") == [(1, 10), (2, 20), (3, 30)]
 
 
-def test_a_refresh_is_labelled_for_the_dba(refreshed_db, monkeypatch):
-    monkeypatch.setenv("DATABASE_URL", refreshed_db)
-    with held(refreshed_db, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker:
-        thread, _ = in_thread(
+@contextmanager
+def daily_refresh_waiting_on_a_lock(url: str):
+    """A daily_aggregations materialization in a thread, its REFRESH blocked by a lock on `users`; yields
+    the refresh's pg_stat_activity row and the run's outcome, and releases the lock when the block ends."""
+    with held(url, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker:
+        thread, outcome = in_thread(
             defs.resolve_job_def("daily_refresh_job").execute_in_process,
             asset_selection=[dg.AssetKey("daily_aggregations")],
             raise_on_error=False,
         )
-        activity = wait_for_activity(refreshed_db, "query LIKE 'REFRESH%daily_aggregations%'")
-        blocker.rollback()
-        thread.join(60)
+        yield wait_for_activity(url, "query LIKE 'REFRESH%daily_aggregations%'"), outcome
+        blocker.rollback()  # the refresh, or its retry, can now go through
+        thread.join(120)
+
+
+def test_a_refresh_is_labelled_for_the_dba(refreshed_db, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", refreshed_db)
+    with daily_refresh_waiting_on_a_lock(refreshed_db) as (activity, _):
+        pass
     assert activity["application_name"].startswith("analytics-views daily_aggregations run ")
 
 
 def test_a_refresh_killed_half_way_keeps_the_old_contents_and_the_retry_succeeds(refreshed_db, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", refreshed_db)
     before = contents(refreshed_db, "daily_aggregations")
-    with held(refreshed_db, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker:
-        thread, outcome = in_thread(
-            defs.resolve_job_def("daily_refresh_job").execute_in_process,
-            asset_selection=[dg.AssetKey("daily_aggregations")],
-            raise_on_error=False,
-        )
-        victim = wait_for_activity(refreshed_db, "query LIKE 'REFRESH%daily_aggregations%'")
+    with daily_refresh_waiting_on_a_lock(refreshed_db) as (victim, outcome):
         with psycopg.connect(refreshed_db, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", [victim["pid"]])
             # Readable throughout, with its previous contents.
             assert admin.execute("SELECT * FROM daily_aggregations ORDER BY 1").fetchall() == before
-        blocker.rollback()  # the retry can now go through
-        thread.join(120)
     result = outcome["result"]
     assert result.success
     restarts = [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_RESTARTED]
