@@ -5,6 +5,7 @@ splits it into scopes (CTEs, derived tables, subqueries); we follow each output 
 table columns its value is computed from. Rules where "computed from" needs one:
 - columns that only filter or join rows (WHERE, ON) are not lineage: they decide which rows, not values;
 - a column computed inside a subquery (EXISTS (...), a scalar subquery) has that subquery's columns;
+- a column of a LATERAL subquery is traced through that subquery like a derived table's;
 - `count(*)` has no column of its own: it counts the rows of each group, so its lineage is the group's
   key columns (GROUP BY), and those of the grouped relation it counts when that is grouped too;
 - table functions (generate_series) and now() are not tables: a column computed only from them, like
@@ -13,7 +14,7 @@ table columns its value is computed from. Rules where "computed from" needs one:
 
 from sqlglot import exp, parse_one
 from sqlglot.optimizer.qualify import qualify
-from sqlglot.optimizer.scope import Scope, build_scope
+from sqlglot.optimizer.scope import Scope, ScopeType, build_scope
 
 SourceColumn = tuple[str, str]  # (table, column)
 
@@ -47,7 +48,9 @@ class _Resolver:
         key = (id(scope), name)
         if key not in self.memo:
             self.memo[key] = frozenset()  # guards a self-reference (recursive CTE)
-            if scope.is_set_operation:  # UNION: each branch contributes
+            if scope.scope_type == ScopeType.UDTF and scope.subquery_scopes:  # LATERAL (SELECT ...): its query
+                self.memo[key] = self.output(scope.subquery_scopes[0], name)
+            elif scope.is_set_operation:  # UNION: each branch contributes
                 branches = scope.union_scopes
                 self.memo[key] = frozenset().union(*(self.output(branch, name) for branch in branches))
             else:

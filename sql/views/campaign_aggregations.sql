@@ -31,18 +31,25 @@ campaign_window_spend AS (
     GROUP BY cs.campaign_id
 ),
 
--- Each payment joins exactly one user (users.user_id is the key), so no amount is counted twice.
+-- Each payment looks up exactly one user (users.user_id is the key), so no amount is counted twice. The
+-- lookup goes through users' primary key, payment by payment (OFFSET 0 keeps the planner from turning it
+-- into a hash join that reads every user): the window's payments decide what is read, not all users.
 campaign_revenue AS (
     SELECT
-        u.campaign_id,
+        payer.campaign_id,
         sum(p.amount) AS revenue
     FROM payments AS p
-    INNER JOIN users AS u ON p.user_id = u.user_id
+    CROSS JOIN LATERAL (
+        SELECT u.campaign_id
+        FROM users AS u
+        WHERE u.user_id = p.user_id
+        OFFSET 0
+    ) AS payer
     WHERE
-        u.campaign_id IS NOT NULL
+        payer.campaign_id IS NOT NULL
         AND p.paid_at >= ((now() AT TIME ZONE 'UTC')::date - 90)::timestamp AT TIME ZONE 'UTC'
         AND p.paid_at < ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
-    GROUP BY u.campaign_id
+    GROUP BY payer.campaign_id
 )
 
 SELECT

@@ -5,7 +5,7 @@
 -- Window: the 90 UTC days from today - 90 to today - 1; today (UTC) is still running at refresh time
 -- and is left out. Every day of the window has a row; a day without activity shows zeros.
 -- Days are UTC days whatever the session TimeZone: instants are bucketed with AT TIME ZONE 'UTC'.
--- Each source is filtered on its indexed timestamp, so a refresh reads the window, not all history.
+-- Each source is filtered on an indexed timestamp or UTC day, so a refresh reads the window, not all history.
 -- Revenue is summed in its own CTE, never after a join to activity rows, which would multiply each
 -- payment by the payer's events.
 CREATE MATERIALIZED VIEW daily_aggregations AS
@@ -14,8 +14,9 @@ WITH report_days AS (
     FROM generate_series(1, 90) AS days_ago (n)
 ),
 
--- One row per user and day the user was active: a hashed aggregate that can run in parallel, where
--- count(DISTINCT user_id) per day would sort every event of the window in one process.
+-- One row per user and day the user was active, in (day, user) order straight from
+-- events_utc_day_user_idx: grouped as they stream past, without hashing or sorting the window's events
+-- (count(DISTINCT user_id) per day would sort them all in one process).
 user_active_days AS (
     SELECT
         (e.occurred_at AT TIME ZONE 'UTC')::date AS day,
@@ -23,8 +24,8 @@ user_active_days AS (
         count(*) AS events
     FROM events AS e
     WHERE
-        e.occurred_at >= ((now() AT TIME ZONE 'UTC')::date - 90)::timestamp AT TIME ZONE 'UTC'
-        AND e.occurred_at < ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
+        (e.occurred_at AT TIME ZONE 'UTC')::date >= (now() AT TIME ZONE 'UTC')::date - 90
+        AND (e.occurred_at AT TIME ZONE 'UTC')::date < (now() AT TIME ZONE 'UTC')::date
     GROUP BY (e.occurred_at AT TIME ZONE 'UTC')::date, e.user_id
 ),
 

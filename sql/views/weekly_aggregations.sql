@@ -6,7 +6,7 @@
 -- week is still running and is left out. The window starts on a Monday, so the oldest week is a full
 -- week. Every week of the window has a row; a week without activity shows zeros.
 -- Weeks are UTC weeks whatever the session TimeZone: instants are bucketed with AT TIME ZONE 'UTC'.
--- Each source is filtered on its indexed timestamp, so a refresh reads the window, not all history.
+-- Each source is filtered on an indexed timestamp or UTC week, so a refresh reads the window, not all history.
 -- Revenue is summed in its own CTE, never after a join to activity rows. Week-over-week retention of
 -- the oldest week needs its previous week, so activity is read for 53 weeks and 52 are reported.
 CREATE MATERIALIZED VIEW weekly_aggregations AS
@@ -15,40 +15,47 @@ WITH report_weeks AS (
     FROM generate_series(1, 52) AS weeks_ago (n)
 ),
 
--- One row per user and week in which the user was active: the 52 reported weeks and the one before.
-user_active_weeks AS (
+-- The 52 reported weeks and the one before them (for the oldest week's retention).
+activity_weeks AS (
     SELECT
-        date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date AS week_start,
-        e.user_id,
-        count(*) AS events
-    FROM events AS e
-    WHERE
-        e.occurred_at
-        >= (date_trunc('week', now() AT TIME ZONE 'UTC') - interval '53 weeks') AT TIME ZONE 'UTC'
-        AND e.occurred_at < date_trunc('week', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-    GROUP BY date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date, e.user_id
+        date_trunc('week', now() AT TIME ZONE 'UTC')::date - 7 * weeks_ago.n AS week_start,
+        weeks_ago.n < 53 AS has_previous_week
+    FROM generate_series(1, 53) AS weeks_ago (n)
 ),
 
+-- Per week: its active users and events, and how many of its users were also active the week before.
+-- events_utc_week_user_idx returns one week's users in user order, so each week's users are grouped as
+-- they stream past and matched to the previous week's by a merge join: no hash or sort of the window's
+-- events. Only the window's weeks are read.
 weekly_activity AS (
     SELECT
-        uaw.week_start,
-        count(*) AS weekly_active_users,
-        sum(uaw.events) AS events
-    FROM user_active_weeks AS uaw
-    GROUP BY uaw.week_start
-),
-
--- Users active in a week who were also active in the week before it.
-weekly_returning_users AS (
-    SELECT
-        this_week.week_start,
-        count(*) AS returning_users
-    FROM user_active_weeks AS this_week
-    INNER JOIN user_active_weeks AS previous_week
-        ON
-            this_week.user_id = previous_week.user_id
-            AND this_week.week_start - 7 = previous_week.week_start
-    GROUP BY this_week.week_start
+        aw.week_start,
+        activity.weekly_active_users,
+        activity.events,
+        activity.returning_users
+    FROM activity_weeks AS aw
+    CROSS JOIN LATERAL (
+        SELECT
+            count(*) AS weekly_active_users,
+            coalesce(sum(this_week.events), 0) AS events,
+            count(previous_week.user_id) AS returning_users
+        FROM (
+            SELECT
+                e.user_id,
+                count(*) AS events
+            FROM events AS e
+            WHERE date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date = aw.week_start
+            GROUP BY e.user_id
+        ) AS this_week
+        LEFT JOIN (
+            SELECT e.user_id
+            FROM events AS e
+            WHERE
+                aw.has_previous_week
+                AND date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date = aw.week_start - 7
+            GROUP BY e.user_id
+        ) AS previous_week ON this_week.user_id = previous_week.user_id
+    ) AS activity
 ),
 
 weekly_signups AS (
@@ -80,12 +87,11 @@ SELECT
     coalesce(ws.new_users, 0) AS new_users,
     coalesce(wa.events, 0)::bigint AS events,
     coalesce(wr.revenue, 0)::numeric(14, 2) AS revenue,
-    round(coalesce(wru.returning_users, 0)::numeric / nullif(previous_wa.weekly_active_users, 0), 4)
+    round(coalesce(wa.returning_users, 0)::numeric / nullif(previous_wa.weekly_active_users, 0), 4)
         AS wow_retention
 FROM report_weeks AS rw
 LEFT JOIN weekly_activity AS wa ON rw.week_start = wa.week_start
 LEFT JOIN weekly_activity AS previous_wa ON rw.week_start - 7 = previous_wa.week_start
-LEFT JOIN weekly_returning_users AS wru ON rw.week_start = wru.week_start
 LEFT JOIN weekly_signups AS ws ON rw.week_start = ws.week_start
 LEFT JOIN weekly_revenue AS wr ON rw.week_start = wr.week_start
 WITH NO DATA;
