@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable
+from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import dagster as dg
 
 from analytics_views import database
 from analytics_views.discovery import SourceRelation, current_fingerprint, managed_views
+from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import ManagedConfig, load_config
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.refresh import SKIPPED, RefreshError, refresh_view
@@ -31,9 +33,22 @@ OWNERS = ["team:analytics"]
 # A view is late once its last refresh is older than its cadence plus slack for a slow or retried run.
 FRESHNESS_WINDOWS = {"daily": timedelta(hours=26), "weekly": timedelta(days=8)}
 
-# Transient failures (lost connection, lock timeout, deadlock, ...) are retried; permanent ones raise
-# Failure(allow_retries=False) and fail at once.
+# Transient failures (lost connection, lock timeout, deadlock, ...) are retried with this policy's backoff;
+# permanent ones raise Failure(allow_retries=False) and fail at once. The step asks for the retry itself
+# (RetryRequested) rather than carrying the policy: with a retry policy, Dagster also retries a step whose
+# run was terminated while the step ran in the run's own process (dagster-io/dagster#15026), and our jobs
+# run their steps in process (jobs.py).
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+
+
+
+def retry_later(context: dg.AssetExecutionContext) -> dg.RetryRequested:
+    """Ask Dagster to run the step again after TRANSIENT_RETRY's backoff (it fails after its max_retries)."""
+    return dg.RetryRequested(
+        max_retries=TRANSIENT_RETRY.max_retries,
+        seconds_to_wait=TRANSIENT_RETRY.calculate_delay(context.retry_number + 1),
+    )
+
 
 _UNIQUE_INDEX_DDL = re.compile(r"CREATE\s+UNIQUE\s+INDEX\s+[^;]+;", re.IGNORECASE)
 
@@ -182,10 +197,15 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
         metadata=_view_metadata(view),
         # One refresh of a view at a time across all runs (dagster.yaml: pools default_limit 1).
         pool=f"refresh_{'_'.join(view.asset_key_path)}",
-        retry_policy=TRANSIENT_RETRY,
     )
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
-        with analytics_db.connection(f"analytics-views {view.label} run {context.run.run_id[:8]}") as conn:
+        with ExitStack() as stack:
+            try:
+                conn = stack.enter_context(
+                    analytics_db.connection(f"analytics-views {view.label} run {context.run.run_id[:8]}")
+                )
+            except AnalyticsViewsError as error:  # the server may be restarting: like any transient failure
+                raise retry_later(context) from error
             state = database.view_state(conn, view.name, view.schema)
             if not state.exists:
                 fix = "run `analytics-views migrate`" if view.path else "run `analytics-views discover` and reload"
@@ -231,7 +251,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                 )
             except RefreshError as error:
                 if error.transient:
-                    raise  # the retry policy tries again, with backoff
+                    raise retry_later(context) from error
                 raise dg.Failure(str(error), allow_retries=False) from None
             note = f"; {outcome.note}" if outcome.note else ""
             context.log.info(f"{view.label}: {outcome.mode}{note} in {outcome.duration_s:.3f} s")

@@ -14,18 +14,32 @@ from analytics_views.views import ViewDefinition
 
 REFRESH_TIMES = {"daily": "0 3 * * *", "weekly": "0 4 * * 1"}  # UTC
 
-# Each view is its own step. Launching a process costs seconds, refreshing a small view milliseconds
-# (bench/), so a job of one view runs in the run's own process (in_process), and a job of several runs
-# its independent views in parallel, in processes forked from a server that has already imported Dagster
-# and this package (forkserver) rather than fresh interpreters (spawn, Dagster's default). The refreshes
-# run in PostgreSQL, so all of a job's views may start at once (max_concurrent), not one per local core.
-# A run may still pick another executor in its run config.
-PARALLEL_EXECUTOR = {"multiprocess": {"start_method": {"forkserver": {}}, "max_concurrent": 8}}
-SINGLE_STEP_EXECUTOR = {"in_process": {}}
+# Each view is its own step, and a job's steps run one after another in the run's own process
+# (in_process). Dagster runs steps in parallel only in processes of their own (multiprocess: there is no
+# thread executor), and each such process costs seconds to start and connect to the instance, where our
+# views refresh in a fraction of a second (bench/, docs/benchmarks.md): the daily job's three views take
+# less time one after another than a single step process takes to start. For views that take longer than
+# that, a run may ask for parallel steps in its run config: PARALLEL_EXECUTOR forks them from a server
+# that has already imported Dagster, its PostgreSQL storage and this package (forkserver, preloaded).
+SERIAL_EXECUTOR = {"in_process": {}}
+PARALLEL_EXECUTOR = {
+    "multiprocess": {
+        "start_method": {
+            "forkserver": {
+                "preload_modules": [
+                    "analytics_views.definitions",
+                    "analytics_views.dagster_storage",
+                    "dagster_postgres",
+                ]
+            }
+        },
+        "max_concurrent": 8,  # the refreshes run in PostgreSQL, not on the local cores
+    }
+}
 
 
-def executor_config(view_count: int) -> dict:
-    return {"execution": {"config": SINGLE_STEP_EXECUTOR if view_count == 1 else PARALLEL_EXECUTOR}}
+def executor_config(parallel: bool = False) -> dict:
+    return {"execution": {"config": PARALLEL_EXECUTOR if parallel else SERIAL_EXECUTOR}}
 
 
 def refresh_job(cadence: str, views: tuple[ViewDefinition, ...]):
@@ -35,7 +49,7 @@ def refresh_job(cadence: str, views: tuple[ViewDefinition, ...]):
         selection=dg.AssetSelection.assets(*keys),
         description=f"Refreshes the {cadence} materialized views, each in its own step.",
         tags={"cadence": cadence},
-        config=executor_config(len(keys)),
+        config=executor_config(),
     )
 
 
