@@ -44,7 +44,7 @@ from psycopg import sql
 from analytics_views.database import libpq_url, with_database
 from analytics_views.embedded import embedded_server
 from analytics_views.migrate import migrate
-from analytics_views.refresh import RefreshSettings, refresh_view
+from analytics_views.refresh import SKIPPED, RefreshSettings, refresh_view
 from analytics_views.seed import seed
 from analytics_views.views import ViewDefinition, load_views, parse_view_file
 
@@ -96,6 +96,9 @@ def timed(action: Callable[[], object]) -> float:
     started = time.perf_counter()
     action()
     return time.perf_counter() - started
+
+
+DOUBLING_REPEATS = 5
 
 
 def median_time(action: Callable[[], object], repeats: int) -> float:
@@ -381,14 +384,14 @@ class MemorySampler:
 
 
 def dagster_home(path: Path, tuned: bool) -> Path:
-    """The project's dagster.yaml (tuned) or the same without its run-queue tuning (Dagster's defaults)."""
+    """The project's dagster.yaml (tuned) or the same without its run coordinator (Dagster's default queue)."""
     from analytics_views.services import DAGSTER_YAML, prepare_dagster_home
 
     if tuned:
         return prepare_dagster_home(path)
     path.mkdir(parents=True, exist_ok=True)
     text = DAGSTER_YAML.read_text()
-    start = text.find("run_queue:")
+    start = text.find("run_coordinator:")
     if start >= 0:
         end = text.find("\n\n", start)
         text = text[:start] + text[end + 2 :]
@@ -396,13 +399,14 @@ def dagster_home(path: Path, tuned: bool) -> Path:
     return path
 
 
-def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler) -> dict:
+def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler, force: bool = True) -> dict:
+    """Submit a run through the webserver and time it to SUCCESS. force: refresh every view (else a view whose
+    sources did not change since its last refresh skips, which leaves the run's own cost)."""
     import dagster as dg
 
     from analytics_views.jobs import executor_config
 
-    views = sum(1 for view in load_views() if f"{view.cadence}_refresh_job" == job)
-    run_config = {**(run_config or executor_config(views)), **FORCE_REFRESH}
+    run_config = {**(run_config or executor_config()), **(FORCE_REFRESH if force else {})}
     started = time.perf_counter()
     run_id = client.submit_job_execution(job, repository_location_name="analytics_views", run_config=run_config)
     while (status := client.get_run_status(run_id)) not in (
@@ -417,40 +421,46 @@ def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler) -
     with dg.DagsterInstance.get() as instance:
         records = instance.get_records_for_run(run_id).records
         run = instance.get_run_record_by_id(run_id)
-    refreshes = {
-        event.asset_key.to_user_string(): event.event_specific_data.materialization.metadata[
-            "refresh_duration_s"
-        ].value
+    materializations = [
+        event.event_specific_data.materialization
         for record in records
         if (event := record.event_log_entry.dagster_event) and event.is_step_materialization
-    }
-    slowest = max(refreshes.values())
+    ]
+    refreshes = {m.asset_key.to_user_string(): m.metadata["refresh_duration_s"].value for m in materializations}
+    modes = {m.asset_key.to_user_string(): m.metadata["refresh_mode"].value for m in materializations}
     return {
         "wall_s": round(wall, 3),
-        "slowest_view_s": round(slowest, 3),
-        "launch_cost_s": round(wall - slowest, 3),
-        # Where the time goes: queued until the run worker started, then the worker's own time.
+        "slowest_view_s": round(max(refreshes.values()), 3),
+        "sum_of_views_s": round(sum(refreshes.values()), 3),
+        # Where the time goes: from submission until the run worker started, then the worker's own time.
         "submit_to_worker_start_s": round(run.start_time - run.create_timestamp.timestamp(), 3),
         "worker_s": round(run.end_time - run.start_time, 3),
         "views": refreshes,
+        "modes": modes,
     }
 
 
 EXECUTORS = {
     # Dagster's default: a new Python process per step, started with spawn, at most one per local core.
     "multiprocess (spawn)": {"execution": {"config": {"multiprocess": {"start_method": {"spawn": {}}}}}},
-    # What the jobs run with (jobs.py): forkserver for several views, in_process for a single one.
-    "project (jobs.py)": None,
-    # One process, steps one after another: no parallel views.
-    "in_process": {"execution": {"config": {"in_process": {}}}},
+    # What the jobs run with (jobs.py): the run's own process, steps one after another.
+    "project (jobs.py: in process)": None,
+    # jobs.py's option for long views: steps in parallel, forked from a preloaded forkserver.
+    "parallel (jobs.py: forkserver, preloaded)": "parallel",
 }
 VARIANTS = [
     # (label, tuned dagster.yaml, executor)
-    ("Dagster defaults (5 s queue poll, spawn)", False, "multiprocess (spawn)"),
-    ("project settings (1 s queue poll, jobs.py executors)", True, "project (jobs.py)"),
-    ("project settings, spawn", True, "multiprocess (spawn)"),
-    ("project settings, in_process (serial)", True, "in_process"),
+    ("Dagster defaults (queue polled every 5 s, spawned step processes)", False, "multiprocess (spawn)"),
+    ("project settings (runs start at once, in process)", True, "project (jobs.py: in process)"),
+    ("project settings, parallel steps (forkserver, preloaded)", True, "parallel (jobs.py: forkserver, preloaded)"),
 ]
+
+
+def executor_run_config(executor: str) -> dict | None:
+    from analytics_views.jobs import executor_config
+
+    config = EXECUTORS[executor]
+    return executor_config(parallel=True) if config == "parallel" else config
 
 
 def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dict:
@@ -492,19 +502,34 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
             variants = [(label, executor) for label, variant_tuned, executor in VARIANTS if variant_tuned == tuned]
             run_job(client, "weekly_refresh_job", None, sampler)  # warm up: code server, first imports
             runs: dict = {}
-            # Variants interleaved, so that the load other engineers put on the machine hits them alike.
+            skipped: dict = {}
+            # Variants interleaved, so that the load other engineers put on the machine hits them alike. Each
+            # run is followed by the same run with nothing to refresh (every view skips: sources unchanged):
+            # its wall time is the run's launch cost, what Dagster costs around the refreshes.
             for _ in range(repeats):
                 for label, executor in variants:
                     for cadence in jobs:
                         job = f"{cadence}_refresh_job"
-                        runs.setdefault((label, job), []).append(run_job(client, job, EXECUTORS[executor], sampler))
-                        log(f"{label}: {job} {runs[label, job][-1]['wall_s']} s")
+                        config = executor_run_config(executor)
+                        runs.setdefault((label, job), []).append(run_job(client, job, config, sampler))
+                        skip = run_job(client, job, config, sampler, force=False)
+                        if set(skip["modes"].values()) != {SKIPPED}:
+                            raise RuntimeError(f"{job} refreshed views with unchanged sources: {skip['modes']}")
+                        skipped.setdefault((label, job), []).append(skip)
+                        log(f"{label}: {job} {runs[label, job][-1]['wall_s']} s, nothing to refresh {skip['wall_s']} s")
             for (label, job), job_runs in runs.items():
                 variant = results["variants"].setdefault(label, {"executor": dict(variants)[label], "jobs": {}})
-                variant["jobs"][job] = {
+                summary = {
                     key: round(statistics.median(r[key] for r in job_runs), 3)
-                    for key in ("wall_s", "slowest_view_s", "launch_cost_s", "submit_to_worker_start_s", "worker_s")
-                } | {"runs": job_runs}
+                    for key in ("wall_s", "slowest_view_s", "sum_of_views_s", "submit_to_worker_start_s", "worker_s")
+                }
+                launch = round(statistics.median(r["wall_s"] for r in skipped[label, job]), 3)
+                variant["jobs"][job] = summary | {
+                    "launch_cost_s": launch,  # wall time of the same run when every view skips
+                    "beyond_launch_s": round(summary["wall_s"] - launch, 3),  # to compare with the slowest view
+                    "runs": job_runs,
+                    "runs_with_nothing_to_refresh": skipped[label, job],
+                }
             results.setdefault("memory_mb", {})["project settings" if tuned else "Dagster defaults"] = {
                 "idle": round(idle / 2**20),
                 "peak": round(sampler.peak / 2**20),
@@ -558,9 +583,9 @@ def report(results: dict) -> str:
             for label, variant in jobs["variants"].items():
                 j = variant["jobs"][job]
                 lines.append(
-                    f"    {label:48s} {j['wall_s']:6.2f} s  slowest view {j['slowest_view_s']:.3f} s"
-                    f"  launch cost {j['launch_cost_s']:.2f} s (queued {j['submit_to_worker_start_s']:.2f} s,"
-                    f" worker {j['worker_s']:.2f} s)"
+                    f"    {label:60s} {j['wall_s']:6.2f} s = launch cost {j['launch_cost_s']:.2f} s"
+                    f" + {j['beyond_launch_s']:.2f} s (slowest view {j['slowest_view_s']:.3f} s,"
+                    f" all views {j['sum_of_views_s']:.3f} s; queued {j['submit_to_worker_start_s']:.2f} s)"
                 )
         lines.append(f"  memory (sum of RSS of webserver, daemon and children, MB): {jobs['memory_mb']}")
     return "\n".join(lines)
@@ -590,16 +615,17 @@ def markdown(results: dict) -> str:
     if jobs:
         out += [
             "",
-            "| job | way | wall (submit -> SUCCESS) | slowest view | launch cost | of which queued / worker |",
-            "|---|---|---:|---:|---:|---|",
+            "| job | way | wall (submit -> SUCCESS) | launch cost (run with nothing to refresh) | wall - launch cost "
+            "| slowest view | all views | queued (until the run worker starts) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for job, old in jobs["old_way"].items():
-            out.append(f"| `{job}` | old way: one connection, views one after another | {old:.2f} s | | | |")
+            out.append(f"| `{job}` | old way: one connection, views one after another | {old:.2f} s | | | | | |")
             for label, variant in jobs["variants"].items():
                 j = variant["jobs"][job]
                 out.append(
-                    f"| `{job}` | {label} | {j['wall_s']:.2f} s | {j['slowest_view_s']:.2f} s "
-                    f"| {j['launch_cost_s']:.2f} s | {j['submit_to_worker_start_s']:.2f} s / {j['worker_s']:.2f} s |"
+                    f"| `{job}` | {label} | {j['wall_s']:.2f} s | {j['launch_cost_s']:.2f} s | {j['beyond_launch_s']:.2f} s "
+                    f"| {j['slowest_view_s']:.2f} s | {j['sum_of_views_s']:.2f} s | {j['submit_to_worker_start_s']:.2f} s |"
                 )
         out += ["", "| Dagster processes (sum of RSS, MB) | idle | peak during runs |", "|---|---:|---:|"]
         out += [f"| {label} | {m['idle']} | {m['peak']} |" for label, m in jobs["memory_mb"].items()]
@@ -694,22 +720,27 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_jobs:
                 results["jobs"] = measure_jobs(url, server_url, work_dir, args.job_repeats or size["job_repeats"])
             if not args.skip_doubling:
-                log("doubling the history before every window")
+                # Before and after are measured back to back (5 times each), so that they compare alike.
+                def plain_and_read(view: ViewDefinition) -> tuple[float, float]:
+                    refresh = sql.SQL("REFRESH MATERIALIZED VIEW {}").format(ident(view.name))
+                    plain = median_time(lambda: conn.execute(refresh), DOUBLING_REPEATS)
+                    read = median_time(lambda: conn.execute(window_read_sql(view.name)).fetchall(), DOUBLING_REPEATS)
+                    return plain, read
+
+                log("measuring every view again, then doubling the history before every window")
+                before = {view.name: plain_and_read(view) for view in views}
                 double_history(conn, size["days"])
                 results["counts_doubled"] = table_counts(conn)
                 results["doubled_history"] = {}
                 for view in views:
-                    name = ident(view.name)
-                    before = results["views"][view.name]["times_s"]
-                    plain = median_time(
-                        lambda: conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(name)), size["repeats"]
-                    )
-                    read = median_time(lambda: conn.execute(window_read_sql(view.name)).fetchall(), size["repeats"])
+                    plain, read = plain_and_read(view)
                     results["doubled_history"][view.name] = {
+                        "plain_before_s": round(before[view.name][0], 4),
                         "plain_s": round(plain, 4),
+                        "window_read_before_s": round(before[view.name][1], 4),
                         "window_read_s": round(read, 4),
-                        "plain_change_pct": round(100 * (plain / before["plain"] - 1), 1),
-                        "window_read_change_pct": round(100 * (read / before["window_read"] - 1), 1),
+                        "plain_change_pct": round(100 * (plain / before[view.name][0] - 1), 1),
+                        "window_read_change_pct": round(100 * (read / before[view.name][1] - 1), 1),
                     }
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     text = report(results)
