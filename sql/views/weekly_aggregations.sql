@@ -17,28 +17,23 @@ WITH report_weeks AS (
 
 -- The 52 reported weeks and the one before them (for the oldest week's retention).
 activity_weeks AS (
-    SELECT
-        date_trunc('week', now() AT TIME ZONE 'UTC')::date - 7 * weeks_ago.n AS week_start,
-        weeks_ago.n < 53 AS has_previous_week
+    SELECT date_trunc('week', now() AT TIME ZONE 'UTC')::date - 7 * weeks_ago.n AS week_start
     FROM generate_series(1, 53) AS weeks_ago (n)
 ),
 
--- Per week: its active users and events, and how many of its users were also active the week before.
--- events_utc_week_user_idx returns one week's users in user order, so each week's users are grouped as
--- they stream past and matched to the previous week's by a merge join: no hash or sort of the window's
--- events. Only the window's weeks are read.
-weekly_activity AS (
+-- Per week: its active users, as one array, and its events. events_utc_week_user_idx returns one week's
+-- users in user order, so they are grouped as they stream past: each week's index entries are read once,
+-- with no hash or sort of the window's events. Only the window's weeks are read.
+week_users AS (
     SELECT
         aw.week_start,
-        activity.weekly_active_users,
-        activity.events,
-        activity.returning_users
+        activity.users,
+        activity.events
     FROM activity_weeks AS aw
     CROSS JOIN LATERAL (
         SELECT
-            count(*) AS weekly_active_users,
-            coalesce(sum(this_week.events), 0) AS events,
-            count(previous_week.user_id) AS returning_users
+            array_agg(user_week.user_id) AS users,
+            coalesce(sum(user_week.events), 0) AS events
         FROM (
             SELECT
                 e.user_id,
@@ -46,16 +41,24 @@ weekly_activity AS (
             FROM events AS e
             WHERE date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date = aw.week_start
             GROUP BY e.user_id
-        ) AS this_week
-        LEFT JOIN (
-            SELECT e.user_id
-            FROM events AS e
-            WHERE
-                aw.has_previous_week
-                AND date_trunc('week', e.occurred_at AT TIME ZONE 'UTC')::date = aw.week_start - 7
-            GROUP BY e.user_id
-        ) AS previous_week ON this_week.user_id = previous_week.user_id
+        ) AS user_week
     ) AS activity
+),
+
+-- Users active in a week who were also active in the week before: the two weeks' arrays intersected.
+weekly_activity AS (
+    SELECT
+        this_week.week_start,
+        coalesce(cardinality(this_week.users), 0) AS weekly_active_users,
+        this_week.events,
+        (
+            SELECT count(*)
+            FROM unnest(this_week.users) AS this_week_user (user_id)
+            INNER JOIN unnest(previous_week.users) AS previous_week_user (user_id)
+                ON this_week_user.user_id = previous_week_user.user_id
+        ) AS returning_users
+    FROM week_users AS this_week
+    LEFT JOIN week_users AS previous_week ON this_week.week_start - 7 = previous_week.week_start
 ),
 
 weekly_signups AS (
