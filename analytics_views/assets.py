@@ -41,7 +41,6 @@ FRESHNESS_WINDOWS = {"daily": timedelta(hours=26), "weekly": timedelta(days=8)}
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
-
 def retry_later(context: dg.AssetExecutionContext) -> dg.RetryRequested:
     """Ask Dagster to run the step again after TRANSIENT_RETRY's backoff (it fails after its max_retries)."""
     return dg.RetryRequested(
