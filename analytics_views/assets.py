@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable
 from contextlib import ExitStack
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -18,6 +19,7 @@ import dagster as dg
 from analytics_views import database
 from analytics_views.discovery import SourceRelation, current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.executor import on_interrupt
 from analytics_views.managed import ManagedConfig, load_config
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.refresh import SKIPPED, RefreshError, refresh_view
@@ -240,14 +242,18 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
             last_metadata = last.asset_materialization.metadata if last and last.asset_materialization else {}
             last_fingerprint = last_metadata.get("sources_fingerprint")
             try:
-                outcome = refresh_view(
-                    conn,
-                    view.name,
-                    analytics_db.refresh_settings,
-                    view.refresh_strategy,
-                    schema=view.schema,
-                    skip_if_unchanged_since=last_fingerprint.value if last_fingerprint and analytics_db.skip_unchanged else None,
-                )
+                # A terminated run interrupts a step thread by cancelling its query (executor.py).
+                with on_interrupt(partial(conn.cancel_safe, timeout=5)):
+                    outcome = refresh_view(
+                        conn,
+                        view.name,
+                        analytics_db.refresh_settings,
+                        view.refresh_strategy,
+                        schema=view.schema,
+                        skip_if_unchanged_since=last_fingerprint.value
+                        if last_fingerprint and analytics_db.skip_unchanged
+                        else None,
+                    )
             except RefreshError as error:
                 if error.transient:
                     raise retry_later(context) from error

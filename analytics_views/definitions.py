@@ -7,6 +7,7 @@ Which views come from views.toml (or $ANALYTICS_VIEWS_CONFIG); views made elsewh
 import dagster as dg
 
 from analytics_views.assets import build_assets
+from analytics_views.executor import refresh_executor
 from analytics_views.jobs import build_jobs, build_schedules
 from analytics_views.managed import ManagedConfig, load_config
 from analytics_views.resources import AnalyticsDatabase
@@ -20,6 +21,8 @@ def build_definitions(config: ManagedConfig | None = None) -> dg.Definitions:
         jobs=list(jobs.values()),
         schedules=build_schedules(jobs),
         resources={"analytics_db": AnalyticsDatabase(url=dg.EnvVar("DATABASE_URL"))},
+        # Also for views materialized by hand in the UI (Dagster's implicit asset job): steps in threads.
+        executor=refresh_executor,
     )
 
 

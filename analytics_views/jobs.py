@@ -9,37 +9,26 @@ data, and a daily view sees a weekly view's new week from Tuesday.
 import dagster as dg
 
 from analytics_views.discovery import managed_views
+from analytics_views.executor import refresh_executor
 from analytics_views.managed import ManagedConfig, load_config
 from analytics_views.views import ViewDefinition
 
 REFRESH_TIMES = {"daily": "0 3 * * *", "weekly": "0 4 * * 1"}  # UTC
 
-# Each view is its own step, and a job's steps run one after another in the run's own process
-# (in_process). Dagster runs steps in parallel only in processes of their own (multiprocess: there is no
-# thread executor), and each such process costs seconds to start and connect to the instance, where our
-# views refresh in a fraction of a second (bench/, docs/benchmarks.md): the daily job's three views take
-# less time one after another than a single step process takes to start. For views that take longer than
-# that, a run may ask for parallel steps in its run config: PARALLEL_EXECUTOR forks them from a server
-# that has already imported Dagster, its PostgreSQL storage and this package (forkserver, preloaded).
-SERIAL_EXECUTOR = {"in_process": {}}
-PARALLEL_EXECUTOR = {
-    "multiprocess": {
-        "start_method": {
-            "forkserver": {
-                "preload_modules": [
-                    "analytics_views.definitions",
-                    "analytics_views.dagster_storage",
-                    "dagster_postgres",
-                ]
-            }
-        },
-        "max_concurrent": 8,  # the refreshes run in PostgreSQL, not on the local cores
-    }
+# Each view is its own step, and the steps of a run refresh at the same time in threads of the run's own
+# process (executor.py), each once the views it reads are refreshed. Dagster's own executors run steps
+# either one after another in process, or in processes of their own, each of which costs seconds to start
+# where a refresh waits on PostgreSQL (bench/, docs/benchmarks.md). A run may still choose Dagster's
+# `in_process` or `multiprocess` in its run config (executor_config).
+EXECUTORS = {
+    "threads": {"threads": {}},
+    "in_process": {"in_process": {}},
+    "multiprocess": {"multiprocess": {}},
 }
 
 
-def executor_config(parallel: bool = False) -> dict:
-    return {"execution": {"config": PARALLEL_EXECUTOR if parallel else SERIAL_EXECUTOR}}
+def executor_config(kind: str = "threads") -> dict:
+    return {"execution": {"config": EXECUTORS[kind]}}
 
 
 def refresh_job(cadence: str, views: tuple[ViewDefinition, ...]):
@@ -49,7 +38,7 @@ def refresh_job(cadence: str, views: tuple[ViewDefinition, ...]):
         selection=dg.AssetSelection.assets(*keys),
         description=f"Refreshes the {cadence} materialized views, each in its own step.",
         tags={"cadence": cadence},
-        config=executor_config(),
+        executor_def=refresh_executor,
     )
 
 

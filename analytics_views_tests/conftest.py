@@ -20,6 +20,7 @@ from psycopg import sql
 from analytics_views.database import libpq_url, with_database
 from analytics_views.embedded import embedded_server
 from analytics_views.migrate import migrate
+from analytics_views.refresh import refresh_view
 from analytics_views.seed import seed
 from analytics_views.services import prepare_dagster_home
 
@@ -141,3 +142,12 @@ def dagster_env(seeded_db, empty_db, tmp_path, monkeypatch) -> dict[str, str]:
     for name in ("DATABASE_URL", "DAGSTER_POSTGRES_URL", "DAGSTER_HOME"):
         monkeypatch.setenv(name, env[name])
     return env
+
+
+@pytest.fixture
+def refreshed_db(seeded_db) -> str:
+    """A seeded database whose views have been populated once."""
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        for view in ("daily_aggregations", "cohort_aggregations", "campaign_aggregations", "weekly_aggregations"):
+            refresh_view(conn, view)
+    return seeded_db

@@ -24,15 +24,6 @@ QUICK = RefreshSettings(lock_timeout_s=0.5, statement_timeout_s=60)
 
 
 @pytest.fixture
-def refreshed_db(seeded_db) -> str:
-    """A seeded database whose views have been populated once."""
-    with psycopg.connect(seeded_db, autocommit=True) as conn:
-        for view in ("daily_aggregations", "cohort_aggregations", "campaign_aggregations", "weekly_aggregations"):
-            refresh_view(conn, view)
-    return seeded_db
-
-
-@pytest.fixture
 def slow_view(refreshed_db) -> str:
     """A populated test view whose refresh sleeps for `analytics_test.sleep` seconds when that is set."""
     with psycopg.connect(refreshed_db, autocommit=True) as conn:
@@ -89,6 +80,17 @@ def in_thread(fn, *args, **kwargs) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
+
+
+def daily_refresh_job() -> dg.JobDefinition:
+    return defs.resolve_job_def("daily_refresh_job")
+
+
+def run_daily_job(instance: dg.DagsterInstance, **kwargs) -> tuple[bool, list[dg.DagsterEvent]]:
+    """A daily_refresh_job run with the job's own executor (steps in threads), as the daemon's runs execute;
+    execute_in_process would run the steps one after another."""
+    with dg.execute_job(dg.reconstructable(daily_refresh_job), instance=instance, **kwargs) as result:
+        return result.success, result.all_events
 
 
 def refresh_in_new_connection(url: str, view: str, settings: RefreshSettings = QUICK, sleep_s: float | None = None):
@@ -172,12 +174,8 @@ def test_statement_timeout_is_permanent_and_names_the_setting(slow_view):
 def daily_refresh_waiting_on_a_lock(url: str):
     """A daily_aggregations materialization in a thread, its REFRESH blocked by a lock on `users`; yields
     the refresh's pg_stat_activity row and the run's outcome, and releases the lock when the block ends."""
-    with held(url, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker:
-        thread, outcome = in_thread(
-            defs.resolve_job_def("daily_refresh_job").execute_in_process,
-            asset_selection=[dg.AssetKey("daily_aggregations")],
-            raise_on_error=False,
-        )
+    with held(url, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker, dg.DagsterInstance.ephemeral() as instance:
+        thread, outcome = in_thread(run_daily_job, instance, asset_selection=[dg.AssetKey("daily_aggregations")])
         yield wait_for_activity(url, "query LIKE 'REFRESH%daily_aggregations%'"), outcome
         blocker.rollback()  # the refresh, or its retry, can now go through
         thread.join(120)
@@ -198,9 +196,9 @@ def test_a_refresh_killed_half_way_keeps_the_old_contents_and_the_retry_succeeds
             admin.execute("SELECT pg_terminate_backend(%s)", [victim["pid"]])
             # Readable throughout, with its previous contents.
             assert admin.execute("SELECT * FROM daily_aggregations ORDER BY 1").fetchall() == before
-    result = outcome["result"]
-    assert result.success
-    restarts = [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_RESTARTED]
+    success, events = outcome["result"]
+    assert success
+    restarts = [event for event in events if event.event_type == dg.DagsterEventType.STEP_RESTARTED]
     assert len(restarts) == 1
     assert contents(refreshed_db, "daily_aggregations") == before  # same data, refreshed again
 
