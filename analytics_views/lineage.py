@@ -50,8 +50,8 @@ class _Resolver:
             self.memo[key] = frozenset()  # guards a self-reference (recursive CTE)
             if scope.scope_type == ScopeType.UDTF and scope.subquery_scopes:  # LATERAL (SELECT ...): its query
                 self.memo[key] = self.output(scope.subquery_scopes[0], name)
-            elif scope.is_set_operation:  # UNION: each branch contributes
-                branches = scope.union_scopes
+            elif scope.set_operation_scopes:  # UNION: each branch contributes
+                branches = scope.set_operation_scopes
                 self.memo[key] = frozenset().union(*(self.output(branch, name) for branch in branches))
             else:
                 projections = [p for p in scope.expression.selects if p.alias_or_name == name]
@@ -75,7 +75,7 @@ class _Resolver:
         if any(isinstance(count.this, exp.Star) for count in expression.find_all(exp.Count)):
             found |= self.group_keys(scope)
             for source in scope.selected_sources.values():
-                if isinstance(source[1], Scope) and not source[1].is_set_operation:
+                if isinstance(source[1], Scope) and not source[1].set_operation_scopes:
                     found |= self.group_keys(source[1])  # a count of groups: the groups' keys
         return frozenset(found)
 

@@ -15,7 +15,7 @@ def lineage(view: str) -> dict[str, tuple[tuple[str, str], ...]]:
 
 def test_daily_aggregations_columns_come_from_events_users_and_payments():
     columns = lineage("daily_aggregations")
-    # count(*) over the (UTC day of occurred_at, user_id) pairs of user_active_days
+    # count(*) over the (UTC day of occurred_at, user_id) pairs, in each half (UNION ALL) of the window
     assert columns["active_users"] == (("events", "occurred_at"), ("events", "user_id"))
     assert columns["new_users"] == (("users", "signed_up_at"),)  # count(*) per signup day
     assert columns["revenue"] == (("payments", "amount"),)
