@@ -39,7 +39,7 @@ FRESHNESS_WINDOWS = {"daily": timedelta(hours=26), "weekly": timedelta(days=8)}
 # permanent ones raise Failure(allow_retries=False) and fail at once. The step asks for the retry itself
 # (RetryRequested) rather than carrying the policy: with a retry policy, Dagster also retries a step whose
 # run was terminated while the step ran in the run's own process (dagster-io/dagster#15026), and our jobs
-# run their steps in process (jobs.py).
+# run their steps in the run's own process, in threads (executor.py).
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 

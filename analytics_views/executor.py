@@ -6,10 +6,11 @@ every step runs in a thread of the run worker, with the run's resources and log 
 Dagster's own `ActiveExecution` as the multiprocess executor schedules processes: step order from asset
 deps, pools (one refresh of a view at a time), retries and their backoff all behave as they do there.
 
-Termination: Dagster interrupts the run's main thread only. The executor passes the interrupt on to each
-step thread (an asynchronous DagsterExecutionInterruptedError) and runs the callbacks the step registered
-with `on_interrupt`, which is how a step blocked in PostgreSQL (a C call no Python exception reaches)
-cancels its query.
+Termination: Dagster interrupts the run's main thread only, and raises the interrupt in a step's own code
+only. Steps mark the blocks a terminated run may interrupt with `on_interrupt`, naming how to stop what the
+block waits on (a query's cancel: no Python exception reaches a thread blocked in C); the executor calls it
+and raises DagsterExecutionInterruptedError in the block, and a step interrupted before such a block raises
+it on entering the block.
 
 `refresh_executor` offers these threads (the default), Dagster's `in_process` and its `multiprocess`.
 """
@@ -49,23 +50,28 @@ from dagster._utils.timing import time_execution_scope
 DEFAULT_MAX_CONCURRENT = 8  # the refreshes run in PostgreSQL, not on the local cores
 _IDLE_WAIT_S = 0.05  # longest wait for a step event before looking for interrupts and steps ready to run
 
-# Callbacks that stop what a step thread is blocked in, by thread id (see on_interrupt).
+# Step threads interrupted by a terminated run, and the callbacks of the interruptible blocks each thread is
+# in (on_interrupt), by thread id.
+_interrupted: set[int] = set()
 _interrupt_callbacks: dict[int, list[Callable[[], None]]] = {}
-_callbacks_lock = threading.Lock()
+_lock = threading.Lock()
 
 
 @contextmanager
 def on_interrupt(callback: Callable[[], None]) -> Iterator[None]:
-    """While the block runs in a step thread, a terminated run calls `callback` from another thread (for
-    example `conn.cancel_safe`): a Python exception cannot reach a thread blocked in C. Outside a step
-    thread (in process, multiprocess) it does nothing: there the interrupt reaches the step itself."""
+    """A block of a step that a terminated run may interrupt: in a step thread, `callback` (for example
+    `conn.cancel_safe`) is called from another thread to stop what the block waits on, and
+    DagsterExecutionInterruptedError is raised in the block. Outside step threads (Dagster's in_process and
+    multiprocess executors) it only runs the block: there Dagster interrupts the step itself."""
     ident = threading.get_ident()
-    with _callbacks_lock:
+    with _lock:
+        if ident in _interrupted:
+            raise DagsterExecutionInterruptedError()
         _interrupt_callbacks.setdefault(ident, []).append(callback)
     try:
         yield
     finally:
-        with _callbacks_lock:
+        with _lock:
             callbacks = _interrupt_callbacks[ident]
             callbacks.remove(callback)
             if not callbacks:
@@ -95,18 +101,21 @@ class _StepThread(threading.Thread):
         except BaseException as raised:  # the main thread raises it, as the in-process executor would
             error = raised
         finally:
-            with _callbacks_lock:
+            with _lock:
                 self.finished = True  # no interrupt is sent to a thread that has finished its step
+                _interrupted.discard(threading.get_ident())  # thread ids are reused
             self.events.put((key, _Done(error)))
 
     def interrupt(self) -> None:
-        with _callbacks_lock:
+        with _lock:
             if self.finished or self.ident is None:
                 return
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(self.ident), ctypes.py_object(DagsterExecutionInterruptedError)
-            )
+            _interrupted.add(self.ident)
             callbacks = list(_interrupt_callbacks.get(self.ident, ()))
+            if callbacks:  # in an interruptible block of the step's own code: raise there
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self.ident), ctypes.py_object(DagsterExecutionInterruptedError)
+                )
         for callback in callbacks:
             try:
                 callback()
