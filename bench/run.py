@@ -121,6 +121,11 @@ def ident(name: str) -> sql.Identifier:
     return sql.Identifier(name)
 
 
+def refresh_sql(view: str, concurrently: bool = False) -> sql.Composed:
+    """REFRESH MATERIALIZED VIEW [CONCURRENTLY] <view>, as the old service and PostgreSQL alone run it."""
+    return sql.SQL("REFRESH MATERIALIZED VIEW {}{}").format(sql.SQL("CONCURRENTLY " if concurrently else ""), ident(view))
+
+
 # --- databases --------------------------------------------------------------------------------------
 
 
@@ -282,10 +287,9 @@ def materialize_asset(url: str, view: ViewDefinition, instance=None) -> tuple[fl
 
 
 def measure_refreshes(url: str, conn: psycopg.Connection, view: ViewDefinition, repeats: int) -> dict:
-    name = ident(view.name)
     query = sql.SQL("EXPLAIN (ANALYZE, TIMING OFF, COSTS OFF) {}").format(sql.SQL(view_query(conn, view.name)))
-    plain = sql.SQL("REFRESH MATERIALIZED VIEW {}").format(name)
-    concurrent = sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(name)
+    plain = refresh_sql(view.name)
+    concurrent = refresh_sql(view.name, concurrently=True)
     actions = {
         "plain": lambda: conn.execute(plain),
         "concurrent": lambda: conn.execute(concurrent),
@@ -313,7 +317,7 @@ def measure_assets(url: str, views: list[ViewDefinition], repeats: int) -> dict:
     results = {}
     with psycopg.connect(url, autocommit=True) as conn:
         for view in views:
-            concurrent = sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(ident(view.name))
+            concurrent = refresh_sql(view.name, concurrently=True)
             raw, runs = [], []
             while not enough(raw, repeats):
                 raw.append(timed(lambda: conn.execute(concurrent)))
@@ -507,7 +511,7 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
         def old_way():
             with psycopg.connect(url, autocommit=True) as conn:
                 for view in views:
-                    conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(ident(view)))
+                    conn.execute(refresh_sql(view, concurrently=True))
 
         results["old_way"][f"{cadence}_refresh_job"] = round(median_time(old_way, repeats), 3)
 
@@ -753,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
             results["counts"] = table_counts(conn)
             log(f"data: {results['counts']} in {results['seed_s']} s; populating the views")
             for view in views:
-                conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(ident(view.name)))
+                conn.execute(refresh_sql(view.name))
             conn.execute("VACUUM ANALYZE")
             results["views"] = {}
             for view in views:
@@ -771,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_doubling:
                 # Before and after are measured back to back (5 times each), so that they compare alike.
                 def plain_and_read(view: ViewDefinition) -> tuple[float, float, int]:
-                    refresh = sql.SQL("REFRESH MATERIALIZED VIEW {}").format(ident(view.name))
+                    refresh = refresh_sql(view.name)
                     plain = median_time(lambda: conn.execute(refresh), DOUBLING_REPEATS)
                     read = median_time(lambda: conn.execute(window_read_sql(view.name)).fetchall(), DOUBLING_REPEATS)
                     return plain, read, blocks_touched(conn, view_query(conn, view.name))
