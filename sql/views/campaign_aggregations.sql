@@ -5,8 +5,8 @@
 -- Window: the 90 complete UTC days from today - 90 to today - 1; today (UTC) is left out.
 -- Days are UTC days whatever the session TimeZone. Signups, spend and payments are filtered on their
 -- indexed date or timestamp, so a refresh reads the window, not all history.
--- Spend and revenue are each summed in their own CTE per campaign, never after a join to users or
--- activity rows, which would multiply them.
+-- Spend and revenue are each summed in their own CTE per campaign, never after a join that could repeat a
+-- row (to signups or activity rows), which would multiply them.
 CREATE MATERIALIZED VIEW campaign_aggregations AS
 WITH campaign_signups AS (
     SELECT
@@ -31,25 +31,31 @@ campaign_window_spend AS (
     GROUP BY cs.campaign_id
 ),
 
--- Each payment looks up exactly one user (users.user_id is the key), so no amount is counted twice. The
--- lookup goes through users' primary key, payment by payment (OFFSET 0 keeps the planner from turning it
--- into a hash join that reads every user): the window's payments decide what is read, not all users.
+-- Revenue is attributed through the payer's campaign (users.campaign_id), which no payment row carries. The
+-- window's payments are read once (window_payments), and their payers looked up in one sorted pass over
+-- users_payer_campaign_idx (user_id = ANY of the payers, which PostgreSQL 17+ reads leaf page by leaf page),
+-- instead of one index descent per payment. Each payment matches one user at most (users.user_id is the
+-- key), so no amount is counted twice.
+window_payments AS MATERIALIZED (
+    SELECT
+        p.user_id,
+        p.amount
+    FROM payments AS p
+    WHERE
+        p.paid_at >= ((now() AT TIME ZONE 'UTC')::date - 90)::timestamp AT TIME ZONE 'UTC'
+        AND p.paid_at < ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
+),
+
 campaign_revenue AS (
     SELECT
-        payer.campaign_id,
-        sum(p.amount) AS revenue
-    FROM payments AS p
-    CROSS JOIN LATERAL (
-        SELECT u.campaign_id
-        FROM users AS u
-        WHERE u.user_id = p.user_id
-        OFFSET 0
-    ) AS payer
+        u.campaign_id,
+        sum(wp.amount) AS revenue
+    FROM window_payments AS wp
+    INNER JOIN users AS u ON wp.user_id = u.user_id
     WHERE
-        payer.campaign_id IS NOT NULL
-        AND p.paid_at >= ((now() AT TIME ZONE 'UTC')::date - 90)::timestamp AT TIME ZONE 'UTC'
-        AND p.paid_at < ((now() AT TIME ZONE 'UTC')::date)::timestamp AT TIME ZONE 'UTC'
-    GROUP BY payer.campaign_id
+        u.campaign_id IS NOT NULL
+        AND u.user_id = ANY(ARRAY(SELECT DISTINCT w.user_id FROM window_payments AS w))
+    GROUP BY u.campaign_id
 )
 
 SELECT
