@@ -4,14 +4,21 @@ Read from the SQL files, never from a database: the webserver and the daemon loa
 and the migrations are the one place a table's shape and meaning are written down.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlglot
-from sqlglot import exp
-
+from analytics_views.parse_cache import cached
 from analytics_views.paths import MIGRATIONS_DIR
+
+if TYPE_CHECKING:
+    from sqlglot import exp
+
+# sqlglot is imported only where a file is parsed: with the parse cache (parse_cache.py) a process that loads
+# unchanged migrations never imports it.
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class _TableDraft:
 
 
 def _apply(statement: exp.Expression, tables: dict[str, _TableDraft], path: Path, text: str) -> None:
+    from sqlglot import exp
+
     if isinstance(statement, exp.Create) and statement.kind == "TABLE":
         name = statement.this.this.name
         columns = {
@@ -81,7 +90,14 @@ def _apply(statement: exp.Expression, tables: dict[str, _TableDraft], path: Path
 
 @cache
 def load_source_tables(migrations_dir: Path = MIGRATIONS_DIR) -> dict[str, SourceTable]:
-    """Every table the migrations leave behind, in name order of the files that create them."""
+    """Every table the migrations leave behind, in name order of the files that create them; parsed again only
+    when a migration or the code changed (parse_cache.py)."""
+    return cached("source_tables", migrations_dir.glob("*.sql"), lambda: _parse_source_tables(migrations_dir))
+
+
+def _parse_source_tables(migrations_dir: Path) -> dict[str, SourceTable]:
+    import sqlglot
+
     drafts: dict[str, _TableDraft] = {}
     for path in sorted(migrations_dir.glob("*.sql")):
         text = path.read_text()

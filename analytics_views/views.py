@@ -6,21 +6,27 @@ for each output column. Everything Python knows about a view (description, caden
 descriptions, upstream tables and views, column lineage) is derived here, so adding a view is adding a file.
 """
 
+from __future__ import annotations
+
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from graphlib import TopologicalSorter
 from pathlib import Path
-
-import sqlglot
-from sqlglot import exp
+from typing import TYPE_CHECKING
 
 from analytics_views.database import Column
-from analytics_views.lineage import SourceColumn, column_lineage, output_columns
-from analytics_views.paths import VIEWS_DIR
+from analytics_views.parse_cache import cached
+from analytics_views.paths import MIGRATIONS_DIR, VIEWS_DIR
 from analytics_views.source_tables import ColumnDoc, lineage_schema, load_source_tables
 from analytics_views.swap import AUTO, STRATEGIES
+
+if TYPE_CHECKING:
+    from analytics_views.lineage import SourceColumn
+
+# sqlglot (through analytics_views.lineage) is imported only where a file is parsed: with the parse cache
+# (parse_cache.py) a process that loads unchanged views never imports it.
 
 CADENCES = ("daily", "weekly")
 
@@ -82,6 +88,9 @@ def _field(header: list[str], name: str, path: Path, default: str | None = None)
 
 def query_dependencies(query: str) -> tuple[str, ...]:
     """Relations a SELECT reads, from its parse tree (CTE names and table functions excluded)."""
+    import sqlglot
+    from sqlglot import exp
+
     tree = sqlglot.parse_one(query, read="postgres")
     ctes = {cte.alias for cte in tree.find_all(exp.CTE)}
     return tuple(
@@ -106,6 +115,9 @@ def _create_statement(path: Path, text: str) -> re.Match:
 
 def _column_comments(statements: str, view: str, columns: tuple[str, ...], path: Path) -> dict[str, str]:
     """The `COMMENT ON COLUMN view.column IS '...'` statements after the CREATE, checked against the view."""
+    import sqlglot
+    from sqlglot import exp
+
     comments = {}
     for statement in sqlglot.parse(statements, read="postgres"):
         if not isinstance(statement, exp.Comment):
@@ -124,6 +136,8 @@ def _column_comments(statements: str, view: str, columns: tuple[str, ...], path:
 
 def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None) -> ViewDefinition:
     """One view file; `schema` ({table: {column: type}}) resolves columns the query leaves unqualified."""
+    from analytics_views.lineage import column_lineage, output_columns
+
     text = path.read_text()
     match = _create_statement(path, text)
     header = _header(text)
@@ -155,7 +169,15 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
 
 @cache
 def load_views(views_dir: Path = VIEWS_DIR) -> tuple[ViewDefinition, ...]:
-    """All views, ordered so that a view comes after every view it reads."""
+    """All views, ordered so that a view comes after every view it reads; parsed again only when a view file,
+    a migration or the code changed (parse_cache.py)."""
+    inputs = [*views_dir.glob("*.sql"), *MIGRATIONS_DIR.glob("*.sql")]
+    return cached("views", inputs, lambda: _parse_views(views_dir))
+
+
+def _parse_views(views_dir: Path) -> tuple[ViewDefinition, ...]:
+    from analytics_views.lineage import output_columns
+
     paths = sorted(views_dir.glob("*.sql"))
     # Columns resolve against the source tables and the other views, so one view may read another.
     schema = lineage_schema(load_source_tables())
