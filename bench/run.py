@@ -1,7 +1,7 @@
 """The refresh benchmark: how close each view's refresh is to what PostgreSQL cannot do faster.
 
     .venv/bin/python -m bench.run --size small        # a quick look (under a minute or two)
-    .venv/bin/python -m bench.run --size reference    # 200k users, ~10M events, 730 days (about 15 min)
+    .venv/bin/python -m bench.run --size reference    # 200k users, ~10M events, 730 days (15 to 40 min)
 
 It creates its own databases (on an embedded PostgreSQL 18 it starts, or on --server), generates the
 demo data with the project's generator plus one large users x days view of its own
@@ -11,7 +11,7 @@ demo data with the project's generator plus one large users x days view of its o
 - a plain REFRESH, REFRESH ... CONCURRENTLY, build-and-swap (analytics_views/swap.py), and the asset's
   materialization in process (strategy `auto`, as the jobs run it);
 - readers' latency (median, p99, max) of a query on the view while each kind of refresh runs;
-- refresh times again after doubling the history before every window;
+- plain refreshes on two fresh copies of the database, one with twice the history before every window, by turns;
 and for each job, the wall time of a run submitted through the webserver and launched by the daemon
 (Dagster's default settings against the project's), against the old service's way (one connection,
 views refreshed one after another), and the peak memory of the Dagster processes.
@@ -667,7 +667,7 @@ def ratio(value: float, floor: float) -> float:
 def report(results: dict) -> str:
     lines = [
         f"size {results['size']}: {results['counts']}; PostgreSQL {results['server']['server_version']}, "
-        f"{results['machine']['cpus']} cores (shared with other engineers' tests)",
+        f"{results['machine']['cpus']} cores, load average {results['machine'].get('load_average', '?')} at the start",
         "",
         "view                   rows     query  window  plain  concur  swap   asset  | x window: plain concur swap asset"
         " | readers p99/max ms: plain, concurrent, swap | 2x history plain",
@@ -825,7 +825,7 @@ def chart(results: dict, path: Path) -> None:
         right.invert_yaxis()
         right.set_xlabel("seconds, submit -> SUCCESS (median)")
         right.set_title("Job runs launched by the daemon")
-    fig.suptitle(f"PostgreSQL {results['server']['server_version']}, {results['machine']['cpus']} cores, shared machine",
+    fig.suptitle(f"PostgreSQL {results['server']['server_version']}, {results['machine']['cpus']} cores",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -844,7 +844,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "size": args.size,
         "parameters": size,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "note": "shared with other engineers"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average": round(os.getloadavg()[0], 2),  # other work on the machine when the run began
+        },
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     views = [*load_views(), BENCH_VIEW]
