@@ -45,9 +45,7 @@ def cached(name: str, files: Iterable[Path], compute: Callable[[], T]) -> T:
     path = CACHE_DIR / f"{name}-{cache_key(name, files)}.pickle"
     try:
         return pickle.loads(path.read_bytes())
-    except FileNotFoundError:
-        pass
-    except Exception:  # unreadable or written by an incompatible version: parse again and overwrite it
+    except Exception:  # missing, unreadable or damaged: parse again and write it anew
         pass
     value = compute()
     try:

@@ -110,7 +110,7 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-DOUBLING_REPEATS = 9  # pairs: a refresh on the original, then on the copy with twice the history
+DOUBLING_REPEATS = 9  # pairs of runs, one on each copy of the database (measure_doubling)
 # Short actions are repeated until they have run this long in all, so that one stall of the shared machine
 # does not move their median (at most MAX_REPEATS times).
 MIN_TOTAL_S = 3.0
@@ -610,11 +610,11 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
             run_job(client, "weekly_refresh_job", None, sampler)  # warm up: code server, first imports
             runs: dict = {}
             skipped: dict = {}
-            # Variants interleaved, so that the load other engineers put on the machine hits them alike. Each
-            # run is followed by the same run with nothing to refresh (every view skips: sources unchanged):
-            # its wall time is the run's launch cost, what Dagster costs around the refreshes.
-            # The two runs of a pair go in turns (refresh first, then skip first), so that neither always
-            # follows the other. Dagster's defaults take 15-20 s a run: they get at most 3 pairs.
+            # Variants interleaved, so that other load on the machine hits them alike. Each run is paired with
+            # the same run with nothing to refresh (every view skips: sources unchanged), whose wall time is the
+            # run's launch cost, what Dagster costs around the refreshes. The two runs of a pair go in turns
+            # (refresh first, then skip first), so that neither always follows the other. Runs under Dagster's
+            # defaults take several times longer: they get at most 3 pairs.
             for repeat in range(repeats):
                 for label, executor in variants:
                     if not tuned and repeat >= min(repeats, 3):
