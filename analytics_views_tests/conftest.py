@@ -94,6 +94,20 @@ def seeded_template(databases) -> str:
     return database_name(url)
 
 
+PRODUCT_SCHEMA = Path(__file__).parent / "fixtures" / "product_schema.sql"
+
+
+@pytest.fixture
+def product_db(databases) -> str:
+    """URL of a fresh database holding another team's product schema and views (fixtures/product_schema.sql):
+    weekly partitions, inheritance, a view over the partitions, views over views, a nullable key, a fan-out,
+    session-time-zone buckets and a window over now(); its views populated once."""
+    url = databases.create()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(PRODUCT_SCHEMA.read_text())
+    return url
+
+
 @pytest.fixture
 def empty_db(databases) -> str:
     """URL of a fresh, empty database."""
