@@ -274,6 +274,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),
                     "refresh_mode": outcome.mode,
                     **({"refresh_note": outcome.note} if outcome.note else {}),
+                    "refresh_timezone": analytics_db.timezone,
                     "dagster/table_name": database.qualified_name(conn, view.name, view.schema),
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }

@@ -2,7 +2,8 @@
 
 Every refresh runs in one transaction that
 - refuses a server in recovery (a read replica cannot refresh);
-- sets `lock_timeout`, `statement_timeout` and `work_mem` with SET LOCAL semantics, so they never outlive it;
+- sets `lock_timeout`, `statement_timeout`, `work_mem` and `TimeZone` (the configured zone, whatever the
+  connection's, role's or database's) with SET LOCAL semantics, so they never outlive it;
 - takes a per-view advisory lock, waiting at most `lock_timeout`: two refreshes of one view never overlap,
   whoever started them (Dagster, the CLI or a psql session using the same lock);
 - runs REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated,
@@ -21,6 +22,7 @@ from psycopg import errors, sql
 from analytics_views import swap
 from analytics_views.database import view_state
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.source_fingerprint import source_fingerprint
 
 CONCURRENT = "concurrent"
 # CONCURRENTLY is refused on a view that was never populated; the first refresh must be a plain one.
@@ -50,6 +52,9 @@ class RefreshSettings:
     # Memory per sort or hash of the refresh; None keeps the server's. More is not always faster: at 256MB
     # PostgreSQL 15 ran the weekly view 1.5x faster, PostgreSQL 18 1.5x slower (docs/benchmarks.md).
     work_mem_mb: int | None = None
+    # TimeZone of every refresh, whatever the connection's, role's or database's: the views' date(), ::date
+    # and current_date follow it. The schedules' zone.
+    timezone: str = "UTC"
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ class RefreshOutcome:
     view: str
     mode: str
     duration_s: float
-    note: str = ""  # why the mode differs from the strategy asked for, or how the swap went
+    note: str = ""  # why the mode differs from the strategy asked for, how the swap went, why it cannot skip
     sources_fingerprint: str | None = None  # what the view's sources looked like when it was refreshed
 
 
@@ -89,32 +94,16 @@ def _holder(conn: psycopg.Connection, view: str) -> str:
     return f"pid {row[0]}, {row[1] or 'no application_name'}, since {row[2]} UTC" if row else "a session"
 
 
-# The relations a view's query reads (from its rewrite rule's dependencies), each with its file node (new
-# after TRUNCATE or a plain REFRESH) and its cumulative insert/update/delete counters; plus today's UTC date,
-# since the views' windows move with the date even when no source row changes.
-_SOURCES_FINGERPRINT = """
-SELECT CASE WHEN current_setting('track_counts')::boolean THEN
-    md5(string_agg(concat_ws(':', c.oid, c.relfilenode, s.n_tup_ins, s.n_tup_upd, s.n_tup_del), ',' ORDER BY c.oid))
-    || ':' || (now() AT TIME ZONE 'UTC')::date
-END
-FROM (
-    SELECT DISTINCT dep.refobjid
-    FROM pg_rewrite AS rule
-    JOIN pg_depend AS dep ON dep.classid = 'pg_rewrite'::regclass AND dep.objid = rule.oid
-    WHERE rule.ev_class = %(view)s::regclass AND dep.refclassid = 'pg_class'::regclass AND dep.refobjid <> rule.ev_class
-) AS sources
-JOIN pg_class AS c ON c.oid = sources.refobjid
-LEFT JOIN pg_stat_all_tables AS s ON s.relid = c.oid
-"""
-
-
-def sources_fingerprint(conn: psycopg.Connection, view: str) -> str | None:
-    """Changes whenever any source of the view may have changed; None when PostgreSQL does not count changes.
-
-    The counters are PostgreSQL's cumulative statistics, which a writing session reports when it goes idle
-    (within about a second), so a change committed in the last moment may be seen only by the next refresh.
-    """
-    return conn.execute(_SOURCES_FINGERPRINT, {"view": view}).fetchone()[0]
+def _set_timezone(conn: psycopg.Connection, timezone: str) -> None:
+    """SET LOCAL TimeZone, or one line naming the setting and the fix."""
+    try:
+        conn.execute("SELECT set_config('TimeZone', %s, true)", [timezone])
+    except errors.InvalidParameterValue:
+        raise RefreshError(
+            f"timezone {timezone!r} of the analytics_db resource is not a time zone PostgreSQL knows: set it to "
+            "a name from pg_timezone_names, such as 'UTC' or 'Europe/Berlin'",
+            transient=False,
+        ) from None
 
 
 def _explain(view: str, error: psycopg.Error, settings: RefreshSettings) -> RefreshError:
@@ -181,6 +170,7 @@ def refresh_view(
                     f"{settings.work_mem_mb}MB" if settings.work_mem_mb else None,
                 ],
             )
+            _set_timezone(conn, settings.timezone)
             try:
                 with conn.transaction():
                     conn.execute(
@@ -203,7 +193,8 @@ def refresh_view(
                     "(unique, no WHERE clause, plain columns; see its file in sql/views/) and refresh again",
                     transient=False,
                 )
-            fingerprint = sources_fingerprint(conn, relation.as_string(conn))
+            sources = source_fingerprint(conn, relation.as_string(conn))
+            fingerprint = sources.value
             if state.populated and fingerprint is not None and fingerprint == skip_if_unchanged_since:
                 return RefreshOutcome(view=view, mode=SKIPPED, duration_s=0.0, sources_fingerprint=fingerprint)
             mode = CONCURRENT if state.populated else INITIAL_PLAIN
@@ -224,6 +215,8 @@ def refresh_view(
                 conn.cancel_safe(timeout=5)
                 raise
             duration = time.perf_counter() - started
+            if sources.reason:
+                note = "; ".join(filter(None, [note, f"never skipped: {sources.reason}"]))
     except RefreshError:
         raise
     except psycopg.Error as error:

@@ -34,12 +34,19 @@ class AnalyticsDatabase(dg.ConfigurableResource):
         "unset keeps the server's work_mem.",
     )
 
+    timezone: str = Field(
+        default=RefreshSettings.timezone,
+        description="TimeZone every refresh runs under (SET LOCAL), whatever the connection's, role's or "
+        "database's: date(), ::date and current_date in a view's SQL follow it. A name from pg_timezone_names.",
+    )
+
     @property
     def refresh_settings(self) -> RefreshSettings:
         return RefreshSettings(
             lock_timeout_s=self.lock_timeout_s,
             statement_timeout_s=self.statement_timeout_s,
             work_mem_mb=self.work_mem_mb,
+            timezone=self.timezone,
         )
 
     @contextmanager
