@@ -1,7 +1,8 @@
 """What a materialized view's result depends on, as one string that changes whenever that may have changed.
 
-The sources are resolved through the catalog, starting from the view's rewrite rule:
-- ordinary views are followed down (their own rules) to what they read, and their definitions are part of
+The sources are resolved through the catalog, starting from the relations and functions in the view's
+stored query tree (pg_rewrite.ev_action: pg_depend records nothing on PostgreSQL's own objects):
+- ordinary views are followed down (their own rules) to what they read, and their query trees are part of
   the fingerprint (CREATE OR REPLACE VIEW changes what the materialized view reads);
 - tables bring their inheritance children and partitions at every level (pg_inherits), so a partition
   attached or detached changes the set of relations;
@@ -12,7 +13,9 @@ The sources are resolved through the catalog, starting from the view's rewrite r
   pg_stat_reset() starts the counters again).
 The clock is read from the SQL of the view and of the views it reads: a result that follows the date in a
 zone (current_date, (now() AT TIME ZONE 'UTC')::date, date_trunc('day', now())) adds that date to the
-fingerprint; anything finer (now() - interval '6 hours') cannot be fingerprinted.
+fingerprint; anything finer (now() - interval '6 hours') cannot be fingerprinted. That SQL (pg_get_viewdef)
+is read only where the query tree calls a clock function or current_date: it locks the sources, so it
+waits for them at most 50 ms and otherwise gives no fingerprint; every other look-up takes no lock.
 
 Where the catalog cannot tell (a foreign table, a sequence, a volatile function, a function that is not a
 built-in and may read tables, track_counts off, counters we cannot read), there is no fingerprint, only
@@ -29,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import errors
 from sqlglot import exp, parse_one
 from sqlglot.dialects.postgres import Postgres
 from sqlglot.errors import SqlglotError
@@ -38,14 +42,10 @@ from sqlglot.tokens import TokenType
 _FIRST_USER_OID = 16384
 # Built-in functions whose value is the transaction's start time: read through the SQL text (below).
 _TRANSACTION_CLOCK = frozenset({"now", "transaction_timestamp", "statement_timestamp"})
-# Words in a definition that may be a clock; without any, the SQL need not be parsed.
-_CLOCK_WORDS = (
-    "now(", "current_date", "current_time", "localtime", "transaction_timestamp", "statement_timestamp",
-    "clock_timestamp", "timeofday", "age(",
-)
+# Words that may read the clock (or, for mxid_age, the transaction counter); without any, no SQL is parsed.
 _CLOCK_NAMES = frozenset(
     {"now", "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp",
-     "transaction_timestamp", "statement_timestamp", "clock_timestamp", "timeofday", "age"}
+     "transaction_timestamp", "statement_timestamp", "clock_timestamp", "timeofday", "age", "mxid_age"}
 )
 # date_trunc units no finer than a day: the result changes at most once a day.
 _DAY_UNITS = frozenset({"DAY", "WEEK", "MONTH", "QUARTER", "YEAR", "DECADE", "CENTURY", "MILLENNIUM"})
@@ -74,7 +74,7 @@ WITH RECURSIVE walk (oid, followed) AS (
         FROM pg_rewrite AS rule
         CROSS JOIN LATERAL regexp_matches(rule.ev_action::text, ':relid (\d+)', 'g') AS read (relid)
         JOIN pg_class AS c ON c.oid = read.relid[1]::oid
-        WHERE walk.followed AND rule.ev_class = walk.oid AND c.oid <> rule.ev_class
+        WHERE walk.followed AND rule.ev_class = walk.oid AND rule.ev_type = '1' AND c.oid <> rule.ev_class
         UNION ALL
         SELECT inh.inhrelid, false FROM pg_inherits AS inh WHERE inh.inhparent = walk.oid
     ) AS next
@@ -82,7 +82,7 @@ WITH RECURSIVE walk (oid, followed) AS (
 called AS (
     SELECT CASE WHEN call.field[1] = 'opno' THEN op.oprcode::oid ELSE call.field[2]::oid END AS oid
     FROM walk
-    JOIN pg_rewrite AS rule ON rule.ev_class = walk.oid AND walk.followed
+    JOIN pg_rewrite AS rule ON rule.ev_class = walk.oid AND rule.ev_type = '1' AND walk.followed
     CROSS JOIN LATERAL regexp_matches(
         rule.ev_action::text, ':(funcid|opfuncid|opno|aggfnoid|winfnoid) (\d+)', 'g') AS call (field)
     LEFT JOIN pg_operator AS op ON call.field[1] = 'opno' AND op.oid = call.field[2]::oid
@@ -99,9 +99,10 @@ SELECT
     (SELECT coalesce(json_agg(json_build_array(p.oid::bigint, p.oid::regprocedure::text, p.proname, p.provolatile)
             ORDER BY p.oid), '[]')
      FROM (SELECT DISTINCT oid FROM called) AS f JOIN pg_proc AS p ON p.oid = f.oid),
-    (SELECT coalesce(json_agg(json_build_array(
-            w.oid::regclass::text, w.oid = %(view)s::regclass, pg_get_viewdef(w.oid)) ORDER BY w.oid), '[]')
-     FROM (SELECT DISTINCT oid FROM walk WHERE followed) AS w)
+    (SELECT coalesce(json_agg(json_build_array(w.oid::bigint, w.oid::regclass::text, w.oid = %(view)s::regclass,
+            md5(rule.ev_action::text), rule.ev_action::text LIKE '%%{SQLVALUEFUNCTION %%') ORDER BY w.oid), '[]')
+     FROM (SELECT DISTINCT oid FROM walk WHERE followed) AS w JOIN pg_rewrite AS rule ON rule.ev_class = w.oid AND rule.ev_type = '1'),
+    current_setting('TimeZone')
 """
 
 # Relation kinds whose changes the counters and file node show.
@@ -114,7 +115,7 @@ def _is_clock(node: exp.Expression) -> bool:
         return True
     name = node.name.lower() if isinstance(node, exp.Anonymous) else ""
     return name in _TRANSACTION_CLOCK or name in {"clock_timestamp", "timeofday"} or (
-        name == "age" and len(node.expressions) == 1  # age(x) is measured from today's midnight
+        name in {"age", "mxid_age"} and len(node.expressions) == 1  # from today's midnight, or the next xid
     )
 
 
@@ -162,7 +163,7 @@ def _clock_zones(definition: str) -> tuple[frozenset[str], str]:
     Each word that may read the clock is judged within the smallest expression around it that reduces it
     to a date (pg_get_viewdef's text does not always parse whole: a parenthesized join of unnest() does not).
     """
-    if not any(word in definition.lower() for word in _CLOCK_WORDS):
+    if not any(name in definition.lower() for name in _CLOCK_NAMES):
         return frozenset(), ""
     try:
         tokens = Postgres().tokenize(definition)
@@ -245,7 +246,7 @@ def source_fingerprint(conn: psycopg.Connection, view: str) -> Fingerprint:
     """The fingerprint of `view` (a regclass text, e.g. `product.cohort_stats`) as the current transaction
     sees it, or why there is none. Call it inside the refresh's transaction, after its TimeZone is set."""
     conn.execute("SELECT pg_stat_clear_snapshot()")  # counters as of now, not of this transaction's first read
-    counting, epoch, relations, functions, definitions = conn.execute(_CATALOG, {"view": view}).fetchone()
+    counting, epoch, relations, functions, rules, timezone = conn.execute(_CATALOG, {"view": view}).fetchone()
     if not counting:
         return Fingerprint(None, "track_counts is off, so PostgreSQL does not count writes to its sources")
     for oid, name, kind, _node, inserted, _updated, _deleted in relations:
@@ -255,21 +256,26 @@ def source_fingerprint(conn: psycopg.Connection, view: str) -> Fingerprint:
             return Fingerprint(None, f"it depends on {name}, of relation kind {kind!r}, whose changes we cannot tell")
         if kind in _COUNTED_KINDS and inserted is None:
             return Fingerprint(None, f"the write counters of {name} are not visible to this role")
-    clock_called = False
+    clock_called = reads_clock = False
     for oid, signature, proname, volatility in functions:
         if volatility == "v":
             return Fingerprint(None, f"it calls the volatile function {signature}, whose result may change any time")
         if oid >= _FIRST_USER_OID and volatility != "i":
             return Fingerprint(None, f"it calls the function {signature}, which may read tables the catalog does not show")
         clock_called |= proname in _TRANSACTION_CLOCK
+        reads_clock |= proname in _CLOCK_NAMES and volatility != "i"
     zones: set[str] = set()
-    for name, is_view, definition in definitions:
-        found, reason = _clock_zones(definition)
-        if reason:
-            return Fingerprint(None, reason if is_view else f"{reason} in the view {name} it reads")
-        zones |= found
-    if clock_called and not zones:
-        return Fingerprint(None, "it calls now() in a way its SQL does not show")
+    if reads_clock or any(reads_sql_clock for *_, reads_sql_clock in rules):
+        definitions = _definitions(conn, [oid for oid, *_ in rules])
+        if definitions is None:
+            return Fingerprint(None, "its SQL reads the clock, and its definition could not be read while a source is locked")
+        for (_oid, name, is_view, *_), definition in zip(rules, definitions):
+            found, reason = _clock_zones(definition)
+            if reason:
+                return Fingerprint(None, reason if is_view else f"{reason} in the view {name} it reads")
+            zones |= found
+        if clock_called and not zones:
+            return Fingerprint(None, "it calls now() in a way its SQL does not show")
     days = []
     if zones:
         days = conn.execute(
@@ -277,8 +283,25 @@ def source_fingerprint(conn: psycopg.Connection, view: str) -> Fingerprint:
             " coalesce(nullif(zone, ''), current_setting('TimeZone')))::date FROM unnest(%s::text[]) AS zone ORDER BY 1",
             [sorted(zones)],
         ).fetchall()
-    timezone = conn.execute("SELECT current_setting('TimeZone')").fetchone()[0]
     # Names are left out: they depend on the search_path, the oids do not.
     counted = [(oid, kind, node, counters) for oid, _name, kind, node, *counters in relations]
-    digest = hashlib.md5(repr((timezone, epoch, counted, definitions)).encode()).hexdigest()
+    trees = [tree for *_, tree, _reads_sql_clock in rules]
+    digest = hashlib.md5(repr((timezone, epoch, counted, trees)).encode()).hexdigest()
     return Fingerprint(":".join([digest, *(day for (day,) in days)]))
+
+
+def _definitions(conn: psycopg.Connection, views: list[int]) -> list[str] | None:
+    """pg_get_viewdef of each view, or None when a relation they read is locked: deparsing locks them all,
+    and a skip must not wait where the catalog alone answers (the refresh then waits as it always did)."""
+    try:
+        with conn.transaction():
+            previous = conn.execute(
+                "SELECT current_setting('lock_timeout'), set_config('lock_timeout', '50ms', true)"
+            ).fetchone()[0]
+            definitions = [row[0] for row in conn.execute(
+                "SELECT pg_get_viewdef(view) FROM unnest(%s::oid[]) WITH ORDINALITY AS v (view, n) ORDER BY n", [views]
+            )]
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", [previous])
+    except errors.LockNotAvailable:
+        return None
+    return definitions

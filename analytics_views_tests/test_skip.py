@@ -269,3 +269,13 @@ def test_our_views_skip_without_writes_and_each_refreshes_after_a_payment(seeded
         assert {view: outcome.mode for view, outcome in third.items()} == {view: CONCURRENT for view in OUR_VIEWS}
         for view in OUR_VIEWS:
             assert rows_differing_from_query(conn, view, "public") == 0, view
+
+
+def test_a_skip_waits_for_no_lock_on_the_sources(product):
+    url, conn = product
+    before = refresh(conn, "refund_totals")
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE product.refunds IN ACCESS EXCLUSIVE MODE")
+        # Waiting for that lock would end in a lock_timeout error, not a skip.
+        assert refresh(conn, "refund_totals", before, settings=RefreshSettings(lock_timeout_s=0.1)).mode == SKIPPED
+        locker.rollback()
