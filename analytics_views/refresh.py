@@ -193,7 +193,7 @@ def refresh_view(
                     "(unique, no WHERE clause, plain columns; see its file in sql/views/) and refresh again",
                     transient=False,
                 )
-            sources = source_fingerprint(conn, relation.as_string(conn))
+            sources = source_fingerprint(conn, relation.as_string(conn), skip_if_unchanged_since)
             fingerprint = sources.value
             if state.populated and fingerprint is not None and fingerprint == skip_if_unchanged_since:
                 return RefreshOutcome(view=view, mode=SKIPPED, duration_s=0.0, sources_fingerprint=fingerprint)

@@ -18,7 +18,7 @@ is read only where the query tree calls a clock function or current_date: it loc
 waits for them at most 50 ms and otherwise gives no fingerprint; every other look-up takes no lock.
 
 Where the catalog cannot tell (a foreign table, a sequence, a volatile function, a function that is not a
-built-in and may read tables, track_counts off, counters we cannot read), there is no fingerprint, only
+built-in and may read tables, track_counts off), there is no fingerprint, only
 the reason: such a view is refreshed every time.
 
 Counters are PostgreSQL's cumulative statistics, which a writing session reports when it goes idle
@@ -28,6 +28,7 @@ may be seen only by the next refresh. pg_stat_reset_single_table_counters() on a
 
 import functools
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,6 +51,7 @@ _CLOCK_NAMES = frozenset(
 # date_trunc units no finer than a day: the result changes at most once a day.
 _DAY_UNITS = frozenset({"DAY", "WEEK", "MONTH", "QUARTER", "YEAR", "DECADE", "CENTURY", "MILLENNIUM"})
 SESSION_ZONE = ""  # the refresh's TimeZone setting
+_SESSION_ZONE_NAME = "TimeZone"  # how the fingerprint names it: the day in the refresh's zone
 
 
 @dataclass(frozen=True)
@@ -58,51 +60,46 @@ class Fingerprint:
     reason: str = ""  # why there is no value
 
 
-# Every relation the view's result may depend on, every function its rules call (operators through their
-# function), and the definitions of the views followed. Both are read from the rules' stored query trees:
-# pg_depend records no dependency on PostgreSQL's own (pinned) objects, such as random() or pg_class. The
-# root's own oid is left out: build-and-swap gives the view a new one. Inheritance children are taken from
-# every relation reached, partitions included.
-_CATALOG = r"""
-WITH RECURSIVE walk (oid, followed) AS (
-    SELECT %(view)s::regclass::oid, true
+# The query trees of the view's SELECT rule and of the ordinary views it reads, level by level. The trees,
+# not pg_depend, say what a query reads and calls: pg_depend records nothing on PostgreSQL's own (pinned)
+# objects, such as random() or pg_class. Read in Python: PostgreSQL's regexp takes milliseconds per tree.
+_ROOT_TREE = """
+SELECT pg_stat_clear_snapshot(), rule.ev_class::bigint, rule.ev_class::regclass::text, rule.ev_action::text
+FROM pg_rewrite AS rule WHERE rule.ev_class = %s::regclass AND rule.ev_type = '1'
+"""
+_RELATION_READ = re.compile(r":relid (\d+)")
+_FUNCTION_CALLED = re.compile(r":(funcid|opfuncid|opno|aggfnoid|winfnoid) (\d+)")
+
+# Every relation read with its inheritance children and partitions at every level, their kinds, file nodes
+# and counters (pg_stat_all_tables, unfiltered, costs milliseconds; its counters are visible to any role);
+# every function called (operators through their function); the settings that matter.
+_CATALOG = """
+WITH RECURSIVE relation (oid) AS (
+    SELECT unnest(%(relations)s::oid[])
     UNION
-    SELECT next.oid, next.followed
-    FROM walk
-    CROSS JOIN LATERAL (
-        SELECT c.oid, c.relkind = 'v' AS followed
-        FROM pg_rewrite AS rule
-        CROSS JOIN LATERAL regexp_matches(rule.ev_action::text, ':relid (\d+)', 'g') AS read (relid)
-        JOIN pg_class AS c ON c.oid = read.relid[1]::oid
-        WHERE walk.followed AND rule.ev_class = walk.oid AND rule.ev_type = '1' AND c.oid <> rule.ev_class
-        UNION ALL
-        SELECT inh.inhrelid, false FROM pg_inherits AS inh WHERE inh.inhparent = walk.oid
-    ) AS next
-),
-called AS (
-    SELECT CASE WHEN call.field[1] = 'opno' THEN op.oprcode::oid ELSE call.field[2]::oid END AS oid
-    FROM walk
-    JOIN pg_rewrite AS rule ON rule.ev_class = walk.oid AND rule.ev_type = '1' AND walk.followed
-    CROSS JOIN LATERAL regexp_matches(
-        rule.ev_action::text, ':(funcid|opfuncid|opno|aggfnoid|winfnoid) (\d+)', 'g') AS call (field)
-    LEFT JOIN pg_operator AS op ON call.field[1] = 'opno' AND op.oid = call.field[2]::oid
+    SELECT inh.inhrelid FROM relation JOIN pg_inherits AS inh ON inh.inhparent = relation.oid
 )
 SELECT
     current_setting('track_counts')::boolean,
     concat_ws(':', pg_postmaster_start_time(), pg_stat_get_db_stat_reset_time(
         (SELECT oid FROM pg_database WHERE datname = current_database()))),
-    (SELECT coalesce(json_agg(json_build_array(c.oid::bigint, c.oid::regclass::text, c.relkind,
-            c.relfilenode::bigint, s.n_tup_ins, s.n_tup_upd, s.n_tup_del) ORDER BY c.oid), '[]')
-     FROM (SELECT DISTINCT oid FROM walk) AS w JOIN pg_class AS c ON c.oid = w.oid
-     LEFT JOIN pg_stat_all_tables AS s ON s.relid = c.oid
-     WHERE c.oid <> %(view)s::regclass),
+    (SELECT coalesce(json_agg(json_build_array(c.oid::bigint, c.oid::regclass::text, c.relkind, c.relfilenode::bigint,
+            pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid))
+            ORDER BY c.oid), '[]')
+     FROM relation JOIN pg_class AS c ON c.oid = relation.oid),
     (SELECT coalesce(json_agg(json_build_array(p.oid::bigint, p.oid::regprocedure::text, p.proname, p.provolatile)
             ORDER BY p.oid), '[]')
-     FROM (SELECT DISTINCT oid FROM called) AS f JOIN pg_proc AS p ON p.oid = f.oid),
-    (SELECT coalesce(json_agg(json_build_array(w.oid::bigint, w.oid::regclass::text, w.oid = %(view)s::regclass,
-            md5(rule.ev_action::text), rule.ev_action::text LIKE '%%{SQLVALUEFUNCTION %%') ORDER BY w.oid), '[]')
-     FROM (SELECT DISTINCT oid FROM walk WHERE followed) AS w JOIN pg_rewrite AS rule ON rule.ev_class = w.oid AND rule.ev_type = '1'),
-    current_setting('TimeZone')
+     FROM pg_proc AS p
+     WHERE p.oid = ANY(%(functions)s::oid[])
+        OR p.oid IN (SELECT oprcode::oid FROM pg_operator WHERE oid = ANY(%(operators)s::oid[]))),
+    current_setting('TimeZone'),
+    (SELECT coalesce(json_agg(json_build_array(rule.ev_class::bigint, rule.ev_class::regclass::text, rule.ev_action::text)
+            ORDER BY rule.ev_class), '[]')
+     FROM relation JOIN pg_class AS c ON c.oid = relation.oid AND c.relkind = 'v'
+     JOIN pg_rewrite AS rule ON rule.ev_class = c.oid AND rule.ev_type = '1'),
+    (SELECT coalesce(json_agg(json_build_array(
+            zone, (now() AT TIME ZONE coalesce(nullif(zone, ''), current_setting('TimeZone')))::date::text) ORDER BY zone), '[]')
+     FROM unnest(%(zones)s::text[]) AS zone)
 """
 
 # Relation kinds whose changes the counters and file node show.
@@ -242,20 +239,37 @@ def _outermost(clock: exp.Expression) -> exp.Expression:
     return node.unnest() if isinstance(node, exp.Paren) else node
 
 
-def source_fingerprint(conn: psycopg.Connection, view: str) -> Fingerprint:
+def source_fingerprint(conn: psycopg.Connection, view: str, previous: str | None = None) -> Fingerprint:
     """The fingerprint of `view` (a regclass text, e.g. `product.cohort_stats`) as the current transaction
-    sees it, or why there is none. Call it inside the refresh's transaction, after its TimeZone is set."""
-    conn.execute("SELECT pg_stat_clear_snapshot()")  # counters as of now, not of this transaction's first read
-    counting, epoch, relations, functions, rules, timezone = conn.execute(_CATALOG, {"view": view}).fetchone()
+    sees it, or why there is none. Call it inside the refresh's transaction, after its TimeZone is set.
+
+    `previous`, the fingerprint of the last refresh, saves reading the clock from the SQL again: when the
+    query trees are the same, so are the zones whose day the result follows (it names them).
+    """
+    # Counters as of now, not of this transaction's first read of them (pg_stat_clear_snapshot).
+    _, root, name, tree = conn.execute(_ROOT_TREE, [view]).fetchone()
+    rules, read, called, operators, unread = [], set(), set(), set(), [(root, name, tree)]
+    while unread:  # the ordinary views read, level by level
+        for oid, name, tree in unread:
+            rules.append((oid, name, oid == root, tree, "{SQLVALUEFUNCTION " in tree))
+            read |= {int(relid) for relid in _RELATION_READ.findall(tree)} - {oid, root}  # build-and-swap renews root
+            for field, number in _FUNCTION_CALLED.findall(tree):
+                (operators if field == "opno" else called).add(int(number))
+        trees = hashlib.md5(repr([tree for _, _, _, tree, _ in rules]).encode()).hexdigest()
+        zones = _previous_zones(previous, trees)
+        counting, epoch, relations, functions, timezone, views, days = conn.execute(
+            _CATALOG,
+            {"relations": sorted(read), "functions": sorted(called), "operators": sorted(operators), "zones": sorted(zones or ())},
+        ).fetchone()
+        followed = {oid for oid, *_ in rules}
+        unread = [(oid, name, tree) for oid, name, tree in views if oid not in followed]
     if not counting:
         return Fingerprint(None, "track_counts is off, so PostgreSQL does not count writes to its sources")
-    for oid, name, kind, _node, inserted, _updated, _deleted in relations:
+    for _oid, name, kind, *_ in relations:
         if kind in _UNCOUNTED_KINDS:
             return Fingerprint(None, f"it reads the {_UNCOUNTED_KINDS[kind]} {name}, whose changes PostgreSQL does not count")
         if kind not in _COUNTED_KINDS and kind != "v":
             return Fingerprint(None, f"it depends on {name}, of relation kind {kind!r}, whose changes we cannot tell")
-        if kind in _COUNTED_KINDS and inserted is None:
-            return Fingerprint(None, f"the write counters of {name} are not visible to this role")
     clock_called = reads_clock = False
     for oid, signature, proname, volatility in functions:
         if volatility == "v":
@@ -264,11 +278,11 @@ def source_fingerprint(conn: psycopg.Connection, view: str) -> Fingerprint:
             return Fingerprint(None, f"it calls the function {signature}, which may read tables the catalog does not show")
         clock_called |= proname in _TRANSACTION_CLOCK
         reads_clock |= proname in _CLOCK_NAMES and volatility != "i"
-    zones: set[str] = set()
-    if reads_clock or any(reads_sql_clock for *_, reads_sql_clock in rules):
+    if zones is None and (reads_clock or any(reads_sql_clock for *_, reads_sql_clock in rules)):
         definitions = _definitions(conn, [oid for oid, *_ in rules])
         if definitions is None:
             return Fingerprint(None, "its SQL reads the clock, and its definition could not be read while a source is locked")
+        zones = set()
         for (_oid, name, is_view, *_), definition in zip(rules, definitions):
             found, reason = _clock_zones(definition)
             if reason:
@@ -276,18 +290,26 @@ def source_fingerprint(conn: psycopg.Connection, view: str) -> Fingerprint:
             zones |= found
         if clock_called and not zones:
             return Fingerprint(None, "it calls now() in a way its SQL does not show")
-    days = []
-    if zones:
-        days = conn.execute(
-            "SELECT coalesce(nullif(zone, ''), current_setting('TimeZone')) || '=' || (now() AT TIME ZONE"
-            " coalesce(nullif(zone, ''), current_setting('TimeZone')))::date FROM unnest(%s::text[]) AS zone ORDER BY 1",
-            [sorted(zones)],
-        ).fetchall()
+        if zones:
+            days = conn.execute(
+                "SELECT zone, (now() AT TIME ZONE coalesce(nullif(zone, ''), current_setting('TimeZone')))::date::text"
+                " FROM unnest(%s::text[]) AS zone ORDER BY 1",
+                [sorted(zones)],
+            ).fetchall()
     # Names are left out: they depend on the search_path, the oids do not.
     counted = [(oid, kind, node, counters) for oid, _name, kind, node, *counters in relations]
-    trees = [tree for *_, tree, _reads_sql_clock in rules]
     digest = hashlib.md5(repr((timezone, epoch, counted, trees)).encode()).hexdigest()
-    return Fingerprint(":".join([digest, *(day for (day,) in days)]))
+    return Fingerprint(" ".join([digest, trees, *(f"{zone or _SESSION_ZONE_NAME}={day}" for zone, day in days)]))
+
+
+def _previous_zones(previous: str | None, trees: str) -> set[str] | None:
+    """The zones named in the previous fingerprint when it was taken of the same query trees, else None."""
+    digest, previous_trees, *days = (previous or "").split(" ") + ["", ""]
+    days = [day for day in days if day]
+    if not digest or previous_trees != trees or not all("=" in day for day in days):
+        return None
+    zones = {day.rpartition("=")[0] for day in days}
+    return {"" if zone == _SESSION_ZONE_NAME else zone for zone in zones}
 
 
 def _definitions(conn: psycopg.Connection, views: list[int]) -> list[str] | None:
