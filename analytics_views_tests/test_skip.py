@@ -281,3 +281,25 @@ def test_a_skip_waits_for_no_lock_on_the_sources(product):
         # Waiting for that lock would end in a lock_timeout error, not a skip.
         assert refresh(conn, "refund_totals", before, settings=RefreshSettings(lock_timeout_s=0.1)).mode == SKIPPED
         locker.rollback()
+
+
+def test_a_clock_read_in_a_plain_view_below_is_never_skipped_and_named(product):
+    _, conn = product
+    conn.execute("CREATE VIEW product.last_hour AS SELECT kind, received_at FROM product.events WHERE received_at > now() - interval '1 hour'")
+    create_view(conn, "last_hour_kinds", "SELECT kind, count(*) AS events FROM product.last_hour GROUP BY kind", "kind")
+    first = refresh(conn, "last_hour_kinds")
+    second = refresh(conn, "last_hour_kinds", first)
+    assert (first.sources_fingerprint, second.mode) == (None, CONCURRENT)
+    assert second.note == (
+        "never skipped: its result follows the clock (CURRENT_TIMESTAMP - CAST('01:00:00' AS INTERVAL)), finer than a day"
+        " in the view product.last_hour it reads"
+    )
+
+
+def test_a_view_reading_a_sequence_is_never_skipped(product):
+    _, conn = product
+    conn.execute("CREATE SEQUENCE product.ticket")
+    create_view(conn, "ticket_state", "SELECT 1 AS k, last_value FROM product.ticket", "k")
+    second = refresh(conn, "ticket_state", refresh(conn, "ticket_state"))
+    assert second.mode == CONCURRENT
+    assert second.note == "never skipped: it reads the sequence product.ticket, whose changes PostgreSQL does not count"
