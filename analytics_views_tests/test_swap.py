@@ -62,7 +62,7 @@ def test_swap_refresh_replaces_contents_and_keeps_indexes_comments_owner_and_gra
 
         outcome = refresh_view(conn, "slow_numbers", strategy="swap")
 
-        assert outcome.mode == SWAP
+        assert (outcome.mode, outcome.note) == (SWAP, "")
         assert numbers(conn) == [(2, 20), (3, 30), (4, 40)]
         assert catalog_facts(conn) == before
         assert view_state(conn, "slow_numbers").unique_index == "slow_numbers_key"
@@ -121,7 +121,7 @@ def test_readers_get_the_old_rows_at_once_while_the_swap_builds(seeded_db):
             # Wait until the build is under way (its query sleeps), then read with a short lock_timeout:
             # a reader blocked by the refresh would fail with LockNotAvailable instead of waiting.
             while not reader.execute(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE 'CREATE MATERIALIZED VIEW%%__swap%%'"
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE 'REFRESH MATERIALIZED VIEW%%__swap%%'"
                 " AND state = 'active')"
             ).fetchone()[0]:
                 assert refresher.is_alive()
