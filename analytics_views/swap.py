@@ -320,8 +320,14 @@ def _in_tablespace(run: _Deadline, tablespace: str) -> None:
     run.execute("SELECT set_config('default_tablespace', %s, true)", [tablespace])
 
 
-def _build(run: _Deadline, shape: _ViewShape) -> None:
-    """The new view beside the old one, filled by REFRESH (as its owner), with everything `_shape` reads."""
+def _set_search_path(conn: psycopg.Connection, search_path: str) -> None:
+    conn.execute("SELECT set_config('search_path', %s, true)", [search_path])
+
+
+def _build(run: _Deadline, shape: _ViewShape, search_path: str) -> None:
+    """The new view beside the old one, filled by REFRESH (as its owner), with everything `_shape` reads.
+
+    Runs under _QUALIFYING_SEARCH_PATH, in which `shape` was read; `search_path` is the caller's."""
     temp = _temp_name(shape.name)
     new = sql.Identifier(shape.schema, temp)
     _in_tablespace(run, shape.tablespace)
@@ -373,9 +379,12 @@ def _build(run: _Deadline, shape: _ViewShape) -> None:
             run.execute(
                 sql.SQL("ALTER MATERIALIZED VIEW {} CLUSTER ON {}").format(new, sql.Identifier(_temp_name(index.name)))
             )
-    # The owner's rights, its row security and (PostgreSQL 17+) the restricted search_path; the rows frozen.
+    # The owner's rights and row security, the caller's search_path (PostgreSQL 17+ replaces it with
+    # pg_catalog, pg_temp), the rows frozen: as a plain REFRESH of the old view would.
+    _set_search_path(run.conn, search_path)
     run.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(new))
     run.execute(sql.SQL("ANALYZE {}").format(new))  # readers' plans get statistics from the first query on
+    _set_search_path(run.conn, _QUALIFYING_SEARCH_PATH)
     if shape.comment is not None:
         run.execute(sql.SQL("COMMENT ON MATERIALIZED VIEW {} IS {}").format(new, sql.Literal(shape.comment)))
     for column in shape.columns:
@@ -502,11 +511,12 @@ def choose(conn: psycopg.Connection, view: str, strategy: str) -> tuple[str, str
 
 def _build_and_swap(run: _Deadline, oid: int, lock_wait_s: float) -> str:
     conn = run.conn
-    search_path = _one(conn, "SELECT current_setting('search_path')")[0]
-    conn.execute("SELECT set_config('search_path', %s, true)", [_QUALIFYING_SEARCH_PATH])
-    default_tablespace = _one(conn, "SELECT current_setting('default_tablespace')")[0]
+    search_path, default_tablespace = _one(
+        conn, "SELECT current_setting('search_path'), current_setting('default_tablespace')"
+    )
+    _set_search_path(conn, _QUALIFYING_SEARCH_PATH)
     shape = _shape(run, oid)
-    _build(run, shape)
+    _build(run, shape, search_path)
     differences = _differences(shape, _shape(run, _one(conn, "SELECT %s::regclass::oid", [
         sql.Identifier(shape.schema, _temp_name(shape.name)).as_string(conn)])[0]))
     if differences:
