@@ -109,6 +109,10 @@ def _one(conn: psycopg.Connection, query, params: dict | list | None = None) -> 
     return conn.execute(query, params).fetchone()
 
 
+def _oid(conn: psycopg.Connection, relation: str) -> int:
+    return _one(conn, "SELECT %s::regclass::oid", [relation])[0]
+
+
 class _Deadline:
     """The refresh's statement_timeout as a deadline for the whole transaction: each statement gets what is left.
 
@@ -166,7 +170,8 @@ _BLOCKERS = {
     "security labels": """
         SELECT EXISTS (SELECT FROM pg_seclabel AS l JOIN pg_class AS c ON c.oid = %(oid)s
                        WHERE (l.classoid = 'pg_class'::regclass
-                              AND l.objoid IN (SELECT c.oid UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = c.oid))
+                              AND l.objoid IN (SELECT c.oid UNION ALL
+                                               SELECT indexrelid FROM pg_index WHERE indrelid = c.oid))
                           OR (l.classoid = 'pg_type'::regclass AND l.objoid = c.reltype))
         """,
     "privileges granted by a role other than its owner": """
@@ -176,13 +181,16 @@ _BLOCKERS = {
     "an extension it belongs to or depends on": """
         SELECT EXISTS (SELECT FROM pg_depend
                        WHERE classid = 'pg_class'::regclass AND deptype IN ('e', 'x')
-                         AND objid IN (SELECT %(oid)s UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = %(oid)s))
+                         AND objid IN (SELECT %(oid)s UNION ALL
+                                       SELECT indexrelid FROM pg_index WHERE indrelid = %(oid)s))
         """,
     "an event trigger that would see the swap's commands": """
         SELECT EXISTS (SELECT FROM pg_event_trigger
                        WHERE evtenabled <> 'D' AND (evttags IS NULL OR evttags && %(tags)s::text[]))
         """,
-    "an invalid index": "SELECT EXISTS (SELECT FROM pg_index WHERE indrelid = %(oid)s AND NOT (indisvalid AND indisready))",
+    "an invalid index": """
+        SELECT EXISTS (SELECT FROM pg_index WHERE indrelid = %(oid)s AND NOT (indisvalid AND indisready))
+        """,
     "a comment on its rewrite rule": """
         SELECT EXISTS (SELECT FROM pg_description AS d JOIN pg_rewrite AS r ON r.oid = d.objoid
                        WHERE d.classoid = 'pg_rewrite'::regclass AND r.ev_class = %(oid)s)
@@ -194,7 +202,9 @@ _BLOCKERS = {
                               OR EXISTS (SELECT FROM pg_description AS d
                                          WHERE d.classoid = 'pg_type'::regclass AND d.objoid IN (t.oid, t.typarray))))
         """,
-    "a replica identity using an index": "SELECT EXISTS (SELECT FROM pg_class WHERE oid = %(oid)s AND relreplident = 'i')",
+    "a replica identity using an index": """
+        SELECT EXISTS (SELECT FROM pg_class WHERE oid = %(oid)s AND relreplident = 'i')
+        """,
     "a tablespace the refreshing role may not create in": """
         SELECT EXISTS (SELECT FROM pg_class AS c JOIN pg_tablespace AS s ON s.oid = c.reltablespace
                        WHERE (c.oid = %(oid)s OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = %(oid)s))
@@ -205,8 +215,8 @@ _BLOCKERS = {
         """,
     "an owner the refreshing role cannot SET ROLE to, to give it the rebuilt view": """
         SELECT c.relowner <> r.oid AND NOT r.rolsuper
-               AND NOT pg_has_role(current_user, c.relowner,
-                                   CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'SET' ELSE 'MEMBER' END)
+               AND NOT pg_has_role(current_user, c.relowner, CASE WHEN current_setting('server_version_num')::int
+                                                                  >= 160000 THEN 'SET' ELSE 'MEMBER' END)
         FROM pg_class AS c, pg_roles AS r WHERE c.oid = %(oid)s AND r.rolname = current_user
         """,
     "a schema the refreshing role may not create in (grant it CREATE on the schema, or keep CONCURRENTLY)": """
@@ -221,7 +231,8 @@ _BLOCKERS = {
                        WHERE c.oid = %(oid)s AND other.relnamespace = c.relnamespace
                          AND other.relname = ANY (%(names)s::text[]))
             OR EXISTS (SELECT FROM pg_class AS c, pg_type AS other
-                       WHERE c.oid = %(oid)s AND other.typnamespace = c.relnamespace AND other.typname = (%(names)s::text[])[1])
+                       WHERE c.oid = %(oid)s AND other.typnamespace = c.relnamespace
+                         AND other.typname = (%(names)s::text[])[1])
         """,
 }
 
@@ -251,7 +262,8 @@ def _shape(run: _Deadline, oid: int) -> _ViewShape:
         """
         SELECT n.nspname, c.relname, c.relowner::regrole::text, pg_get_viewdef(c.oid), am.amname,
                coalesce(s.spcname, ''), c.relreplident, obj_description(c.oid, 'pg_class'),
-               (SELECT array_agg(a::text ORDER BY a::text) FROM unnest(coalesce(c.relacl, acldefault('r', c.relowner))) AS a),
+               (SELECT array_agg(a::text ORDER BY a::text)
+                FROM unnest(coalesce(c.relacl, acldefault('r', c.relowner))) AS a),
                coalesce(c.reloptions, '{}')
                || coalesce((SELECT array_agg('toast.' || o ORDER BY o) FROM pg_class AS t, unnest(t.reloptions) AS o
                             WHERE t.oid = c.reltoastrelid), '{}')
@@ -302,17 +314,23 @@ def _shape(run: _Deadline, oid: int) -> _ViewShape:
 
 def _index(run: _Deadline, schema: str, view: str, name: str, unique: bool, definition: str, *rest) -> _Index:
     """An index of the view, its definition cut after `USING ` so that it can be re-targeted at another view."""
-    quoted_index, quoted_view = run.one("SELECT format('%%I', %s::text), format('%%I.%%I', %s::text, %s::text)", [name, schema, view])
+    quoted_index, quoted_view = run.one(
+        "SELECT format('%%I', %s::text), format('%%I.%%I', %s::text, %s::text)", [name, schema, view]
+    )
     prefix = f"CREATE {'UNIQUE ' if unique else ''}INDEX {quoted_index} ON {quoted_view} USING "
     if not definition.startswith(prefix):
         raise SwapNotPossible(f"index {name} has a definition we cannot re-target ({definition})")
     comment, tablespace, clustered, statistics = rest
-    return _Index(name, unique, definition[len(prefix) :], comment, tablespace, clustered, tuple(map(tuple, statistics)))
+    statistics = tuple(map(tuple, statistics))
+    return _Index(name, unique, definition[len(prefix) :], comment, tablespace, clustered, statistics)
 
 
 def _options(options: tuple[str, ...]) -> sql.Composable:
     pairs = [option.split("=", 1) for option in options]
-    return sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.SQL(".").join(map(sql.Identifier, k.split("."))), sql.Literal(v)) for k, v in pairs)
+    return sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.SQL(".").join(map(sql.Identifier, key.split("."))), sql.Literal(value))
+        for key, value in pairs
+    )
 
 
 def _in_tablespace(run: _Deadline, tablespace: str) -> None:
@@ -399,7 +417,7 @@ def _build(run: _Deadline, shape: _ViewShape, search_path: str) -> None:
 
 def _grant(run: _Deadline, shape: _ViewShape, new: sql.Identifier) -> None:
     """The old view's grants on the new one, and nothing else (default privileges may have added some)."""
-    new_oid = run.one("SELECT %s::regclass::oid", [new.as_string(run.conn)])[0]
+    new_oid = _oid(run.conn, new.as_string(run.conn))
     added = run.execute(
         """
         SELECT DISTINCT CASE WHEN a.grantee = 0 THEN NULL ELSE a.grantee::regrole::text END
@@ -408,9 +426,8 @@ def _grant(run: _Deadline, shape: _ViewShape, new: sql.Identifier) -> None:
         {"oid": new_oid},
     ).fetchall()
     for (grantee,) in added:
-        run.execute(
-            sql.SQL("REVOKE ALL ON {} FROM {}").format(new, sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee))
-        )
+        role = sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee)
+        run.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(new, role))
     grants = run.execute(
         """
         SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE a.grantee::regrole::text END, a.privilege_type, a.is_grantable
@@ -503,23 +520,24 @@ def choose(conn: psycopg.Connection, view: str, strategy: str) -> tuple[str, str
         return CONCURRENT, ""
     if strategy == AUTO and not rows_at_least(conn, view, SWAP_MIN_ROWS):
         return CONCURRENT, ""
-    found = blockers(conn, _one(conn, "SELECT %(view)s::regclass::oid", {"view": view})[0])
+    found = blockers(conn, _oid(conn, view))
     if found:
         return CONCURRENT, f"build-and-swap does not apply: {'; '.join(found)}"
     return SWAP, ""
 
 
-def _build_and_swap(run: _Deadline, oid: int, lock_wait_s: float) -> str:
+def _build_and_swap(run: _Deadline, view: str, lock_wait_s: float) -> str:
+    """Rebuild the view beside itself and swap it in; returns a note. Must run inside a transaction."""
     conn = run.conn
+    oid = _oid(conn, view)  # by the caller's search_path, like the rest of refresh.py
     search_path, default_tablespace = _one(
         conn, "SELECT current_setting('search_path'), current_setting('default_tablespace')"
     )
     _set_search_path(conn, _QUALIFYING_SEARCH_PATH)
     shape = _shape(run, oid)
     _build(run, shape, search_path)
-    differences = _differences(shape, _shape(run, _one(conn, "SELECT %s::regclass::oid", [
-        sql.Identifier(shape.schema, _temp_name(shape.name)).as_string(conn)])[0]))
-    if differences:
+    rebuilt = _shape(run, _oid(conn, sql.Identifier(shape.schema, _temp_name(shape.name)).as_string(conn)))
+    if differences := _differences(shape, rebuilt):
         raise SwapNotPossible(f"the rebuilt view would lose {'; '.join(differences)}")
     attempts = _swap(run, shape, lock_wait_s)
     conn.execute(
@@ -529,25 +547,17 @@ def _build_and_swap(run: _Deadline, oid: int, lock_wait_s: float) -> str:
     return "" if attempts == 1 else f"swapped after {attempts} tries for its lock"
 
 
-def build_and_swap(conn: psycopg.Connection, view: str, *, lock_wait_s: float) -> str:
-    """Rebuild the view beside itself and swap it in; returns a note. Must run inside a transaction."""
-    run = _Deadline(conn)
-    note = _build_and_swap(run, _one(conn, "SELECT %s::regclass::oid", [view])[0], lock_wait_s)
-    run.restore()
-    return note
-
-
 def refresh_populated(conn: psycopg.Connection, view: str, strategy: str, *, lock_wait_s: float) -> tuple[str, str]:
     """Refresh a populated view by build-and-swap or CONCURRENTLY; returns the mode used and a note.
 
-    Both are bounded, with the checks before them, by the statement_timeout in force counted from the
-    transaction's start (see `_Deadline`)."""
+    Either is bounded as a whole by the statement_timeout in force, counted from the transaction's start
+    (see `_Deadline`); a caller that sets none (0) gets no bound."""
     run = _Deadline(conn)
     mode, note = choose(conn, view, strategy)
     if mode == SWAP:
         try:
             with conn.transaction():  # a savepoint: a swap that cannot be faithful leaves nothing behind
-                note = _build_and_swap(run, _one(conn, "SELECT %s::regclass::oid", [view])[0], lock_wait_s)
+                note = _build_and_swap(run, view, lock_wait_s)
             run.restore()
             return SWAP, note
         except SwapNotPossible as reason:

@@ -234,7 +234,7 @@ def test_the_statement_timeout_bounds_the_whole_swap_not_each_statement(seeded_d
             refresh_view(conn, "slow_numbers", RefreshSettings(statement_timeout_s=2), strategy="swap")
         elapsed = time.monotonic() - started
 
-        assert elapsed < 2.6  # its statements take 3 s together
+        assert elapsed < 2.9  # its statements take 3 s together
         assert numbers(conn) == [(1, 10), (2, 20), (3, 30)]
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"  # the session's own, untouched
         outcome = refresh_view(conn, "slow_numbers", RefreshSettings(statement_timeout_s=30), strategy="swap")
