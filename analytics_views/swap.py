@@ -132,11 +132,15 @@ class _Deadline:
     def left_s(self) -> float:
         return float("inf") if self.ends is None else self.ends - time.monotonic()
 
-    def execute(self, query, params: dict | list | None = None) -> psycopg.Cursor:
+    def apply(self) -> None:
+        """Make what is left the timeout of the next statement."""
         if self.ends is not None:
             # At least 1 ms: 0 would mean no timeout; past the deadline the statement is cancelled at once.
             left_ms = max(1, int(self.left_s() * 1000))
             self.conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{left_ms}ms"])
+
+    def execute(self, query, params: dict | list | None = None) -> psycopg.Cursor:
+        self.apply()
         return self.conn.execute(query, params)
 
     def one(self, query, params: dict | list | None = None) -> tuple:
@@ -553,6 +557,7 @@ def refresh_populated(conn: psycopg.Connection, view: str, strategy: str, *, loc
     Either is bounded as a whole by the statement_timeout in force, counted from the transaction's start
     (see `_Deadline`); a caller that sets none (0) gets no bound."""
     run = _Deadline(conn)
+    run.apply()  # choose reads up to SWAP_MIN_ROWS rows of the view
     mode, note = choose(conn, view, strategy)
     if mode == SWAP:
         try:
