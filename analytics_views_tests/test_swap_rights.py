@@ -36,12 +36,15 @@ def owned_view(empty_db):
     with psycopg.connect(empty_db, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(owner)))
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(sql.Identifier(member), sql.Identifier(owner)))
-        admin.execute(sql.SQL(TENANT_VIEW).format(owner=sql.Identifier(owner)))
-    yield empty_db, psycopg.conninfo.make_conninfo(empty_db, user=member)
-    with psycopg.connect(empty_db, autocommit=True) as admin:
-        for name in (member, owner):
-            admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
-            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    try:  # roles outlive the test's database: drop them even when the setup fails
+        with psycopg.connect(empty_db, autocommit=True) as admin:
+            admin.execute(sql.SQL(TENANT_VIEW).format(owner=sql.Identifier(owner)))
+        yield empty_db, psycopg.conninfo.make_conninfo(empty_db, user=member)
+    finally:
+        with psycopg.connect(empty_db, autocommit=True) as admin:
+            for name in (member, owner):
+                admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name)))
+                admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 def ids(conn: psycopg.Connection) -> list[int]:
