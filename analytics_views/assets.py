@@ -167,7 +167,7 @@ def _view_metadata(view: ViewDefinition) -> dict:
 
 
 def view_asset(view: ViewDefinition, cadence: Cadence | None = None) -> dg.AssetsDefinition:
-    """The view's asset; `cadence` (default: the default cadence of the view's) sets its freshness window."""
+    """The view's asset; `cadence` (default: the default cadence the view names) sets its freshness window."""
     cadence = cadence or DEFAULT_CADENCES[view.cadence]
     key = dg.AssetKey(list(view.asset_key_path))
     check_specs = [

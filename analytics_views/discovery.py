@@ -2,10 +2,12 @@
 
 Dagster loads definitions many times (UI, daemon, every run), so they never query the database: they read
 the JSON state this module writes. The state holds, per selected view, its comment, columns (with their
-comments), the relations it reads (from pg_depend through its pg_rewrite rule), its indexes and a
-fingerprint of its definition; and the same facts for every relation those views read. The file is sorted
+comments), the relations it reads (from pg_depend through its pg_rewrite rule), its indexes (and which one
+REFRESH ... CONCURRENTLY can use) and a fingerprint of its definition; and the same facts for every relation
+those views read. Cadences are not in it: views.toml assigns them when definitions load. The file is sorted
 and holds no timestamps and no connection details, so rediscovering an unchanged database rewrites it
-byte for byte.
+byte for byte. A selected view the role could not refresh, or named like one of the project's own, is left
+out, and `not_taken` says why.
 """
 
 import hashlib
@@ -21,7 +23,7 @@ import psycopg
 from analytics_views import database
 from analytics_views.database import Column, connect
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.managed import DEFAULT_CADENCE, ManagedConfig, matches
+from analytics_views.managed import ManagedConfig, matches
 from analytics_views.views import ViewDefinition, load_views, on_cadences
 
 STATE_VERSION = 1
@@ -105,7 +107,7 @@ def _candidates(conn: psycopg.Connection, config: ManagedConfig, current_schema:
         if schema == current_schema and name in own:
             reason = f"named like this project's own view (sql/views/{name}.sql), which manages it"
         elif not may_read:
-            reason = f"the role {conn.info.user!r} may not SELECT it: GRANT USAGE ON SCHEMA and SELECT to it"
+            reason = f"the role {conn.info.user!r} may not SELECT it: grant it USAGE on the schema and SELECT on the view"
         elif not may_refresh:
             reason = (
                 f"only its owner {owner!r} may refresh it: run discover and refresh as {owner!r} or a member of it"
@@ -229,7 +231,6 @@ class Discovered:
     sources: tuple[SourceRelation, ...]
 
 
-# A Dagster name; `__` is kept out because Dagster joins a key's parts with it into op names.
 _DAGSTER_NAME = re.compile(r"[A-Za-z0-9_]+")
 # Names Dagster refuses as op names: Python keywords and its own argument names (dagster's DISALLOWED_NAMES).
 _RESERVED = frozenset(keyword.kwlist) | {
@@ -241,6 +242,7 @@ _RESERVED = frozenset(keyword.kwlist) | {
 def key_part(name: str) -> str:
     """`name` when Dagster accepts it in an asset key, else a valid form of it with a hash of the original:
     deterministic, and two names never share one (`revenue report` -> `revenue_report_<hash>`)."""
+    # Dagster joins a key's parts with `__` into op names: a part holding it could name another key's op.
     if _DAGSTER_NAME.fullmatch(name) and "__" not in name and name not in _RESERVED:
         return name
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
@@ -285,7 +287,7 @@ def discovered_views(config: ManagedConfig) -> Discovered:
                 summary=summary,
                 description=(v["comment"] or summary) + f"\n\nDiscovered in the catalog as {label}.",
                 grain=None,
-                cadence=config.cadence_of(v["schema"], v["name"], DEFAULT_CADENCE),
+                cadence=config.cadence_of(v["schema"], v["name"]),
                 deps=tuple(sorted("/".join(keys[(r["schema"], r["name"])]) for r in v["reads"])),
                 schema=v["schema"],
                 key=keys[(v["schema"], v["name"])],

@@ -30,9 +30,12 @@ def selected_views(
         return [view.label for view in managed]
     cadence = "daily" if daily else "weekly" if weekly else cadence
     if cadence:
-        known = load_config().cadence_names
-        if cadence not in known:
-            raise AnalyticsViewsError(f"unknown cadence {cadence!r}: choose from {', '.join(known)} (views.toml [cadences])")
+        config = load_config()
+        if cadence not in config.cadence_names:
+            raise AnalyticsViewsError(
+                f"unknown cadence {cadence!r}: choose from {', '.join(config.cadence_names)} "
+                f"(or define it under [cadences] in {config.path or 'views.toml'})"
+            )
         return [view.label for view in managed if view.cadence == cadence]
     if not names:
         raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly, --cadence NAME or view names")
@@ -40,7 +43,7 @@ def selected_views(
     for name in names:
         if name not in known:
             raise AnalyticsViewsError(
-                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly)"
+                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly, --cadence NAME)"
             )
     return list(dict.fromkeys(names))
 

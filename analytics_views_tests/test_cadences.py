@@ -113,7 +113,7 @@ def test_a_discovered_view_on_an_every_4_hours_cadence_gets_its_job_schedule_zon
     assert rows > 0 and materialization.metadata["dagster/row_count"].value == rows
 
 
-def test_cli_refreshes_a_cadence_by_name_and_names_the_cadences_it_knows(product, capsys):
+def test_cli_refreshes_a_cadence_by_name_and_names_the_cadences_it_knows(product, tmp_path, capsys):
     assert cli.main(["refresh", "--cadence", "every_4_hours"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["product.daily_activity"]
@@ -122,7 +122,7 @@ def test_cli_refreshes_a_cadence_by_name_and_names_the_cadences_it_knows(product
     assert cli.main(["refresh", "--cadence", "hourly"]) == 1
     assert capsys.readouterr().err == (
         "analytics-views refresh: error: unknown cadence 'hourly': "
-        "choose from daily, weekly, every_4_hours (views.toml [cadences])\n"
+        f"choose from daily, weekly, every_4_hours (or define it under [cadences] in {tmp_path / 'views.toml'})\n"
     )
 
 
@@ -307,12 +307,14 @@ WEIRD_NAMES = ["revenue report", "umsätze", 'a"b;cd', "type", "a__b"]
 
 
 def test_view_names_dagster_refuses_get_valid_stable_keys_and_refresh(product, tmp_path, monkeypatch):
+    # Each reads a table whose name and column Dagster would refuse too.
+    execute(product, 'CREATE TABLE product."order items" ("Betrag €" numeric); INSERT INTO product."order items" VALUES (2), (3)')
     for name in WEIRD_NAMES:
         view = sql.Identifier("product", name)
         execute(
             product,
-            sql.SQL("CREATE MATERIALIZED VIEW {} AS SELECT kind, count(*) AS n FROM product.events GROUP BY kind;"
-                    "CREATE UNIQUE INDEX ON {} (kind)").format(view, view).as_string(None),
+            sql.SQL('CREATE MATERIALIZED VIEW {} AS SELECT sum("Betrag €") AS "Summe €" FROM product."order items";'
+                    'CREATE UNIQUE INDEX ON {} ("Summe €")').format(view, view).as_string(None),
         )
     discover(product, load_config())
 
@@ -321,6 +323,10 @@ def test_view_names_dagster_refuses_get_valid_stable_keys_and_refresh(product, t
 
     keys = {f"product/{key_part(name)}" for name in WEIRD_NAMES}
     assert keys <= view_keys(defs)
+    specs = specs_by_key(defs)
+    table = f"product/{key_part('order items')}"
+    assert {dep.asset_key.to_user_string() for dep in specs[f"product/{key_part('type')}"].deps} == {table}
+    assert [c.name for c in specs[table].metadata["dagster/column_schema"].columns] == ["Betrag €"]
     for name in WEIRD_NAMES:
         assert re.fullmatch(r"[A-Za-z0-9_]+_[0-9a-f]{8}", key_part(name)), name
     assert key_part("revenue report").startswith("revenue_report_") and key_part("umsätze").startswith("umsatze_")
@@ -332,6 +338,9 @@ def test_view_names_dagster_refuses_get_valid_stable_keys_and_refresh(product, t
     assert result.success
     passed = {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
     assert {key for key, check in passed if check == UNIQUE_INDEX_CHECK and passed[(key, check)]} == keys
+    for key in keys:
+        [materialization] = result.asset_materializations_for_node(dg.AssetKey.from_user_string(key).to_python_identifier())
+        assert materialization.metadata["dagster/row_count"].value == 1
 
 
 def test_the_missing_index_fix_quotes_the_index_discovery_recorded(product):
@@ -384,7 +393,7 @@ def test_discover_says_why_each_selected_view_was_not_taken(product, reader, tmp
     role = urlsplit(reader).username
     owner = "only its owner 'postgres' may refresh it: run discover and refresh as 'postgres' or a member of it"
     maintain = ", or GRANT MAINTAIN on it" if psycopg.connect(product).info.server_version >= 170000 else ""
-    no_select = f"the role {role!r} may not SELECT it: GRANT USAGE ON SCHEMA and SELECT to it"
+    no_select = f"the role {role!r} may not SELECT it: grant it USAGE on the schema and SELECT on the view"
     assert out.splitlines() == [
         f"product.campaign_stats: not taken: {no_select}",
         f"product.cohort_stats: not taken: {no_select}",
