@@ -207,7 +207,16 @@ def on_cadences(views: tuple[ViewDefinition, ...], config: ManagedConfig) -> tup
                 f"{view.path}: cadence {view.cadence!r} is not one of {', '.join(known)}: "
                 f"define it under [cadences] in {config.path or 'views.toml'}, or change the header"
             )
-    return tuple(replace(view, cadence=config.cadence_of(None, view.name, view.cadence)) for view in views)
+    return tuple(_on_cadence(view, config.cadence_of(None, view.name, view.cadence)) for view in views)
+
+
+def _on_cadence(view: ViewDefinition, cadence: str) -> ViewDefinition:
+    if cadence == view.cadence:
+        return view
+    # The description is the header: say there which cadence the view is on now, and why not the header's.
+    line = f"Cadence: {cadence} (views.toml [cadence]; the header says {view.cadence})"
+    description = re.sub(r"^cadence\s*:.*$", line, view.description, count=1, flags=re.IGNORECASE | re.MULTILINE)
+    return replace(view, cadence=cadence, description=description)
 
 
 def views_with_cadence(cadence: str) -> tuple[ViewDefinition, ...]:

@@ -141,6 +141,7 @@ def test_our_view_moves_to_another_cadence_by_pattern_over_its_header(tmp_path, 
     assert "weekly_refresh_job" not in {job.name for job in defs.jobs}
     specs = specs_by_key(defs)
     assert specs["daily_aggregations"].tags["cadence"] == "hourly"
+    assert "Cadence: hourly (views.toml [cadence]; the header says daily)" in specs["daily_aggregations"].description
     assert specs["daily_aggregations"].freshness_policy.fail_window.to_timedelta() == timedelta(minutes=90)
     assert specs["weekly_aggregations"].freshness_policy.fail_window.to_timedelta() == timedelta(hours=26)
 
