@@ -14,7 +14,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import load_config
 from analytics_views.migrate import LEDGER
 from analytics_views.refresh import SKIPPED
-from analytics_views.views import CADENCES, ViewDefinition
+from analytics_views.views import ViewDefinition
 
 
 def _managed() -> tuple[ViewDefinition, ...]:
@@ -22,20 +22,28 @@ def _managed() -> tuple[ViewDefinition, ...]:
     return managed_views(load_config()).views
 
 
-def selected_views(*, all_views: bool, daily: bool, weekly: bool, names: list[str]) -> list[str]:
+def selected_views(
+    *, all_views: bool, daily: bool, weekly: bool, names: list[str], cadence: str | None = None
+) -> list[str]:
     managed = _managed()
     if all_views:
         return [view.label for view in managed]
-    if daily or weekly:
-        cadence = "daily" if daily else "weekly"
+    cadence = "daily" if daily else "weekly" if weekly else cadence
+    if cadence:
+        config = load_config()
+        if cadence not in config.cadence_names:
+            raise AnalyticsViewsError(
+                f"unknown cadence {cadence!r}: choose from {', '.join(config.cadence_names)} "
+                f"(or define it under [cadences] in {config.path or 'views.toml'})"
+            )
         return [view.label for view in managed if view.cadence == cadence]
     if not names:
-        raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly or view names")
+        raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly, --cadence NAME or view names")
     known = [view.label for view in managed]
     for name in names:
         if name not in known:
             raise AnalyticsViewsError(
-                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly)"
+                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly, --cadence NAME)"
             )
     return list(dict.fromkeys(names))
 
@@ -101,7 +109,7 @@ def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshR
             ensure_migrated(conn)
     reports = []
     with instance() as dagster_instance:
-        for cadence in CADENCES:
+        for cadence in config.cadence_names:
             chosen = [view for view in _managed() if view.cadence == cadence and view.label in views]
             if not chosen:
                 continue
