@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from analytics_views import database
+from analytics_views import database, view_checks
 from analytics_views.discovery import SourceRelation, current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.executor import on_interrupt
@@ -165,8 +165,10 @@ def _view_metadata(view: ViewDefinition) -> dict:
     }
 
 
-def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
+def view_asset(view: ViewDefinition, data_tests_dir: Path | None = None) -> dg.AssetsDefinition:
+    """`data_tests_dir`: where discovered views' data tests live (views.toml `data_tests`)."""
     key = dg.AssetKey(list(view.asset_key_path))
+    tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
     check_specs = [
         dg.AssetCheckSpec(
             UNIQUE_INDEX_CHECK,
@@ -184,6 +186,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                 "`analytics-views discover` recorded.",
             )
         )
+    check_specs.extend(view_checks.specs(key, tests))
 
     @dg.asset(
         key=key,
@@ -278,13 +281,15 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }
             )
+            yield from view_checks.results(conn, view, state.unique_index, tests)
 
     return refresh
 
 
 def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.AssetsDefinition]:
     """Every managed view (views.toml) and the sources they read; discovered ones from the state file only."""
-    managed = managed_views(config or load_config())
+    config = config or load_config()
+    managed = managed_views(config)
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
     declared = load_source_tables()
@@ -295,5 +300,5 @@ def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.
             if (table,) not in discovered_keys
         ),
         *map(source_relation_spec, managed.sources),
-        *map(view_asset, managed.views),
+        *(view_asset(view, config.data_tests) for view in managed.views),
     ]

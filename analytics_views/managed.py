@@ -21,7 +21,7 @@ from analytics_views.views import CADENCES
 DEFAULT_CONFIG = PROJECT_ROOT / "views.toml"
 CONFIG_ENV = "ANALYTICS_VIEWS_CONFIG"
 DEFAULT_CADENCE = "daily"
-_KEYS = {"project_views", "schemas", "names", "cadence", "state_file"}
+_KEYS = {"project_views", "schemas", "names", "cadence", "state_file", "data_tests"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ManagedConfig:
     names: tuple[str, ...] = ()
     cadence: tuple[tuple[str, str], ...] = ()  # (pattern, cadence), in file order
     state_file: Path = field(default=PROJECT_ROOT / "state" / "discovered_views.json")
+    data_tests: Path | None = None  # folder of discovered views' data tests, <schema>.<view>/<test>.sql
 
     @property
     def discovers(self) -> bool:
@@ -81,6 +82,9 @@ def load_config(path: Path | None = None) -> ManagedConfig:
     state_file = data.get("state_file", "state/discovered_views.json")
     if not isinstance(state_file, str):
         raise AnalyticsViewsError(f"{path}: state_file must be a path (relative to {path.name})")
+    data_tests = data.get("data_tests")
+    if data_tests is not None and not isinstance(data_tests, str):
+        raise AnalyticsViewsError(f"{path}: data_tests must be a folder path (relative to {path.name})")
     return ManagedConfig(
         path=path,
         project_views=data.get("project_views", True),
@@ -88,4 +92,5 @@ def load_config(path: Path | None = None) -> ManagedConfig:
         names=_strings(data.get("names", []), f"{path}: names"),
         cadence=tuple(cadence.items()),
         state_file=(path.parent / state_file).resolve(),
+        data_tests=(path.parent / data_tests).resolve() if data_tests is not None else None,
     )
