@@ -932,22 +932,38 @@ def check_null_key(analysis: QueryAnalysis | None, label: str, key_columns: list
     )
 
 
+def _undecided(name: str, label: str, what: str, error: Exception) -> CheckOutcome:
+    """A check that could not run on this SQL says so, failing, rather than crash the refresh's step."""
+    first_line = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()[:1]
+    reason = f"cannot decide: {what} {label} ({type(error).__name__}: {' '.join(first_line)})"
+    return CheckOutcome(name, False, reason, undecided=(reason,))
+
+
 def static_checks(
     conn: psycopg.Connection, view: str, schema: str | None, label: str, unique_index: str | None
 ) -> list[CheckOutcome]:
     """The three checks of a view, from its stored definition and the catalog (and the NULL-key count)."""
     catalog = Catalog(conn)
+    outcomes = []
     try:
         analysis = QueryAnalysis(view_query(conn, view, schema), catalog)
-    except Exception as error:  # sqlglot cannot read the definition: every check says it cannot decide
-        reason = f"cannot decide: the definition of {label} could not be analysed ({type(error).__name__}: {error})"
+    except Exception as error:  # sqlglot cannot read the definition
         analysis = None
-        outcomes = [CheckOutcome(name, False, reason, undecided=(reason,)) for name in (TIMEZONE_CHECK, FANOUT_CHECK)]
+        outcomes = [_undecided(name, label, "the checks could not read the definition of", error)
+                    for name in (TIMEZONE_CHECK, FANOUT_CHECK)]
     else:
-        outcomes = [check_timezone(analysis, label), check_fanout(analysis, label)]
+        for name, check in ((TIMEZONE_CHECK, check_timezone), (FANOUT_CHECK, check_fanout)):
+            try:
+                outcomes.append(check(analysis, label))
+            except Exception as error:  # SQL the analysis does not handle: say so instead of failing the step
+                outcomes.append(_undecided(name, label, "the check does not handle the SQL of", error))
     if unique_index is None:
         outcomes.append(CheckOutcome(NULL_KEY_CHECK, False, f"{label} has no usable unique index (see unique_index)"))
-    else:
-        columns = index_columns(conn, unique_index)
-        outcomes.append(check_null_key(analysis, label, columns, null_key_rows(conn, view, schema, columns)))
+        return outcomes
+    columns = index_columns(conn, unique_index)
+    null_rows = null_key_rows(conn, view, schema, columns)
+    try:
+        outcomes.append(check_null_key(analysis, label, columns, null_rows))
+    except Exception:  # nullability not inferable: the count alone decides, and the outcome says so
+        outcomes.append(check_null_key(None, label, columns, null_rows))
     return outcomes
