@@ -678,11 +678,12 @@ def timezone_findings(analysis: QueryAnalysis) -> tuple[list[Finding], list[str]
             elif type(node) in _SESSION_CLOCK:
                 findings.append(Finding(display(node), f"{display(node)} follows the session's time zone", _SESSION_CLOCK[type(node)]))
             elif isinstance(node, (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
-                kinds = {analysis.type_of(scope, node.this), analysis.type_of(scope, node.expression)}
-                if "timestamptz" in kinds and kinds & {"date", "timestamp"}:
-                    findings.append(Finding(display(node), "comparing a timestamptz with a date or timestamp converts "
-                                            "the latter in the session's time zone",
-                                            "convert it explicitly: (<date or timestamp>)::timestamp AT TIME ZONE 'UTC'"))
+                sides = {analysis.type_of(scope, side): side for side in (node.this, node.expression)}
+                local = next((_strip_parens(sides[kind]) for kind in ("date", "timestamp") if kind in sides), None)
+                if "timestamptz" in sides and local is not None:
+                    findings.append(Finding(display(node), f"comparing a timestamptz with {display(local)} converts the "
+                                            "latter in the session's time zone",
+                                            f"({display(local)})::timestamp AT TIME ZONE 'UTC'"))
             elif isinstance(node, (exp.Add, exp.Sub)):
                 left, right = _strip_parens(node.this), _strip_parens(node.expression)
                 interval = right if isinstance(right, (exp.Cast, exp.Interval)) else None

@@ -79,6 +79,7 @@ SESSION_TIME_ZONE = [
     ("current_date - t.day", "CURRENT_DATE"),
     ("localtimestamp - t.at::timestamp", "LOCALTIMESTAMP"),
     ("t.at + interval '1 day'", "t.at + CAST('1 day' AS INTERVAL)"),
+    ("t.at >= t.day", "t.at >= t.day"),  # the date is converted to timestamptz in the session's zone
 ]
 
 
