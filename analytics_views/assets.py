@@ -15,7 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from analytics_views import database
+from analytics_views import database, view_checks
 from analytics_views.cadences import freshness_window
 from analytics_views.discovery import SourceRelation, current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
@@ -166,10 +166,14 @@ def _view_metadata(view: ViewDefinition) -> dict:
     }
 
 
-def view_asset(view: ViewDefinition, cadence: Cadence | None = None) -> dg.AssetsDefinition:
-    """The view's asset; `cadence` (default: the default cadence the view names) sets its freshness window."""
+def view_asset(
+    view: ViewDefinition, cadence: Cadence | None = None, data_tests_dir: Path | None = None
+) -> dg.AssetsDefinition:
+    """The view's asset; `cadence` (default: the default cadence the view names) sets its freshness window;
+    `data_tests_dir` is where discovered views' data tests live (views.toml `data_tests`)."""
     cadence = cadence or DEFAULT_CADENCES[view.cadence]
     key = dg.AssetKey(list(view.asset_key_path))
+    tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
     check_specs = [
         dg.AssetCheckSpec(
             UNIQUE_INDEX_CHECK,
@@ -187,6 +191,7 @@ def view_asset(view: ViewDefinition, cadence: Cadence | None = None) -> dg.Asset
                 "`analytics-views discover` recorded.",
             )
         )
+    check_specs.extend(view_checks.specs(key, tests))
 
     @dg.asset(
         key=key,
@@ -281,6 +286,7 @@ def view_asset(view: ViewDefinition, cadence: Cadence | None = None) -> dg.Asset
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }
             )
+            yield from view_checks.results(conn, view, state.unique_index, tests)
 
     return refresh
 
@@ -300,5 +306,5 @@ def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.
             if (table,) not in discovered_keys
         ),
         *map(source_relation_spec, managed.sources),
-        *(view_asset(view, cadences[view.cadence]) for view in managed.views),
+        *(view_asset(view, cadences[view.cadence], config.data_tests) for view in managed.views),
     ]

@@ -23,7 +23,7 @@ from analytics_views.paths import PROJECT_ROOT
 DEFAULT_CONFIG = PROJECT_ROOT / "views.toml"
 CONFIG_ENV = "ANALYTICS_VIEWS_CONFIG"
 DEFAULT_CADENCE = "daily"
-_KEYS = {"project_views", "schemas", "names", "cadences", "cadence", "state_file"}
+_KEYS = {"project_views", "schemas", "names", "cadences", "cadence", "state_file", "data_tests"}
 # A cadence names `<cadence>_refresh_job` and `_schedule` and is a tag value: Dagster names, at most 63 characters.
 CADENCE_NAME = re.compile(r"[a-z0-9_]{1,40}")
 _CADENCE_KEYS = {"cron", "timezone"}
@@ -54,6 +54,7 @@ class ManagedConfig:
     cadence: tuple[tuple[str, str], ...] = ()  # (pattern, cadence), in file order
     state_file: Path = field(default=PROJECT_ROOT / "state" / "discovered_views.json")
     cadences: tuple[Cadence, ...] = tuple(DEFAULT_CADENCES.values())
+    data_tests: Path | None = None  # folder of discovered views' data tests, <schema>.<view>/<test>.sql
 
     @property
     def discovers(self) -> bool:
@@ -154,6 +155,9 @@ def load_config(path: Path | None = None) -> ManagedConfig:
     state_file = data.get("state_file", "state/discovered_views.json")
     if not isinstance(state_file, str):
         raise AnalyticsViewsError(f"{path}: state_file must be a path (relative to {path.name})")
+    data_tests = data.get("data_tests")
+    if data_tests is not None and not isinstance(data_tests, str):
+        raise AnalyticsViewsError(f"{path}: data_tests must be a folder path (relative to {path.name})")
     return ManagedConfig(
         path=path,
         project_views=data.get("project_views", True),
@@ -162,4 +166,5 @@ def load_config(path: Path | None = None) -> ManagedConfig:
         cadence=tuple(cadence.items()),
         state_file=(path.parent / state_file).resolve(),
         cadences=cadences,
+        data_tests=(path.parent / data_tests).resolve() if data_tests is not None else None,
     )

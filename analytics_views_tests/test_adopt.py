@@ -20,6 +20,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import CONFIG_ENV, load_config
 from analytics_views.migrate import migrate
 from analytics_views.operations import discovery_warning
+from analytics_views.view_checks import STATIC_CHECKS
 
 FOREIGN_SCHEMA = """
 CREATE TABLE events (
@@ -211,7 +212,7 @@ def test_jobs_refresh_in_dependency_order_and_checks_tell_the_truth(adopted, for
     assert set(daily_checks) == {
         (view, check)
         for view in ("daily_aggregations", "reporting/weekly_rollup", "reporting/events")
-        for check in (UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK)
+        for check in (UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK, *STATIC_CHECKS)
     }
     metadata = {k: v.value for k, v in daily.asset_materializations_for_node("reporting__events")[0].metadata.items()}
     assert metadata["dagster/row_count"] == 2
