@@ -50,10 +50,15 @@ def selected_views(
 
 def instance() -> dg.DagsterInstance:
     """The persistent instance when DAGSTER_HOME is set, so runs show in the UI; else a throwaway one."""
+    from analytics_views.dagster_storage import check_storage
+
     if not os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.ephemeral()
     try:
+        check_storage(os.environ["DAGSTER_HOME"])  # one line naming auth, host or database, not retries
         return dg.DagsterInstance.get()
+    except AnalyticsViewsError:
+        raise  # already one line naming the variable and the fix
     except yaml.YAMLError as error:
         mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -67,7 +72,7 @@ def instance() -> dg.DagsterInstance:
     raise AnalyticsViewsError(
         f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
         "or copy the project's dagster.yaml there"
-    )
+    ) from None
 
 
 @dataclass(frozen=True)
