@@ -10,17 +10,17 @@ import re
 import warnings
 from collections.abc import Iterable
 from contextlib import ExitStack
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
 import dagster as dg
 
-from analytics_views import database
+from analytics_views import database, view_checks
+from analytics_views.cadences import freshness_window
 from analytics_views.discovery import SourceRelation, current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.executor import on_interrupt
-from analytics_views.managed import ManagedConfig, load_config
+from analytics_views.managed import DEFAULT_CADENCES, Cadence, ManagedConfig, load_config
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.refresh import SKIPPED, RefreshError, refresh_view
 from analytics_views.resources import AnalyticsDatabase
@@ -32,8 +32,6 @@ MATCHES_DISCOVERY_CHECK = "matches_discovery"
 SOURCES_GROUP = "sources"
 VIEWS_GROUP = "analytics_views"
 OWNERS = ["team:analytics"]
-# A view is late once its last refresh is older than its cadence plus slack for a slow or retried run.
-FRESHNESS_WINDOWS = {"daily": timedelta(hours=26), "weekly": timedelta(days=8)}
 
 # Transient failures (lost connection, lock timeout, deadlock, ...) are retried with this policy's backoff;
 # permanent ones raise Failure(allow_retries=False) and fail at once. The step asks for the retry itself
@@ -55,7 +53,10 @@ _UNIQUE_INDEX_DDL = re.compile(r"CREATE\s+UNIQUE\s+INDEX\s+[^;]+;", re.IGNORECAS
 
 
 def unique_index_fix(view: ViewDefinition) -> str:
-    """How to repair a missing unique index: the statement from the view's own SQL file."""
+    """How to repair a missing unique index: the statement from the view's own SQL file, or the index
+    discovery recorded on a view made elsewhere."""
+    if view.path is None and view.unique_index:
+        return f"recreate the unique index `analytics-views discover` recorded: `{view.unique_index};`"
     match = _UNIQUE_INDEX_DDL.search(view.sql)
     statement = " ".join(match.group(0).split()) if match else f"CREATE UNIQUE INDEX ON {view.label} (...);"
     if view.path is None:
@@ -165,8 +166,14 @@ def _view_metadata(view: ViewDefinition) -> dict:
     }
 
 
-def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
+def view_asset(
+    view: ViewDefinition, cadence: Cadence | None = None, data_tests_dir: Path | None = None
+) -> dg.AssetsDefinition:
+    """The view's asset; `cadence` (default: the default cadence the view names) sets its freshness window;
+    `data_tests_dir` is where discovered views' data tests live (views.toml `data_tests`)."""
+    cadence = cadence or DEFAULT_CADENCES[view.cadence]
     key = dg.AssetKey(list(view.asset_key_path))
+    tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
     check_specs = [
         dg.AssetCheckSpec(
             UNIQUE_INDEX_CHECK,
@@ -184,6 +191,7 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                 "`analytics-views discover` recorded.",
             )
         )
+    check_specs.extend(view_checks.specs(key, tests))
 
     @dg.asset(
         key=key,
@@ -192,8 +200,8 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
         group_name=VIEWS_GROUP,
         kinds={"postgres"},
         owners=OWNERS,
-        tags={"cadence": view.cadence},
-        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=FRESHNESS_WINDOWS[view.cadence]),
+        tags={"cadence": cadence.name},
+        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=freshness_window(cadence)),
         check_specs=check_specs,
         metadata=_view_metadata(view),
         # One refresh of a view at a time across all runs (dagster.yaml: pools default_limit 1).
@@ -279,13 +287,16 @@ def view_asset(view: ViewDefinition) -> dg.AssetsDefinition:
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }
             )
+            yield from view_checks.results(conn, view, state.unique_index, tests)
 
     return refresh
 
 
 def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.AssetsDefinition]:
     """Every managed view (views.toml) and the sources they read; discovered ones from the state file only."""
-    managed = managed_views(config or load_config())
+    config = config or load_config()
+    managed = managed_views(config)
+    cadences = {cadence.name: cadence for cadence in config.cadences}
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
     declared = load_source_tables()
@@ -296,5 +307,5 @@ def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.
             if (table,) not in discovered_keys
         ),
         *map(source_relation_spec, managed.sources),
-        *map(view_asset, managed.views),
+        *(view_asset(view, cadences[view.cadence], config.data_tests) for view in managed.views),
     ]

@@ -34,7 +34,9 @@ def _seed(args: argparse.Namespace) -> int:
 def _refresh(args: argparse.Namespace) -> int:
     from analytics_views.operations import refresh, selected_views
 
-    views = selected_views(all_views=args.all, daily=args.daily, weekly=args.weekly, names=args.views)
+    views = selected_views(
+        all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views
+    )
     outcomes = refresh(database_url_from_env(), views, force=args.force)
     for outcome in outcomes:
         print(outcome.line())
@@ -60,15 +62,22 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _discover(args: argparse.Namespace) -> int:
-    from analytics_views.discovery import discover
+    from analytics_views.database import connect
+    from analytics_views.discovery import discover, not_taken
     from analytics_views.managed import load_config
 
     config = load_config()
-    state = discover(database_url_from_env(), config)
+    url = database_url_from_env()
+    state = discover(url, config)
     for view in state["views"]:
         reads = ", ".join(f"{r['schema']}.{r['name']}" for r in view["reads"]) or "nothing"
-        print(f"{view['schema']}.{view['name']} ({view['cadence']}): reads {reads}")
+        cadence = config.cadence_of(view["schema"], view["name"])
+        print(f"{view['schema']}.{view['name']} ({cadence}): reads {reads}")
+    with connect(url) as conn:
+        print("\n".join(not_taken(conn, config)) or "every selected view was taken")
     print(f"wrote {len(state['views'])} views and {len(state['relations'])} relations they read to {config.state_file}")
+    if not state["views"]:
+        raise AnalyticsViewsError(f"no view taken: fix `schemas` or `names` in {config.path} (reasons above)")
     return 0
 
 
@@ -104,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every view")
     which.add_argument("--daily", action="store_true", help="the views of daily_refresh_job")
     which.add_argument("--weekly", action="store_true", help="the views of weekly_refresh_job")
+    which.add_argument("--cadence", metavar="NAME", help="the views of NAME_refresh_job (a cadence of views.toml)")
     which.add_argument("views", nargs="*", default=[], metavar="VIEW", help="views by name")
     refresh.add_argument(
         "--force", action="store_true", help="refresh even views whose sources did not change since their last refresh"

@@ -6,21 +6,56 @@ then fails on every event with `syntax error at or near "$1"`. This storage pins
 form the user gives; dagster.yaml names it as a custom storage.
 """
 
-import re
+import os
+from collections.abc import Mapping
+from pathlib import Path
 
+import yaml
 from dagster._core.storage.config import PostgresStorageConfig
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import DagsterPostgresStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
 
-_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+\w+)?://")
+from analytics_views.database import connect, parse_url
+
+STORAGE_VARIABLE = "DAGSTER_POSTGRES_URL"
+STORAGE_CHECK_TIMEOUT_S = 5
 
 
-def psycopg2_url(url: str) -> str:
-    """The same URL with SQLAlchemy's psycopg2 driver named explicitly."""
-    if not _SCHEME.match(url):
-        raise ValueError("DAGSTER_POSTGRES_URL must start with postgresql:// (or postgres://)")
-    return _SCHEME.sub("postgresql+psycopg2://", url, count=1)
+def psycopg2_url(url: str, variable: str = STORAGE_VARIABLE) -> str:
+    """The same URL with SQLAlchemy's psycopg2 driver named explicitly (a one-line error if it does not parse)."""
+    return parse_url(url, variable).sqlalchemy("psycopg2")
+
+
+def storage_url(dagster_yaml: Path, environ: Mapping[str, str] = os.environ) -> tuple[str, str] | None:
+    """(variable, URL) of the PostgreSQL storage that dagster.yaml configures, when it names one by `env:`
+    and that variable is set; None otherwise (Dagster then reports what is missing)."""
+    if not dagster_yaml.is_file():
+        return None
+    storage = (yaml.safe_load(dagster_yaml.read_text()) or {}).get("storage") or {}
+    config = (storage.get("custom") or {}).get("config") or storage.get("postgres") or {}
+    source = config.get("postgres_url") if isinstance(config, dict) else None
+    variable = source.get("env") if isinstance(source, dict) else None
+    if not isinstance(variable, str) or not environ.get(variable, "").strip():
+        return None
+    return variable, environ[variable]
+
+
+def check_storage(dagster_home: str | os.PathLike, environ: Mapping[str, str] = os.environ) -> None:
+    """Connect once to Dagster's storage database: a wrong URL is one line naming what failed (auth, host,
+    database) and the fix, instead of the page of retries dagster-postgres logs before it gives up."""
+    found = storage_url(Path(dagster_home) / "dagster.yaml", environ)
+    if found is None:
+        return
+    variable, url = found
+    with connect(
+        url,
+        variable=variable,
+        purpose="Dagster's storage database",
+        connect_timeout=STORAGE_CHECK_TIMEOUT_S,
+        application_name="analytics-views storage check",
+    ):
+        pass
 
 
 class Psycopg2PostgresStorage(DagsterPostgresStorage):

@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from analytics_views.database import connect, describe_target, with_database
+from analytics_views.database import connect, describe_target, parse_url, with_database
 from analytics_views.embedded import embedded_server
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.migrate import migrate
@@ -54,6 +54,9 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, sta
         try:
             database_url = os.environ.get("DATABASE_URL", "").strip()
             dagster_url = os.environ.get("DAGSTER_POSTGRES_URL", "").strip()
+            for variable, url in (("DATABASE_URL", database_url), ("DAGSTER_POSTGRES_URL", dagster_url)):
+                if url:
+                    parse_url(url, variable)  # a URL that does not parse fails before anything starts
             if not (database_url and dagster_url):
                 print(f"starting the embedded PostgreSQL in {state_dir / 'postgres'} ...", flush=True)
                 server_url = stack.enter_context(embedded_server(state_dir / "postgres"))

@@ -2,33 +2,50 @@
 
 Dagster loads definitions many times (UI, daemon, every run), so they never query the database: they read
 the JSON state this module writes. The state holds, per selected view, its comment, columns (with their
-comments), the relations it reads (from pg_depend through its pg_rewrite rule), its indexes and a
-fingerprint of its definition; and the same facts for every relation those views read. The file is sorted
+comments), the relations it reads (from pg_depend through its pg_rewrite rule), its indexes (and which one
+REFRESH ... CONCURRENTLY can use) and a fingerprint of its definition; and the same facts for every relation
+those views read. Cadences are not in it: views.toml assigns them when definitions load. The file is sorted
 and holds no timestamps and no connection details, so rediscovering an unchanged database rewrites it
-byte for byte.
+byte for byte. A selected view the role could not refresh, or named like one of the project's own, is left
+out, and `not_taken` says why.
 """
 
 import hashlib
 import json
-from collections import defaultdict
+import keyword
+import re
+import unicodedata
 from dataclasses import dataclass
 from graphlib import TopologicalSorter
 
 import psycopg
 
+from analytics_views import database
 from analytics_views.database import Column, connect
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.managed import ManagedConfig
-from analytics_views.views import ViewDefinition, load_views, source_tables
+from analytics_views.managed import ManagedConfig, matches
+from analytics_views.views import ViewDefinition, load_views, on_cadences
 
 STATE_VERSION = 1
 KINDS = {"r": "table", "p": "table", "v": "view", "m": "materialized view", "f": "foreign table"}
 
+# With what the role may do: REFRESH needs the owner's rights (PostgreSQL 17+: the MAINTAIN privilege), the
+# checks and row counts need SELECT.
 _MATVIEWS = """
-SELECT c.oid, n.nspname, c.relname, obj_description(c.oid, 'pg_class'), pg_get_viewdef(c.oid)
+SELECT c.oid, n.nspname, c.relname, obj_description(c.oid, 'pg_class'), pg_get_viewdef(c.oid),
+       has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'),
+       {may_refresh}, pg_get_userbyid(c.relowner)
 FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE c.relkind = 'm' AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
 ORDER BY n.nspname, c.relname
+"""
+_MAY_REFRESH = {True: "has_table_privilege(c.oid, 'MAINTAIN')", False: "pg_has_role(c.relowner, 'USAGE')"}
+
+_OTHER_RELATIONS = """
+SELECT n.nspname, c.relname, c.relkind::text
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'f') AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+ORDER BY 1, 2
 """
 
 # Relations a view's rewrite rule reads: the dependencies PostgreSQL itself records, schema and all.
@@ -68,27 +85,63 @@ def fingerprint(definition: str, columns: list[dict]) -> str:
     return hashlib.md5(text.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A materialized view `config` selects, and why it cannot be taken (None: it is taken)."""
+
+    oid: int
+    schema: str
+    name: str
+    comment: str | None
+    definition: str
+    not_taken: str | None
+
+
+def _candidates(conn: psycopg.Connection, config: ManagedConfig, current_schema: str) -> list[Candidate]:
+    own = {view.name for view in load_views()} if config.project_views else set()
+    query = _MATVIEWS.format(may_refresh=_MAY_REFRESH[conn.info.server_version >= 170000])
+    candidates = []
+    for oid, schema, name, comment, definition, may_read, may_refresh, owner in conn.execute(query).fetchall():
+        if not config.selects(schema, name):
+            continue
+        if schema == current_schema and name in own:
+            reason = f"named like this project's own view (sql/views/{name}.sql), which manages it"
+        elif not may_read:
+            reason = f"the role {conn.info.user!r} may not SELECT it: grant it USAGE on the schema and SELECT on the view"
+        elif not may_refresh:
+            reason = (
+                f"only its owner {owner!r} may refresh it: run discover and refresh as {owner!r} or a member of it"
+                + (", or GRANT MAINTAIN on it" if conn.info.server_version >= 170000 else "")
+            )
+        else:
+            reason = None
+        candidates.append(Candidate(oid, schema, name, comment, definition.strip(), reason))
+    return candidates
+
+
 def read_catalog(conn: psycopg.Connection, config: ManagedConfig) -> dict:
     """The state for the views `config` selects, as the catalog describes them now."""
     current_schema = conn.execute("SELECT current_schema()").fetchone()[0]
-    own = {view.name for view in load_views()} if config.project_views else set()
     views, relations = [], {}
-    for oid, schema, name, comment, definition in conn.execute(_MATVIEWS).fetchall():
-        if not config.selects(schema, name) or (schema == current_schema and name in own):
-            continue  # not selected, or one of the project's own views (its SQL file describes it)
+    for candidate in _candidates(conn, config, current_schema):
+        if candidate.not_taken:
+            continue
+        oid, schema, name, definition = candidate.oid, candidate.schema, candidate.name, candidate.definition
         columns = _columns(conn, oid)
         reads = conn.execute(_READS, [oid]).fetchall()
+        unique_index = database.view_state(conn, name, schema).unique_index
         views.append(
             {
                 "schema": schema,
                 "name": name,
-                "comment": comment,
-                "definition": definition.strip(),
+                "comment": candidate.comment,
+                "definition": definition,
                 "columns": columns,
                 "reads": [{"schema": s, "name": n} for s, n, _ in reads],
                 "indexes": [row[0] for row in conn.execute(_INDEXES, [oid])],
-                "cadence": config.cadence_of(schema, name),
-                "fingerprint": fingerprint(definition.strip(), columns),
+                "unique_index": unique_index
+                and conn.execute("SELECT pg_get_indexdef(%s::regclass)", [unique_index]).fetchone()[0],
+                "fingerprint": fingerprint(definition, columns),
             }
         )
         for s, n, _ in reads:
@@ -108,6 +161,27 @@ def read_catalog(conn: psycopg.Connection, config: ManagedConfig) -> dict:
         "views": views,
         "relations": [relations[key] for key in sorted(relations)],
     }
+
+
+def not_taken(conn: psycopg.Connection, config: ManagedConfig) -> list[str]:
+    """One line per view `config` selects that discovery does not take, and per selection that finds none."""
+    current_schema = conn.execute("SELECT current_schema()").fetchone()[0]
+    candidates = _candidates(conn, config, current_schema)
+    lines = [f"{c.schema}.{c.name}: not taken: {c.not_taken}" for c in candidates if c.not_taken]
+    others = conn.execute(_OTHER_RELATIONS).fetchall()
+    for pattern in config.names:
+        if any(matches(pattern, c.schema, c.name) for c in candidates):
+            continue
+        kinds = [(s, n, KINDS[k]) for s, n, k in others if matches(pattern, s, n)]
+        if kinds and not any(ch in pattern for ch in "*?["):
+            schema, name, kind = kinds[0]
+            lines.append(f"{schema}.{name}: not taken: a {kind}, not a materialized view (only those are refreshed)")
+        else:
+            lines.append(f"names entry {pattern!r} matches no materialized view: fix or remove it")
+    for schema in config.schemas:
+        if not any(c.schema == schema for c in candidates):
+            lines.append(f"schemas entry {schema!r} holds no materialized view: fix or remove it")
+    return lines
 
 
 def discover(url: str, config: ManagedConfig) -> dict:
@@ -157,24 +231,36 @@ class Discovered:
     sources: tuple[SourceRelation, ...]
 
 
-def asset_keys(state: dict, project_names: set[str]) -> dict[tuple[str, str], tuple[str, ...]]:
-    """Asset key of each relation in the state: its name, or [schema, name] when the name is taken twice.
+_DAGSTER_NAME = re.compile(r"[A-Za-z0-9_]+")
+# Names Dagster refuses as op names: Python keywords and its own argument names (dagster's DISALLOWED_NAMES).
+_RESERVED = frozenset(keyword.kwlist) | {
+    "context", "conf", "config", "meta", "arg_dict", "dict", "input_arg_dict", "output_arg_dict",
+    "int", "str", "float", "bool", "input", "output", "type",
+}  # fmt: skip
 
-    A project view or table is the relation of that name in the schema discovery ran in; it keeps its key.
-    """
+
+def key_part(name: str) -> str:
+    """`name` when Dagster accepts it in an asset key, else a valid form of it with a hash of the original:
+    deterministic, and two names never share one (`revenue report` -> `revenue_report_<hash>`)."""
+    # Dagster joins a key's parts with `__` into op names: a part holding it could name another key's op.
+    if _DAGSTER_NAME.fullmatch(name) and "__" not in name and name not in _RESERVED:
+        return name
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", ascii_name).strip("_") or "relation"
+    return f"{stem}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def asset_key(schema: str, name: str, current_schema: str) -> tuple[str, ...]:
+    """A relation's asset key, a function of the relation alone so that it never changes when other views or
+    schemas are discovered: its name in the schema discovery ran in (where the project's own tables and views
+    live, so they keep their keys), [schema, name] elsewhere."""
+    return (key_part(name),) if schema == current_schema else (key_part(schema), key_part(name))
+
+
+def asset_keys(state: dict) -> dict[tuple[str, str], tuple[str, ...]]:
+    """Asset key of each relation in the state (asset_key)."""
     relations = {(v["schema"], v["name"]) for v in state["views"]} | {(r["schema"], r["name"]) for r in state["relations"]}
-    schemas_by_name = defaultdict(set)
-    for schema, name in relations:
-        schemas_by_name[name].add(schema)
-    for name in project_names:
-        schemas_by_name[name].add(state["current_schema"])
-    project_relations = {(state["current_schema"], name) for name in project_names}
-    return {
-        (schema, name): (schema, name)
-        if len(schemas_by_name[name]) > 1 and (schema, name) not in project_relations
-        else (name,)
-        for schema, name in relations
-    }
+    return {(schema, name): asset_key(schema, name, state["current_schema"]) for schema, name in relations}
 
 
 def _column_tuple(columns: list[dict]) -> tuple[Column, ...]:
@@ -187,7 +273,7 @@ def discovered_views(config: ManagedConfig) -> Discovered:
         return Discovered((), ())
     state = load_state(config)
     project = load_views() if config.project_views else ()
-    keys = asset_keys(state, {view.name for view in project} | set(source_tables(project)))
+    keys = asset_keys(state)
     views = []
     for v in state["views"]:
         label = f"{v['schema']}.{v['name']}"
@@ -197,10 +283,11 @@ def discovered_views(config: ManagedConfig) -> Discovered:
                 name=v["name"],
                 path=None,
                 sql=f"CREATE MATERIALIZED VIEW {label} AS\n{v['definition']}",
+                unique_index=v.get("unique_index"),
                 summary=summary,
                 description=(v["comment"] or summary) + f"\n\nDiscovered in the catalog as {label}.",
                 grain=None,
-                cadence=v["cadence"],
+                cadence=config.cadence_of(v["schema"], v["name"]),
                 deps=tuple(sorted("/".join(keys[(r["schema"], r["name"])]) for r in v["reads"])),
                 schema=v["schema"],
                 key=keys[(v["schema"], v["name"])],
@@ -228,7 +315,8 @@ def managed_views(config: ManagedConfig) -> Discovered:
     """Every managed view, the project's and the discovered, each after every managed view it reads;
     with the source relations the discovered ones read."""
     discovered = discovered_views(config)
-    views = {"/".join(v.asset_key_path): v for v in (*(load_views() if config.project_views else ()), *discovered.views)}
+    project = on_cadences(load_views(), config) if config.project_views else ()
+    views = {"/".join(v.asset_key_path): v for v in (*project, *discovered.views)}
     graph = {key: [dep for dep in view.deps if dep in views] for key, view in views.items()}
     return Discovered(tuple(views[key] for key in TopologicalSorter(graph).static_order()), discovered.sources)
 

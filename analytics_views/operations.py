@@ -14,7 +14,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import load_config
 from analytics_views.migrate import LEDGER
 from analytics_views.refresh import SKIPPED
-from analytics_views.views import CADENCES, ViewDefinition
+from analytics_views.views import ViewDefinition
 
 
 def _managed() -> tuple[ViewDefinition, ...]:
@@ -22,30 +22,43 @@ def _managed() -> tuple[ViewDefinition, ...]:
     return managed_views(load_config()).views
 
 
-def selected_views(*, all_views: bool, daily: bool, weekly: bool, names: list[str]) -> list[str]:
+def selected_views(
+    *, all_views: bool, daily: bool, weekly: bool, names: list[str], cadence: str | None = None
+) -> list[str]:
     managed = _managed()
     if all_views:
         return [view.label for view in managed]
-    if daily or weekly:
-        cadence = "daily" if daily else "weekly"
+    cadence = "daily" if daily else "weekly" if weekly else cadence
+    if cadence:
+        config = load_config()
+        if cadence not in config.cadence_names:
+            raise AnalyticsViewsError(
+                f"unknown cadence {cadence!r}: choose from {', '.join(config.cadence_names)} "
+                f"(or define it under [cadences] in {config.path or 'views.toml'})"
+            )
         return [view.label for view in managed if view.cadence == cadence]
     if not names:
-        raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly or view names")
+        raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly, --cadence NAME or view names")
     known = [view.label for view in managed]
     for name in names:
         if name not in known:
             raise AnalyticsViewsError(
-                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly)"
+                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly, --cadence NAME)"
             )
     return list(dict.fromkeys(names))
 
 
 def instance() -> dg.DagsterInstance:
     """The persistent instance when DAGSTER_HOME is set, so runs show in the UI; else a throwaway one."""
+    from analytics_views.dagster_storage import check_storage
+
     if not os.environ.get("DAGSTER_HOME"):
         return dg.DagsterInstance.ephemeral()
     try:
+        check_storage(os.environ["DAGSTER_HOME"])  # one line naming auth, host or database, not retries
         return dg.DagsterInstance.get()
+    except AnalyticsViewsError:
+        raise  # already one line naming the variable and the fix
     except yaml.YAMLError as error:
         mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -59,7 +72,7 @@ def instance() -> dg.DagsterInstance:
     raise AnalyticsViewsError(
         f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
         "or copy the project's dagster.yaml there"
-    )
+    ) from None
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshR
             ensure_migrated(conn)
     reports = []
     with instance() as dagster_instance:
-        for cadence in CADENCES:
+        for cadence in config.cadence_names:
             chosen = [view for view in _managed() if view.cadence == cadence and view.label in views]
             if not chosen:
                 continue

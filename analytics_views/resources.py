@@ -8,6 +8,7 @@ import psycopg
 from pydantic import Field
 
 from analytics_views.database import APPLICATION_NAME, connect
+from analytics_views.errors import AnalyticsViewsError
 from analytics_views.refresh import RefreshSettings
 
 
@@ -51,5 +52,11 @@ class AnalyticsDatabase(dg.ConfigurableResource):
 
     @contextmanager
     def connection(self, application_name: str = APPLICATION_NAME) -> Iterator[psycopg.Connection]:
-        with connect(self.url, autocommit=True, application_name=application_name) as conn:
+        try:
+            conn = connect(self.url, autocommit=True, application_name=application_name)
+        except AnalyticsViewsError as error:  # a bad URL, login or database: retrying cannot fix it
+            if getattr(error, "transient", False):
+                raise
+            raise dg.Failure(str(error), allow_retries=False) from None
+        with conn:
             yield conn

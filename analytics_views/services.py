@@ -18,6 +18,7 @@ from typing import Iterator
 
 import psutil
 
+from analytics_views.dagster_storage import check_storage
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import PROJECT_ROOT
 
@@ -114,6 +115,8 @@ def dagster_services(
 ) -> Iterator[list[subprocess.Popen]]:
     """Run dagster-webserver and dagster-daemon until the block ends; output to log_dir when given."""
     ensure_port_free(host, port)
+    if env.get("DAGSTER_HOME"):  # a wrong storage URL in one line here, not in pages of both services' logs
+        check_storage(env["DAGSTER_HOME"], env)
     commands = {
         "webserver": [_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", str(WORKSPACE)],
         "daemon": [_bin("dagster-daemon"), "run", "-w", str(WORKSPACE)],

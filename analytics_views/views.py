@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from graphlib import TopologicalSorter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from analytics_views.database import Column
+from analytics_views.errors import AnalyticsViewsError
 from analytics_views.parse_cache import cached
 from analytics_views.paths import MIGRATIONS_DIR, VIEWS_DIR
 from analytics_views.source_tables import ColumnDoc, lineage_schema, load_source_tables
@@ -24,11 +25,10 @@ from analytics_views.swap import AUTO, STRATEGIES
 
 if TYPE_CHECKING:
     from analytics_views.lineage import SourceColumn
+    from analytics_views.managed import ManagedConfig
 
 # sqlglot (through analytics_views.lineage) is imported only where a file is parsed: with the parse cache
 # (parse_cache.py) a process that loads unchanged views never imports it.
-
-CADENCES = ("daily", "weekly")
 
 _CREATE_VIEW = re.compile(
     r"CREATE\s+MATERIALIZED\s+VIEW\s+(?P<name>\w+)\s+AS\s+(?P<query>.*?)\s+WITH\s+NO\s+DATA\s*;",
@@ -53,8 +53,9 @@ class ViewDefinition:
     column_lineage: Mapping[str, tuple[SourceColumn, ...]] = field(default_factory=dict)
     # Discovered views only (analytics_views/discovery.py); project views live in the current schema.
     schema: str | None = None
-    key: tuple[str, ...] | None = None  # asset key path when not just the name (names that collide)
+    key: tuple[str, ...] | None = None  # asset key path when not just the name (discovery.asset_key)
     fingerprint: str | None = None  # of the catalog definition, to tell when discovery is out of date
+    unique_index: str | None = None  # the usable unique index discovery recorded (its CREATE statement)
     refresh_strategy: str = AUTO  # optional `-- Refresh: auto|concurrent|swap` header line (see swap.py)
 
     @property
@@ -143,9 +144,7 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
     header = _header(text)
     if not header or not header[0]:
         raise ValueError(f"{path}: starts without a header comment saying what the view answers")
-    cadence = _field(header, "cadence", path).lower()
-    if cadence not in CADENCES:
-        raise ValueError(f"{path}: cadence {cadence!r} is not one of {', '.join(CADENCES)}")
+    cadence = _field(header, "cadence", path).lower()  # checked against views.toml's cadences: on_cadences()
     columns = output_columns(match["query"])
     comments = _column_comments(text[match.end() :], path.stem, columns, path)
     strategy = _field(header, "refresh", path, default=AUTO).lower()
@@ -196,6 +195,28 @@ def source_tables(views: tuple[ViewDefinition, ...]) -> tuple[str, ...]:
 
 def view_names() -> tuple[str, ...]:
     return tuple(view.name for view in load_views())
+
+
+def on_cadences(views: tuple[ViewDefinition, ...], config: ManagedConfig) -> tuple[ViewDefinition, ...]:
+    """The project's views on their configured cadence: views.toml's first matching `[cadence]` pattern, else
+    the file header's `-- Cadence:`, which must name a cadence views.toml defines."""
+    known = config.cadence_names
+    for view in views:
+        if view.cadence not in known:
+            raise AnalyticsViewsError(
+                f"{view.path}: cadence {view.cadence!r} is not one of {', '.join(known)}: "
+                f"define it under [cadences] in {config.path or 'views.toml'}, or change the header"
+            )
+    return tuple(_on_cadence(view, config.cadence_of(None, view.name, view.cadence)) for view in views)
+
+
+def _on_cadence(view: ViewDefinition, cadence: str) -> ViewDefinition:
+    if cadence == view.cadence:
+        return view
+    # The description is the header: say there which cadence the view is on now, and why not the header's.
+    line = f"Cadence: {cadence} (views.toml [cadence]; the header says {view.cadence})"
+    description = re.sub(r"^cadence\s*:.*$", line, view.description, count=1, flags=re.IGNORECASE | re.MULTILINE)
+    return replace(view, cadence=cadence, description=description)
 
 
 def views_with_cadence(cadence: str) -> tuple[ViewDefinition, ...]:

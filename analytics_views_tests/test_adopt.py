@@ -20,6 +20,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import CONFIG_ENV, load_config
 from analytics_views.migrate import migrate
 from analytics_views.operations import discovery_warning
+from analytics_views.view_checks import STATIC_CHECKS
 
 FOREIGN_SCHEMA = """
 CREATE TABLE events (
@@ -122,18 +123,19 @@ def checks(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], dg.AssetC
 def test_discovered_views_become_assets_with_lineage_from_the_catalog(adopted):
     specs = specs_by_key(adopted)
     views = {key for key, spec in specs.items() if spec.group_name == "analytics_views"}
-    assert views == {"daily_aggregations", "weekly_rollup", "reporting/events", "purchases_by_user"}
+    # Named in the schema discovery ran in (public), [schema, name] in the others.
+    assert views == {"daily_aggregations", "reporting/weekly_rollup", "reporting/events", "reporting/purchases_by_user"}
     assert "other_team/private_counts" not in specs and "private_counts" not in specs  # not selected
     deps = {key: {dep.asset_key.to_user_string() for dep in specs[key].deps} for key in views}
     assert deps == {
-        "daily_aggregations": {"public/events"},  # `events` is taken twice, so both are schema-qualified
-        "weekly_rollup": {"daily_aggregations"},  # a view reading a view
-        "reporting/events": {"public/events"},
-        "purchases_by_user": {"public/events"},
+        "daily_aggregations": {"events"},
+        "reporting/weekly_rollup": {"daily_aggregations"},  # a view reading a view
+        "reporting/events": {"events"},
+        "reporting/purchases_by_user": {"events"},
     }
-    assert specs["public/events"].group_name == "sources"
-    assert specs["weekly_rollup"].tags["cadence"] == "daily"
-    assert specs["purchases_by_user"].tags["cadence"] == "weekly"
+    assert specs["events"].group_name == "sources"
+    assert specs["reporting/weekly_rollup"].tags["cadence"] == "daily"
+    assert specs["reporting/purchases_by_user"].tags["cadence"] == "weekly"
 
 
 def test_column_schema_and_descriptions_come_from_the_catalog_comments(adopted):
@@ -144,7 +146,7 @@ def test_column_schema_and_descriptions_come_from_the_catalog_comments(adopted):
     assert [(name, c.type) for name, c in columns.items()] == [("day", "date"), ("events", "bigint"), ("users", "bigint")]
     assert columns["users"].description == "Distinct users that day."
     assert columns["day"].description is None
-    source = specs["public/events"]
+    source = specs["events"]
     assert source.description == "Raw events as the ingest service received them."
     source_columns = {c.name: c for c in source.metadata["dagster/column_schema"].columns}
     assert source_columns["payload"].type == "jsonb"
@@ -162,7 +164,7 @@ def test_definitions_load_from_the_state_file_without_the_database(foreign_db, m
     monkeypatch.setattr(psycopg, "connect", no_connection)
     defs = build_definitions()
     dg.Definitions.validate_loadable(defs)
-    assert "weekly_rollup" in specs_by_key(defs)
+    assert "reporting/weekly_rollup" in specs_by_key(defs)
 
 
 def test_missing_state_file_is_one_line_naming_discover(foreign_db):
@@ -200,8 +202,8 @@ def test_jobs_refresh_in_dependency_order_and_checks_tell_the_truth(adopted, for
 
     assert daily.success
     started = [event.step_key for event in daily.all_events if event.event_type_value == "STEP_START"]
-    assert set(started) == {"daily_aggregations", "weekly_rollup", "reporting__events"}
-    assert started.index("daily_aggregations") < started.index("weekly_rollup")
+    assert set(started) == {"daily_aggregations", "reporting__weekly_rollup", "reporting__events"}
+    assert started.index("daily_aggregations") < started.index("reporting__weekly_rollup")
     with psycopg.connect(foreign_db) as conn:
         assert conn.execute("SELECT sum(events) FROM reporting.weekly_rollup").fetchone()[0] == 250
         assert conn.execute("SELECT events FROM reporting.events WHERE event_type = 'purchase'").fetchone()[0] == 116
@@ -209,8 +211,8 @@ def test_jobs_refresh_in_dependency_order_and_checks_tell_the_truth(adopted, for
     assert {key for key, check in daily_checks.items() if not check.passed} == set()
     assert set(daily_checks) == {
         (view, check)
-        for view in ("daily_aggregations", "weekly_rollup", "reporting/events")
-        for check in (UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK)
+        for view in ("daily_aggregations", "reporting/weekly_rollup", "reporting/events")
+        for check in (UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK, *STATIC_CHECKS)
     }
     metadata = {k: v.value for k, v in daily.asset_materializations_for_node("reporting__events")[0].metadata.items()}
     assert metadata["dagster/row_count"] == 2
@@ -219,11 +221,11 @@ def test_jobs_refresh_in_dependency_order_and_checks_tell_the_truth(adopted, for
     weekly = adopted.resolve_job_def("weekly_refresh_job").execute_in_process(raise_on_error=False)
 
     assert not weekly.success
-    unindexed = checks(weekly)[("purchases_by_user", UNIQUE_INDEX_CHECK)]
+    unindexed = checks(weekly)[("reporting/purchases_by_user", UNIQUE_INDEX_CHECK)]
     assert not unindexed.passed
     assert "reporting.purchases_by_user has no usable unique index" in unindexed.description
     [failure] = [event for event in weekly.all_events if event.is_step_failure]
-    assert failure.step_key == "purchases_by_user"
+    assert failure.step_key == "reporting__purchases_by_user"
     # Refreshing changed contents only: no foreign object was redefined, re-created, re-indexed or re-commented.
     assert catalog(foreign_db) == before
 
@@ -280,9 +282,9 @@ def test_stats_reports_a_stale_state_after_views_are_added_dropped_or_redefined(
     assert "error: view reporting.events is missing: discovery state" in err
 
     result = adopted.resolve_job_def("daily_refresh_job").execute_in_process(
-        asset_selection=[dg.AssetKey("weekly_rollup")], raise_on_error=False
+        asset_selection=[dg.AssetKey(["reporting", "weekly_rollup"])], raise_on_error=False
     )
-    assert not checks(result)[("weekly_rollup", MATCHES_DISCOVERY_CHECK)].passed
+    assert not checks(result)[("reporting/weekly_rollup", MATCHES_DISCOVERY_CHECK)].passed
 
     discover(foreign_db, load_config())
     assert discovery_warning(foreign_db) is None
@@ -308,8 +310,11 @@ def test_refresh_command_refreshes_discovered_views_by_schema_qualified_name(ado
 def test_config_mistakes_are_one_line_errors(tmp_path):
     config = tmp_path / "views.toml"
     config.write_text('schemas = ["reporting"]\n[cadence]\n"x*" = "hourly"\n')
-    with pytest.raises(AnalyticsViewsError, match=r"cadence of 'x\*' is 'hourly'; use one of daily, weekly"):
+    with pytest.raises(AnalyticsViewsError) as error:
         load_config(config)
+    assert str(error.value) == (
+        f"{config}: [cadence] 'x*' = 'hourly' names no cadence; use one of daily, weekly or define it under [cadences]"
+    )
     config.write_text("schema = ['reporting']\n")
     with pytest.raises(AnalyticsViewsError, match="unknown setting 'schema'"):
         load_config(config)
@@ -323,16 +328,20 @@ def test_default_config_manages_the_project_views_only(monkeypatch):
     assert config.cadence_of("reporting", "anything") == "daily"
 
 
-def test_names_taken_twice_are_schema_qualified_but_project_relations_keep_theirs():
+def test_a_relations_key_is_its_name_in_the_schema_discovery_ran_in_and_schema_qualified_elsewhere():
     state = {
         "current_schema": "public",
         "views": [{"schema": "legacy", "name": "daily_aggregations"}, {"schema": "legacy", "name": "rollup"}],
         "relations": [{"schema": "public", "name": "events"}, {"schema": "legacy", "name": "users"}],
     }
-    keys = asset_keys(state, {"daily_aggregations", "events", "users"})
+    keys = asset_keys(state)
     assert keys == {
         ("legacy", "daily_aggregations"): ("legacy", "daily_aggregations"),  # ours is public.daily_aggregations
-        ("legacy", "rollup"): ("rollup",),
+        ("legacy", "rollup"): ("legacy", "rollup"),
         ("public", "events"): ("events",),  # the project's own source table: the same relation, the same asset
         ("legacy", "users"): ("legacy", "users"),
     }
+    # Whatever else is discovered later, the keys of these relations stay.
+    state["views"].append({"schema": "public", "name": "rollup"})
+    state["relations"].append({"schema": "other", "name": "events"})
+    assert {relation: key for relation, key in asset_keys(state).items() if relation in keys} == keys

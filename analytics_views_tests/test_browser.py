@@ -202,7 +202,7 @@ def walk_the_analyst_pages(base: str, page) -> None:
     page.goto(f"{base}/assets/{LATE_VIEW}")
     page.get_by_text("9 days ago").first.wait_for()  # its latest materialization
     # The freshness panel loads after the page: wait for its policy line before reading the page.
-    page.get_by_text("Fails if more than 8 days since last materialization").first.wait_for()
+    page.get_by_text("Fails if more than 7 days since last materialization").first.wait_for()  # 7 d 2 h, humanized
     page.get_by_text("Failed", exact=True).first.wait_for()
     late = page.inner_text("body")
     assert "Freshness policy\nFailed" in late, "the weekly view refreshed 9 days ago is not shown as late"

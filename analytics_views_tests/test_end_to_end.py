@@ -9,6 +9,7 @@ from dagster_graphql import DagsterGraphQLClient
 
 from analytics_views.refresh import refresh_view
 from analytics_views.services import dagster_services
+from analytics_views.view_checks import STATIC_CHECKS
 from analytics_views_tests.conftest import DEPLOYMENT_PASSWORD, free_port
 
 DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
@@ -64,7 +65,10 @@ def test_daily_job_launched_through_graphql_refreshes_every_daily_view(services)
             for evaluation in [event.event_specific_data]
         }
     assert materialized == DAILY_VIEWS
-    assert checks == {(view, "unique_index"): True for view in DAILY_VIEWS}
+    # Every check of every daily view passes: the unique index, the SQL checks and the data tests.
+    assert {view for view, _ in checks} == DAILY_VIEWS
+    assert {name for _, name in checks} >= {"unique_index", *STATIC_CHECKS, "revenue_matches_payments"}
+    assert [key for key, passed in checks.items() if not passed] == []
 
     result = client._execute(SCHEDULES_QUERY)  # noqa: SLF001 - the client has no schedule helper
     [repository] = result["repositoriesOrError"]["nodes"]

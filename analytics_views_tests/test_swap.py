@@ -1,12 +1,13 @@
 """Build-and-swap refreshes (swap.py) against a real database: contents, indexes, grants, fallback, readers."""
 
 import threading
+import time
 
 import psycopg
 import pytest
 
 from analytics_views.database import view_state
-from analytics_views.refresh import CONCURRENT, refresh_view
+from analytics_views.refresh import CONCURRENT, RefreshError, RefreshSettings, refresh_view
 from analytics_views.swap import SWAP
 
 # A view over a tiny table whose query sleeps once (an InitPlan), so its build is slow enough to watch.
@@ -62,7 +63,7 @@ def test_swap_refresh_replaces_contents_and_keeps_indexes_comments_owner_and_gra
 
         outcome = refresh_view(conn, "slow_numbers", strategy="swap")
 
-        assert outcome.mode == SWAP
+        assert (outcome.mode, outcome.note) == (SWAP, "")
         assert numbers(conn) == [(2, 20), (3, 30), (4, 40)]
         assert catalog_facts(conn) == before
         assert view_state(conn, "slow_numbers").unique_index == "slow_numbers_key"
@@ -121,7 +122,7 @@ def test_readers_get_the_old_rows_at_once_while_the_swap_builds(seeded_db):
             # Wait until the build is under way (its query sleeps), then read with a short lock_timeout:
             # a reader blocked by the refresh would fail with LockNotAvailable instead of waiting.
             while not reader.execute(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE 'CREATE MATERIALIZED VIEW%%__swap%%'"
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE 'REFRESH MATERIALIZED VIEW%%__swap%%'"
                 " AND state = 'active')"
             ).fetchone()[0]:
                 assert refresher.is_alive()
@@ -135,3 +136,106 @@ def test_readers_get_the_old_rows_at_once_while_the_swap_builds(seeded_db):
 def test_unknown_strategy_is_refused(seeded_db):
     with slow_view(seeded_db, 0) as conn, pytest.raises(ValueError, match="sideways"):
         refresh_view(conn, "slow_numbers", strategy="sideways")
+
+
+def test_a_reader_whose_snapshot_predates_the_swap_reads_rows_during_and_after_it(seeded_db):
+    with slow_view(seeded_db, 1) as conn:
+        conn.execute("INSERT INTO source_numbers VALUES (4)")
+        during, after = (psycopg.connect(seeded_db) for _ in range(2))
+        for reader in (during, after):  # REPEATABLE READ, each with its snapshot taken before the swap begins
+            reader.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            assert reader.execute("SELECT count(*) FROM source_numbers").fetchone()[0] == 4
+        outcomes = []
+        refresher = threading.Thread(
+            target=lambda: outcomes.append(refresh_view(psycopg.connect(seeded_db, autocommit=True), "slow_numbers", strategy="swap"))
+        )
+        refresher.start()
+        while not conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE 'REFRESH MATERIALIZED VIEW%%__swap%%'"
+            " AND state = 'active')"
+        ).fetchone()[0]:
+            assert refresher.is_alive()
+        assert numbers(during) == [(1, 10), (2, 20), (3, 30)]  # the old rows while the new ones are built
+        during.commit()  # its lock on the old view would hold the swap back
+        refresher.join()
+
+        assert outcomes[0].mode == SWAP
+        # As after a plain REFRESH: the new rows are frozen, visible to a snapshot older than them.
+        assert numbers(after) == [(1, 10), (2, 20), (3, 30), (4, 40)]
+        after.commit()
+        for reader in (during, after):
+            reader.close()
+
+
+def test_swap_rebuilds_a_view_over_a_schema_only_the_connections_search_path_names(seeded_db):
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA sales; CREATE SCHEMA ledger")
+        conn.execute("SET search_path = sales, ledger")
+        conn.execute("CREATE TABLE ledger.orders (n int PRIMARY KEY); INSERT INTO orders VALUES (1), (2)")
+        conn.execute("CREATE FUNCTION ledger.doubled(n int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT n * 2'")
+        conn.execute("CREATE MATERIALIZED VIEW order_numbers AS SELECT n, doubled(n) AS twice FROM orders")
+        conn.execute("CREATE UNIQUE INDEX order_numbers_key ON order_numbers (twice)")
+        conn.execute("INSERT INTO orders VALUES (3)")
+
+        outcome = refresh_view(conn, "order_numbers", strategy="swap")
+
+        assert (outcome.mode, outcome.note) == (SWAP, "")
+        assert conn.execute("SELECT twice FROM order_numbers ORDER BY 1").fetchall() == [(2,), (4,), (6,)]
+        assert conn.execute("SHOW search_path").fetchone()[0] == "sales, ledger"  # the caller's, restored
+
+
+def test_swap_runs_the_query_under_the_search_path_refresh_uses(seeded_db):
+    """PostgreSQL 17 and newer run a REFRESH's query with search_path = pg_catalog, pg_temp: a function
+    whose body names a table without its schema fails there, and must fail the swap the same way."""
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE counted (n int PRIMARY KEY); INSERT INTO counted VALUES (1), (2)")
+        conn.execute("CREATE FUNCTION counted_numbers() RETURNS SETOF int LANGUAGE sql STABLE AS 'SELECT n FROM counted'")
+        conn.execute("ALTER FUNCTION counted_numbers() SET search_path = public")  # to populate it once
+        conn.execute("CREATE MATERIALIZED VIEW counted_view AS SELECT n FROM counted_numbers() AS n")
+        conn.execute("CREATE UNIQUE INDEX counted_view_key ON counted_view (n)")
+        conn.execute("ALTER FUNCTION counted_numbers() RESET search_path")
+        conn.execute("INSERT INTO counted VALUES (3)")
+        restricted = conn.execute("SELECT current_setting('server_version_num')::int >= 170000").fetchone()[0]
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("REFRESH MATERIALIZED VIEW counted_view")
+            plain_fails = False
+        except psycopg.errors.UndefinedTable:
+            plain_fails = True
+        assert plain_fails == restricted
+
+        if restricted:
+            with pytest.raises(RefreshError, match='relation "counted" does not exist'):
+                refresh_view(conn, "counted_view", strategy="swap")
+            assert conn.execute("SELECT count(*) FROM counted_view").fetchone()[0] == 2  # its old rows
+        else:
+            assert refresh_view(conn, "counted_view", strategy="swap").mode == SWAP
+            assert conn.execute("SELECT count(*) FROM counted_view").fetchone()[0] == 3
+
+
+# Statements that each fit in 2 s, and together do not: the REFRESH runs the query (0.6 s) and builds the
+# expression index (3 rows x 0.4 s), then ANALYZE evaluates the expression again (1.2 s).
+DEADLINE_VIEW = """
+CREATE FUNCTION slow_double(n int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS 'BEGIN PERFORM pg_sleep(0.4); RETURN n * 2; END';
+CREATE INDEX slow_numbers_doubled ON slow_numbers ((slow_double(n)));
+"""
+
+
+def test_the_statement_timeout_bounds_the_whole_swap_not_each_statement(seeded_db):
+    with slow_view(seeded_db, 0.6) as conn:
+        conn.execute(DEADLINE_VIEW)
+        conn.execute("UPDATE source_numbers SET n = 5 WHERE n = 3")  # still 3 rows
+        with conn.transaction(force_rollback=True):  # the swap's longest statement fits the timeout
+            conn.execute("SET LOCAL statement_timeout = '2s'")
+            conn.execute("REFRESH MATERIALIZED VIEW slow_numbers")
+
+        started = time.monotonic()
+        with pytest.raises(RefreshError, match="statement timeout"):
+            refresh_view(conn, "slow_numbers", RefreshSettings(statement_timeout_s=2), strategy="swap")
+        elapsed = time.monotonic() - started
+
+        assert elapsed < 2.9  # its statements take 3 s together
+        assert numbers(conn) == [(1, 10), (2, 20), (3, 30)]
+        assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"  # the session's own, untouched
+        outcome = refresh_view(conn, "slow_numbers", RefreshSettings(statement_timeout_s=30), strategy="swap")
+        assert outcome.mode == SWAP and numbers(conn)[-1] == (5, 50)

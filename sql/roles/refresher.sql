@@ -11,6 +11,12 @@
 -- non-owner (the query still runs with the owner's rights): the role gets MAINTAIN and SELECT on each view.
 -- Older servers let only the owner refresh, so there the role becomes the views' owner, and gets SELECT
 -- on the tables the views read, since the owner's rights run the query. Prefer 17+: an owner may also drop.
+--
+-- Large views are refreshed by build-and-swap (analytics_views/swap.py), which creates a new view beside the
+-- old one and drops the old: that needs CREATE on the schema and the view's ownership, which this role does
+-- not get (17+: not the owner; older: no CREATE on the schema). For it, such refreshes fall back to
+-- CONCURRENTLY (slower on large views, never wrong) and say so in `refresh_note`. Before 17, granting the
+-- role CREATE on the schema lets it swap, at the price of letting it create objects there.
 DO $refresher$
 DECLARE
     refresher text := coalesce(
