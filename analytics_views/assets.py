@@ -287,7 +287,7 @@ def view_asset(
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }
             )
-            yield from view_checks.results(conn, view, state.unique_index, tests)
+            yield from view_checks.results(conn, view, state.unique_index, tests, analytics_db.timezone)
 
     return refresh
 

@@ -4,7 +4,8 @@ A project view's tests are `sql/tests/<view>/<test>.sql`; a discovered view's ar
 `<data_tests folder of views.toml>/<schema>.<view>/<test>.sql`. Each file holds one SELECT that names the
 view directly, after a header of `--` lines: the first says what the test asserts, `-- Severity: error|warn`
 sets the check's severity (default error). Each test runs after the view's refresh in a read-only
-transaction of its own, under TimeZone UTC; a test whose query fails is a failed check, not a failed step.
+transaction of its own, under the refresh's TimeZone (default UTC); a test whose query fails is a failed
+check, not a failed step.
 """
 
 import re
@@ -94,13 +95,17 @@ def tests_folder(name: str, schema: str | None, discovered_tests_dir: Path | Non
     return discovered_tests_dir / f"{schema}.{name}" if discovered_tests_dir else None
 
 
-def run_test(conn: psycopg.Connection, test: DataTest, statement_timeout_s: float = 300) -> DataTestResult:
+def run_test(
+    conn: psycopg.Connection, test: DataTest, statement_timeout_s: float = 300, *, timezone: str = "UTC"
+) -> DataTestResult:
     """Run one test on an autocommit connection; every row it returns is a failure."""
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION READ ONLY")
-            conn.execute("SELECT set_config('TimeZone', 'UTC', true), set_config('statement_timeout', %s, true)",
-                         [f"{int(statement_timeout_s * 1000)}ms"])
+            conn.execute(
+                "SELECT set_config('TimeZone', %s, true), set_config('statement_timeout', %s, true)",
+                [timezone, f"{int(statement_timeout_s * 1000)}ms"],
+            )
             cursor = conn.execute(test.query)
             columns = tuple(column.name for column in cursor.description or ())
             sample = tuple(cursor.fetchmany(SAMPLE_ROWS))

@@ -95,9 +95,14 @@ def data_test_result(result: DataTestResult) -> dg.AssetCheckResult:
 
 
 def results(
-    conn: psycopg.Connection, view: ViewDefinition, unique_index: str | None, tests: tuple[DataTest, ...]
+    conn: psycopg.Connection,
+    view: ViewDefinition,
+    unique_index: str | None,
+    tests: tuple[DataTest, ...],
+    timezone: str = "UTC",
 ) -> Iterator[dg.AssetCheckResult]:
-    """Every check of `specs`, evaluated over the step's connection after the refresh."""
+    """Every check of `specs`, evaluated over the step's connection after the refresh; the data tests run in
+    the refresh's time zone, so they bucket as the view did."""
     yield from static_results(conn, view, unique_index)
     for test in tests:
-        yield data_test_result(run_test(conn, test))
+        yield data_test_result(run_test(conn, test, timezone=timezone))
