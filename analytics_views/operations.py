@@ -2,18 +2,21 @@
 
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 
 import dagster as dg
 import yaml
 
-from analytics_views import database
+from analytics_views import database, pool_slots
 from analytics_views.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import load_config
 from analytics_views.migrate import LEDGER
 from analytics_views.refresh import SKIPPED
+from analytics_views.pool_slots import SLOT_WAIT_S
 from analytics_views.views import CADENCES, ViewDefinition
 
 
@@ -87,10 +90,11 @@ def _step_failures(result: dg.ExecuteInProcessResult) -> dict[str, str]:
     return failures
 
 
-def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshReport]:
+def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = SLOT_WAIT_S) -> list[RefreshReport]:
     """Run each cadence's job for the selected views, in process, recorded in the Dagster instance.
 
-    Views whose sources did not change since their last refresh are skipped unless `force` is set.
+    Views whose sources did not change since their last refresh are skipped unless `force` is set. A view
+    whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED.
     """
     from analytics_views.definitions import build_definitions
 
@@ -106,37 +110,66 @@ def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshR
             if not chosen:
                 continue
             job = defs.resolve_job_def(f"{cadence}_refresh_job")
-            result = job.execute_in_process(
-                instance=dagster_instance,
-                asset_selection=[dg.AssetKey(list(view.asset_key_path)) for view in chosen],
-                raise_on_error=False,
-                tags={"launched_by": "analytics-views refresh"},
-                run_config={
-                    "loggers": {"console": {"config": {"log_level": "INFO"}}},
-                    "resources": {
-                        "analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}
+            reports += _run_job(dagster_instance, job, chosen, force=force, wait_s=wait_s)
+    return reports
+
+
+def _run_job(
+    dagster_instance: dg.DagsterInstance, job: dg.JobDefinition, chosen: list[ViewDefinition], *, force: bool, wait_s: float
+) -> list[RefreshReport]:
+    """One run of `job` for the chosen views, its pool slots claimed first (pool_slots.py)."""
+    steps = {dg.AssetKey(list(view.asset_key_path)).to_python_identifier(): view for view in chosen}
+    pools = {node.name: node.definition.pool for node in job.graph.nodes if node.name in steps}
+    run_id = str(uuid.uuid4())
+    try:
+        blocked = pool_slots.claim(dagster_instance, run_id, pools, wait_s=wait_s)
+        reports = {step: RefreshReport(steps[step].label, "FAILED", reason) for step, reason in blocked.items()}
+        granted = [view for step, view in steps.items() if step not in blocked]
+        if granted:
+            result = pool_slots.run_interruptibly(
+                dagster_instance,
+                run_id,
+                partial(
+                    job.execute_in_process,
+                    instance=dagster_instance,
+                    run_id=run_id,
+                    asset_selection=[dg.AssetKey(list(view.asset_key_path)) for view in granted],
+                    raise_on_error=False,
+                    tags={"launched_by": "analytics-views refresh"},
+                    run_config={
+                        # The CLI prints one line per view; the run's own log is in the UI.
+                        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+                        "resources": {
+                            "analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}
+                        },
                     },
-                },
+                ),
             )
-            failures = _step_failures(result)
-            for view in chosen:
-                name, node = view.label, dg.AssetKey(list(view.asset_key_path)).to_python_identifier()
-                if node in failures:
-                    reports.append(RefreshReport(name, "FAILED", failures[node]))
-                    continue
-                metadata = {
-                    key: value.value
-                    for event in result.asset_materializations_for_node(node)
-                    for key, value in event.metadata.items()
-                }
-                reports.append(
-                    RefreshReport(
-                        name,
-                        "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
-                        f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
-                        f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
-                    )
-                )
+            reports |= _reports(result, {step: view for step, view in steps.items() if step not in blocked})
+    finally:  # slots of steps that never ran (skipped, interrupted) are freed too
+        pool_slots.release(dagster_instance, run_id)
+    return [reports[step] for step in steps]
+
+
+def _reports(result: dg.ExecuteInProcessResult, steps: dict[str, ViewDefinition]) -> dict[str, RefreshReport]:
+    failures = _step_failures(result)
+    reports = {}
+    for node, view in steps.items():
+        if node in failures:
+            reports[node] = RefreshReport(view.label, "FAILED", failures[node])
+            continue
+        metadata = {
+            key: value.value for event in result.asset_materializations_for_node(node) for key, value in event.metadata.items()
+        }
+        if not metadata:  # neither failed nor materialized: an upstream view failed
+            reports[node] = RefreshReport(view.label, "FAILED", "not refreshed: a view it reads failed")
+            continue
+        reports[node] = RefreshReport(
+            view.label,
+            "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
+            f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
+            f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
+        )
     return reports
 
 

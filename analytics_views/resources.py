@@ -45,4 +45,8 @@ class AnalyticsDatabase(dg.ConfigurableResource):
     @contextmanager
     def connection(self, application_name: str = APPLICATION_NAME) -> Iterator[psycopg.Connection]:
         with connect(self.url, autocommit=True, application_name=application_name) as conn:
+            if conn.info.server_version >= 140000:
+                # A killed run worker's backend would otherwise wait on in its query, holding the view's
+                # advisory lock, until the query ends: with this, PostgreSQL ends it within a second.
+                conn.execute("SET client_connection_check_interval = '1s'")
             yield conn
