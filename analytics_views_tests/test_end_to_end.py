@@ -15,7 +15,7 @@ from dagster_graphql import DagsterGraphQLClient
 from analytics_views.refresh import ADVISORY_LOCK_NAMESPACE, refresh_view
 from analytics_views.services import DAGSTER_YAML, dagster_services
 from analytics_views_tests.conftest import DEPLOYMENT_PASSWORD, free_port
-from analytics_views_tests.test_reliability import contents, wait_for_activity
+from analytics_views_tests.test_reliability import ADVISORY_LOCKS_HERE, contents, wait_for_activity
 
 DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
 
@@ -163,7 +163,7 @@ def test_a_killed_run_worker_releases_its_view_within_the_stated_time(services, 
         # Its backend and the view's advisory lock go, though the lock it waited on is still held.
         ours = (
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s",
+            ADVISORY_LOCKS_HERE,
         )
         wait_until(
             lambda: watcher.execute(ours[0], [application]).fetchone()[0] == 0

@@ -21,6 +21,11 @@ from analytics_views.refresh import (
 )
 
 QUICK = RefreshSettings(lock_timeout_s=0.5, statement_timeout_s=60)
+# pg_locks covers the whole server, where other tests run at the same time: count this database's only.
+ADVISORY_LOCKS_HERE = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 
 
 @pytest.fixture
@@ -133,7 +138,7 @@ def test_the_advisory_lock_is_released_when_a_refresh_fails(refreshed_db):
         with pytest.raises(RefreshError, match="no unique index"):
             refresh_view(conn, "daily_aggregations", QUICK)
         locks = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s",
+            ADVISORY_LOCKS_HERE,
             [ADVISORY_LOCK_NAMESPACE],
         ).fetchone()[0]
         assert locks == 0
