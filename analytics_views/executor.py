@@ -64,7 +64,8 @@ def on_interrupt(callback: Callable[[], None]) -> Iterator[None]:
     """A block of a step that a terminated run may interrupt: in a step thread, `callback` (for example
     `conn.cancel_safe`) is called from another thread to stop what the block waits on, and
     DagsterExecutionInterruptedError is raised in the block. Outside step threads (Dagster's in_process and
-    multiprocess executors) it only runs the block: there Dagster interrupts the step itself."""
+    multiprocess executors) it only runs the block, unless `interrupt_thread` is called for the thread (the
+    CLI's runs): elsewhere Dagster interrupts the step itself."""
     ident = threading.get_ident()
     with _lock:
         if ident in _interrupted:

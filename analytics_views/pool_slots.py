@@ -27,12 +27,12 @@ _POLL_S = 0.5
 _UNRECORDED_GRACE_S = 60.0
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     print(f"analytics-views refresh: {line}", file=sys.stderr, flush=True)
 
 
 def claim(
-    instance: dg.DagsterInstance, run_id: str, pools: dict[str, str | None], *, wait_s: float, say=_say
+    instance: dg.DagsterInstance, run_id: str, pools: dict[str, str | None], *, wait_s: float
 ) -> dict[str, str]:
     """Claims each step's pool slot (`pools`: step key -> pool) for run `run_id`, waiting at most `wait_s` in
     all, and frees on the way the slots of runs that ended. Returns the steps left without a slot, each with a
@@ -51,7 +51,7 @@ def claim(
                 del waiting[step]
         if not waiting:
             return {}
-        holders = {step: _live_holder(instance, pool, run_id, say) for step, pool in waiting.items()}
+        holders = {step: _live_holder(instance, pool, run_id) for step, pool in waiting.items()}
         if None in holders.values() and time.monotonic() < deadline:  # a slot was just freed: claim it at once
             continue
         if time.monotonic() >= deadline:
@@ -85,7 +85,7 @@ def _initialize(instance: dg.DagsterInstance, pool: str) -> None:
         instance.event_log_storage.initialize_concurrency_limit_to_default(pool)
 
 
-def _live_holder(instance: dg.DagsterInstance, pool: str, run_id: str, say) -> str | None:
+def _live_holder(instance: dg.DagsterInstance, pool: str, run_id: str) -> str | None:
     """Which run holds the pool's slot, or None once the slots of runs that ended are freed (Dagster's daemon
     frees them only run_monitoring's free_slots_after_run_end_seconds later; the view's advisory lock still
     keeps two refreshes of it apart)."""
@@ -118,9 +118,12 @@ def _live_holder(instance: dg.DagsterInstance, pool: str, run_id: str, say) -> s
     return ", ".join(live) or (None if freed else "another run")
 
 
-def run_interruptibly(instance: dg.DagsterInstance, run_id: str, execute: Callable[[], object]):
-    """`execute()` (the run `run_id`) in a thread; a signal in the main thread (KeyboardInterrupt or SystemExit)
-    cancels the run and interrupts its step before it goes on."""
+def run_interruptibly(
+    instance: dg.DagsterInstance, run_id: str, execute: Callable[[], object], watch: Callable[[], None] = lambda: None
+):
+    """`execute()` (the run `run_id`) in a thread, calling `watch()` every second meanwhile; a signal in the main
+    thread (KeyboardInterrupt, or any exception its handler raises) cancels the run and interrupts its step
+    before it goes on."""
     outcome: dict = {}
 
     def target() -> None:
@@ -133,7 +136,8 @@ def run_interruptibly(instance: dg.DagsterInstance, run_id: str, execute: Callab
     thread.start()
     try:
         while thread.is_alive():
-            thread.join(0.2)
+            thread.join(1.0)
+            watch()
     except BaseException:
         _stop(instance, run_id, thread)
         raise

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -251,29 +252,52 @@ def test_a_slot_left_to_a_run_that_ended_is_freed_and_the_view_refreshed(seeded_
     assert result.stdout.startswith("daily_aggregations: refreshed (")
 
 
+def refresh_in_background(seeded_db: str, dagster_home: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [COMMAND, "refresh", "daily_aggregations", "--force"],
+        env={**os.environ, **dagster_home, "DATABASE_URL": seeded_db},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+REFRESH_WAITING_FOR_A_LOCK = "application_name LIKE 'analytics-views daily_aggregations run %' AND wait_event_type = 'Lock'"
+
+
+def test_refresh_says_which_session_holds_the_lock_it_waits_for(seeded_db, dagster_home, monkeypatch):
+    blocked_refresh_env(seeded_db, dagster_home, monkeypatch)
+    assert run("refresh", "daily_aggregations", env=dagster_home, DATABASE_URL=seeded_db).returncode == 0
+    with held(seeded_db, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker:
+        process = refresh_in_background(seeded_db, dagster_home)
+        wait_for_activity(seeded_db, REFRESH_WAITING_FOR_A_LOCK, timeout_s=60)
+        time.sleep(2)  # the CLI looks every second
+        holder = blocker.info.backend_pid
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert stderr.startswith(f"analytics-views refresh: daily_aggregations waits for a lock held by pid {holder} (")
+    assert stderr.strip().endswith("at most lock_timeout_s (30 s) per attempt") and len(stderr.splitlines()) == 1
+    assert stdout.startswith("daily_aggregations: refreshed (")
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_a_blocked_refresh_at_once_and_cancels_its_run(seeded_db, dagster_home, monkeypatch, signum, code):
     blocked_refresh_env(seeded_db, dagster_home, monkeypatch)
     assert run("refresh", "daily_aggregations", env=dagster_home, DATABASE_URL=seeded_db).returncode == 0
     with held(seeded_db, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE"):
-        process = subprocess.Popen(
-            [COMMAND, "refresh", "daily_aggregations", "--force"],
-            env={**os.environ, **dagster_home, "DATABASE_URL": seeded_db},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        refreshing = "application_name LIKE 'analytics-views daily_aggregations run %' AND wait_event_type = 'Lock'"
-        backend = wait_for_activity(seeded_db, refreshing, timeout_s=60)
+        process = refresh_in_background(seeded_db, dagster_home)
+        backend = wait_for_activity(seeded_db, REFRESH_WAITING_FOR_A_LOCK, timeout_s=60)
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=10)  # the refresh's lock_timeout is 30 s
         with psycopg.connect(seeded_db, autocommit=True) as conn:
             gone = conn.execute("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = %s", [backend["pid"]]).fetchone()[0]
     assert process.returncode == code
-    assert stderr.splitlines() == [
+    *waits, stopped = stderr.splitlines()  # the line saying what it waited for, if it came before the signal
+    assert stopped == (
         f"analytics-views refresh: stopped by {signum.name}; the refresh in progress was cancelled and its view "
         "keeps its previous contents"
-    ]
+    )
+    assert len(waits) <= 1
     assert stdout == "" and gone
     with dg.DagsterInstance.get() as instance:
         latest = instance.get_runs(limit=1)[0]
