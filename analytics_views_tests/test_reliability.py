@@ -59,13 +59,15 @@ def held(url: str, statement: str, params=()):
 
 
 def wait_for_activity(url: str, condition: str, timeout_s: float = 30) -> dict:
-    """The first pg_stat_activity row matching `condition`, waiting for it to appear."""
+    """The first pg_stat_activity row of the URL's database matching `condition`, waiting for it to appear (other
+    tests run on the same server at the same time)."""
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(url, autocommit=True) as conn:
         conn.row_factory = psycopg.rows.dict_row
         while time.monotonic() < deadline:
             row = conn.execute(
-                f"SELECT pid, application_name, query, wait_event_type FROM pg_stat_activity WHERE {condition}"
+                "SELECT pid, application_name, query, wait_event_type FROM pg_stat_activity"
+                f" WHERE datname = current_database() AND ({condition})"
             ).fetchone()
             if row:
                 return row
