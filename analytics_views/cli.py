@@ -2,12 +2,15 @@
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from analytics_views.database import database_url_from_env
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import PROJECT_ROOT
+from analytics_views.pool_slots import SLOT_WAIT_S
 
 DEV_DIR = PROJECT_ROOT / ".dev"
 
@@ -37,7 +40,7 @@ def _refresh(args: argparse.Namespace) -> int:
     views = selected_views(
         all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views
     )
-    outcomes = refresh(database_url_from_env(), views, force=args.force)
+    outcomes = refresh(database_url_from_env(), views, force=args.force, wait_s=args.wait)
     for outcome in outcomes:
         print(outcome.line())
     return 0 if all(outcome.ok for outcome in outcomes) else 1
@@ -118,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     refresh.add_argument(
         "--force", action="store_true", help="refresh even views whose sources did not change since their last refresh"
     )
+    refresh.add_argument(
+        "--wait",
+        type=float,
+        default=SLOT_WAIT_S,
+        metavar="SECONDS",
+        help=f"longest wait for a view that another run is refreshing (its pool slot); then the view is reported "
+        f"FAILED (default: {SLOT_WAIT_S:g})",
+    )
     refresh.set_defaults(run=_refresh)
 
     discover = commands.add_parser(
@@ -149,15 +160,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt (code that catches Exception lets
+    it through)."""
+
+    signal = signal.SIGTERM
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return args.run(args)
     except AnalyticsViewsError as error:
         print(f"analytics-views {args.command}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:
+        received = getattr(stop, "signal", signal.SIGINT)
+        cancelled = "; the refresh in progress was cancelled and its view keeps its previous contents"
+        print(
+            f"analytics-views {args.command}: stopped by {received.name}{cancelled if args.command == 'refresh' else ''}",
+            file=sys.stderr,
+        )
+        return 128 + received
 
 
 if __name__ == "__main__":

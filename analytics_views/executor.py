@@ -18,6 +18,7 @@ it on entering the block.
 import ctypes
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -42,6 +43,7 @@ from dagster._core.execution.context.system import PlanExecutionContext, PlanOrc
 from dagster._core.execution.context_creation_job import PlanExecutionContextManager
 from dagster._core.execution.plan.execute_plan import _trigger_hook, dagster_event_sequence_for_step
 from dagster._core.execution.plan.instance_concurrency_context import InstanceConcurrencyContext
+from dagster._core.execution.plan.objects import ErrorSource, step_failure_event_from_exc_info
 from dagster._core.execution.plan.plan import ExecutionPlan
 from dagster._core.execution.retries import RetryMode
 from dagster._core.executor.base import Executor
@@ -62,7 +64,8 @@ def on_interrupt(callback: Callable[[], None]) -> Iterator[None]:
     """A block of a step that a terminated run may interrupt: in a step thread, `callback` (for example
     `conn.cancel_safe`) is called from another thread to stop what the block waits on, and
     DagsterExecutionInterruptedError is raised in the block. Outside step threads (Dagster's in_process and
-    multiprocess executors) it only runs the block: there Dagster interrupts the step itself."""
+    multiprocess executors) it only runs the block, unless `interrupt_thread` is called for the thread (the
+    CLI's runs): elsewhere Dagster interrupts the step itself."""
     ident = threading.get_ident()
     with _lock:
         if ident in _interrupted:
@@ -110,17 +113,38 @@ class _StepThread(threading.Thread):
         with _lock:
             if self.finished or self.ident is None:
                 return
-            _interrupted.add(self.ident)
-            callbacks = list(_interrupt_callbacks.get(self.ident, ()))
-            if callbacks:  # in an interruptible block of the step's own code: raise there
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(self.ident), ctypes.py_object(DagsterExecutionInterruptedError)
-                )
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # the step may already be ending; its own error handling reports it
-                pass
+            callbacks = _interrupt_locked(self.ident)
+        _call(callbacks)
+
+
+def _interrupt_locked(ident: int) -> list[Callable[[], None]]:
+    _interrupted.add(ident)
+    callbacks = list(_interrupt_callbacks.get(ident, ()))
+    if callbacks:  # in an interruptible block of the step's own code: raise there
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(DagsterExecutionInterruptedError))
+    return callbacks
+
+
+def _call(callbacks: list[Callable[[], None]]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # the step may already be ending; its own error handling reports it
+            pass
+
+
+def interrupt_thread(ident: int) -> None:
+    """Interrupt the step running in thread `ident` as a terminated run interrupts a step thread, and make the
+    thread's later interruptible blocks raise at once: for an in-process run in a thread of its own (the CLI's),
+    whose main thread handles the signals. Call `forget_interrupt` once the thread has ended."""
+    with _lock:
+        callbacks = _interrupt_locked(ident)
+    _call(callbacks)
+
+
+def forget_interrupt(ident: int) -> None:
+    with _lock:
+        _interrupted.discard(ident)  # thread ids are reused
 
 
 def _threaded_plan_iterator(
@@ -145,6 +169,7 @@ def _threaded_plan_iterator(
 
         events: queue.SimpleQueue = queue.SimpleQueue()
         running: dict[str, _StepThread] = {}
+        backing_off: set[str] = set()  # steps up for retry, waiting for their retry's delay
         errors: list[BaseException] = []
         stopping = False
         try:
@@ -161,6 +186,7 @@ def _threaded_plan_iterator(
                         thread.interrupt()
                 if not stopping:
                     for step in active.get_steps_to_execute(limit=max_concurrent - len(running)):
+                        backing_off.discard(step.key)
                         thread = _StepThread(job_context.for_step(step, active.get_known_state()), events)
                         running[step.key] = thread
                         thread.start()
@@ -189,6 +215,12 @@ def _threaded_plan_iterator(
                     thread.step_events.append(message)
                     yield message
                     active.handle_event(message)
+                    if message.is_step_up_for_retry:
+                        backing_off.add(key)
+            if stopping:
+                # A step waiting out its retry's delay has no thread to interrupt: it fails here, or the run
+                # would end with the step still in progress (its last event being STEP_UP_FOR_RETRY).
+                yield from _fail_interrupted(job_context, execution_plan, active, sorted(backing_off))
         finally:
             for thread in running.values():  # an error in this loop: stop the steps before leaving
                 thread.interrupt()
@@ -198,6 +230,16 @@ def _threaded_plan_iterator(
             raise next(e for e in errors if e not in interrupts)
         if stopping or interrupts:
             raise DagsterExecutionInterruptedError()
+
+
+def _fail_interrupted(job_context, execution_plan, active, step_keys: list[str]) -> Iterator[DagsterEvent]:
+    """A failure event for each step (not in flight: the active execution is not told, the run is ending)."""
+    for key in step_keys:
+        step_context = job_context.for_step(execution_plan.get_step_by_key(key), active.get_known_state())
+        try:
+            raise DagsterExecutionInterruptedError(f"the run stopped while {key} waited to retry")
+        except DagsterExecutionInterruptedError:
+            yield step_failure_event_from_exc_info(step_context, sys.exc_info(), error_source=ErrorSource.INTERRUPT)
 
 
 class ThreadExecutor(Executor):

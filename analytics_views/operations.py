@@ -2,18 +2,22 @@
 
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 
 import dagster as dg
+import psycopg
 import yaml
 
-from analytics_views import database
+from analytics_views import database, pool_slots
 from analytics_views.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.managed import load_config
 from analytics_views.migrate import LEDGER
-from analytics_views.refresh import SKIPPED
+from analytics_views.pool_slots import SLOT_WAIT_S
+from analytics_views.refresh import SKIPPED, RefreshSettings
 from analytics_views.views import ViewDefinition
 
 
@@ -100,10 +104,11 @@ def _step_failures(result: dg.ExecuteInProcessResult) -> dict[str, str]:
     return failures
 
 
-def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshReport]:
+def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = SLOT_WAIT_S) -> list[RefreshReport]:
     """Run each cadence's job for the selected views, in process, recorded in the Dagster instance.
 
-    Views whose sources did not change since their last refresh are skipped unless `force` is set.
+    Views whose sources did not change since their last refresh are skipped unless `force` is set. A view
+    whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED.
     """
     from analytics_views.definitions import build_definitions
 
@@ -119,37 +124,101 @@ def refresh(url: str, views: list[str], *, force: bool = False) -> list[RefreshR
             if not chosen:
                 continue
             job = defs.resolve_job_def(f"{cadence}_refresh_job")
-            result = job.execute_in_process(
+            reports += _run_job(dagster_instance, job, chosen, url=url, force=force, wait_s=wait_s)
+    return reports
+
+
+def _run_job(
+    dagster_instance: dg.DagsterInstance,
+    job: dg.JobDefinition,
+    chosen: list[ViewDefinition],
+    *,
+    url: str,
+    force: bool,
+    wait_s: float,
+) -> list[RefreshReport]:
+    """One run of `job` for the chosen views, its pool slots claimed first (pool_slots.py), saying on stderr
+    which session holds a lock one of its refreshes waits for."""
+    steps = {dg.AssetKey(list(view.asset_key_path)).to_python_identifier(): view for view in chosen}
+    pools = {node.name: node.definition.pool for node in job.graph.nodes if node.name in steps}
+    run_id = str(uuid.uuid4())
+    try:
+        blocked = pool_slots.claim(dagster_instance, run_id, pools, wait_s=wait_s)
+        reports = {step: RefreshReport(steps[step].label, "FAILED", reason) for step, reason in blocked.items()}
+        granted = {step: view for step, view in steps.items() if step not in blocked}
+        if granted:
+            execute = partial(
+                job.execute_in_process,
                 instance=dagster_instance,
-                asset_selection=[dg.AssetKey(list(view.asset_key_path)) for view in chosen],
+                run_id=run_id,
+                asset_selection=[dg.AssetKey(list(view.asset_key_path)) for view in granted.values()],
                 raise_on_error=False,
                 tags={"launched_by": "analytics-views refresh"},
                 run_config={
-                    "loggers": {"console": {"config": {"log_level": "INFO"}}},
+                    # The CLI prints one line per view; the run's own log is in the UI.
+                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
                     "resources": {
                         "analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}
                     },
                 },
             )
-            failures = _step_failures(result)
-            for view in chosen:
-                name, node = view.label, dg.AssetKey(list(view.asset_key_path)).to_python_identifier()
-                if node in failures:
-                    reports.append(RefreshReport(name, "FAILED", failures[node]))
-                    continue
-                metadata = {
-                    key: value.value
-                    for event in result.asset_materializations_for_node(node)
-                    for key, value in event.metadata.items()
-                }
-                reports.append(
-                    RefreshReport(
-                        name,
-                        "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
-                        f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
-                        f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
-                    )
-                )
+            with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
+                watch = partial(_say_lock_waits, conn, run_id, set())
+                result = pool_slots.run_interruptibly(dagster_instance, run_id, execute, watch=watch)
+            reports |= _reports(result, granted)
+    finally:  # slots of steps that never ran (skipped, interrupted) are freed too
+        pool_slots.release(dagster_instance, run_id)
+    return [reports[step] for step in steps]
+
+
+# Sessions of the run's refreshes (application_name 'analytics-views <view> run <run id>', assets.py) waiting
+# for a lock, and who holds it.
+_LOCK_WAITS = """
+SELECT waiting.application_name, holder.pid, coalesce(nullif(holder.application_name, ''), holder.usename::text),
+       to_char(holder.xact_start AT TIME ZONE 'UTC', 'HH24:MI:SS')
+FROM pg_stat_activity AS waiting
+CROSS JOIN LATERAL unnest(pg_blocking_pids(waiting.pid)) AS blocking(pid)
+JOIN pg_stat_activity AS holder ON holder.pid = blocking.pid
+WHERE waiting.application_name LIKE %s AND waiting.wait_event_type = 'Lock'
+"""
+
+
+def _say_lock_waits(conn, run_id: str, told: set) -> None:
+    """One stderr line for each session a refresh of the run newly waits for."""
+    suffix = f" run {run_id[:8]}"
+    try:
+        waits = conn.execute(_LOCK_WAITS, [f"analytics-views %{suffix}"]).fetchall()
+    except psycopg.Error:  # the refresh itself reports what is wrong with the database
+        return
+    for application, pid, holder, since in waits:
+        if (application, pid) not in told:
+            told.add((application, pid))
+            view = application.removeprefix("analytics-views ").removesuffix(suffix)
+            pool_slots.say(
+                f"{view} waits for a lock held by pid {pid} ({holder}, since {since} UTC), at most lock_timeout_s "
+                f"({RefreshSettings.lock_timeout_s:g} s) per attempt"
+            )
+
+
+def _reports(result: dg.ExecuteInProcessResult, steps: dict[str, ViewDefinition]) -> dict[str, RefreshReport]:
+    failures = _step_failures(result)
+    reports = {}
+    for node, view in steps.items():
+        if node in failures:
+            reports[node] = RefreshReport(view.label, "FAILED", failures[node])
+            continue
+        metadata = {
+            key: value.value for event in result.asset_materializations_for_node(node) for key, value in event.metadata.items()
+        }
+        if not metadata:  # neither failed nor materialized: an upstream view failed
+            reports[node] = RefreshReport(view.label, "FAILED", "not refreshed: a view it reads failed")
+            continue
+        reports[node] = RefreshReport(
+            view.label,
+            "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
+            f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
+            f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
+        )
     return reports
 
 

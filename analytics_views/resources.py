@@ -59,4 +59,8 @@ class AnalyticsDatabase(dg.ConfigurableResource):
                 raise
             raise dg.Failure(str(error), allow_retries=False) from None
         with conn:
+            if conn.info.server_version >= 140000:
+                # A killed run worker's backend would otherwise wait on in its query, holding the view's
+                # advisory lock, until the query ends: with this, PostgreSQL ends it within a second.
+                conn.execute("SET client_connection_check_interval = '1s'")
             yield conn

@@ -2,15 +2,20 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
 
+from analytics_views.refresh import ADVISORY_LOCK_NAMESPACE
 from analytics_views.services import prepare_dagster_home
+from analytics_views_tests.test_reliability import held, in_thread, wait_for_activity
 
 COMMAND = str(Path(sys.executable).parent / "analytics-views")
 VIEWS = ["campaign_aggregations", "cohort_aggregations", "daily_aggregations", "weekly_aggregations"]
@@ -114,6 +119,8 @@ def test_a_failed_refresh_exits_non_zero_naming_the_view_and_the_fix(seeded_db, 
     result = run("refresh", "--daily", env=dagster_home, DATABASE_URL=seeded_db)
     assert result.returncode == 1
     assert "daily_aggregations: FAILED (daily_aggregations has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY" in result.stdout
+    # One line per view, and nothing else: no Dagster log or stack trace (46 lines for this view before).
+    assert len(result.stdout.splitlines()) == 3 and result.stderr == ""
     assert "cohort_aggregations: skipped (" in result.stdout  # its sources did not change in between
 
 
@@ -191,3 +198,118 @@ def test_a_broken_dagster_yaml_is_one_line_naming_the_file(seeded_db, tmp_path, 
     assert_one_line_error(result, "$DAGSTER_HOME/dagster.yaml", expected)
     with psycopg.connect(seeded_db) as conn:  # nothing ran
         assert conn.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'weekly_aggregations'").fetchone()[0] is False
+
+
+# --- failures, blocked views and signals ------------------------------------------------------------------
+
+
+def blocked_refresh_env(seeded_db: str, dagster_home: dict[str, str], monkeypatch) -> None:
+    for name, value in {**dagster_home, "DATABASE_URL": seeded_db}.items():
+        monkeypatch.setenv(name, value)
+
+
+@contextmanager
+def run_holding_the_daily_slot(seeded_db: str):
+    """An in-process run of daily_aggregations, holding its pool slot while its refresh waits for the view's
+    advisory lock, which the test holds; yields the run's id."""
+    from analytics_views.definitions import defs
+
+    lock = "SELECT pg_advisory_xact_lock(%s, hashtext('daily_aggregations'))"
+    with held(seeded_db, lock, [ADVISORY_LOCK_NAMESPACE]) as blocker, dg.DagsterInstance.get() as instance:
+        job = defs.resolve_job_def("daily_refresh_job")
+        selection = [dg.AssetKey("daily_aggregations")]
+        thread, _ = in_thread(job.execute_in_process, instance=instance, asset_selection=selection, raise_on_error=False)
+        activity = wait_for_activity(seeded_db, REFRESH_WAITING_FOR_A_LOCK)
+        yield activity["application_name"].rsplit(" ", 1)[1]
+        blocker.rollback()
+        thread.join(120)
+
+
+def test_refresh_waits_at_most_the_stated_time_for_a_view_another_run_holds_naming_that_run(
+    seeded_db, dagster_home, monkeypatch
+):
+    blocked_refresh_env(seeded_db, dagster_home, monkeypatch)
+    with run_holding_the_daily_slot(seeded_db) as holder:
+        views = ["daily_aggregations", "weekly_aggregations"]
+        result = run("refresh", *views, "--wait", "2", env=dagster_home, DATABASE_URL=seeded_db)
+    assert result.returncode == 1
+    [waiting] = result.stderr.splitlines()
+    assert waiting.startswith(
+        "analytics-views refresh: waiting up to 2 s for pool refresh_daily_aggregations, "
+        f"held by run {holder} (daily_refresh_job, STARTED since "
+    )
+    daily, weekly = result.stdout.splitlines()
+    assert daily.startswith(
+        f"daily_aggregations: FAILED (not refreshed: its pool refresh_daily_aggregations stayed held by run {holder} "
+    )
+    assert weekly.startswith("weekly_aggregations: refreshed (")  # not held up by it
+
+
+def test_a_slot_left_to_a_run_that_ended_is_freed_and_the_view_refreshed(seeded_db, dagster_home, monkeypatch):
+    blocked_refresh_env(seeded_db, dagster_home, monkeypatch)
+    assert run("refresh", "daily_aggregations", env=dagster_home, DATABASE_URL=seeded_db).returncode == 0
+    with dg.DagsterInstance.get() as instance:
+        [ended] = instance.get_runs()
+        # What a killed run leaves: a slot still claimed by a run that has ended.
+        storage = instance.event_log_storage
+        storage.claim_concurrency_slot("refresh_daily_aggregations", ended.run_id, "daily_aggregations")
+    result = run("refresh", "daily_aggregations", "--force", "--wait", "5", env=dagster_home, DATABASE_URL=seeded_db)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "analytics-views refresh: freed pool refresh_daily_aggregations's slot held by run "
+        f"{ended.run_id[:8]}, which ended SUCCESS"
+    ]
+    assert result.stdout.startswith("daily_aggregations: refreshed (")
+
+
+def refresh_in_background(seeded_db: str, dagster_home: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [COMMAND, "refresh", "daily_aggregations", "--force"],
+        env={**os.environ, **dagster_home, "DATABASE_URL": seeded_db},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+REFRESH_WAITING_FOR_A_LOCK = "application_name LIKE 'analytics-views daily_aggregations run %' AND wait_event_type = 'Lock'"
+
+
+def test_refresh_says_which_session_holds_the_lock_it_waits_for(seeded_db, dagster_home, monkeypatch):
+    blocked_refresh_env(seeded_db, dagster_home, monkeypatch)
+    assert run("refresh", "daily_aggregations", env=dagster_home, DATABASE_URL=seeded_db).returncode == 0
+    with held(seeded_db, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker:
+        process = refresh_in_background(seeded_db, dagster_home)
+        wait_for_activity(seeded_db, REFRESH_WAITING_FOR_A_LOCK, timeout_s=60)
+        time.sleep(2)  # the CLI looks every second
+        holder = blocker.info.backend_pid
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert stderr.startswith(f"analytics-views refresh: daily_aggregations waits for a lock held by pid {holder} (")
+    assert stderr.strip().endswith("at most lock_timeout_s (30 s) per attempt") and len(stderr.splitlines()) == 1
+    assert stdout.startswith("daily_aggregations: refreshed (")
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_a_blocked_refresh_at_once_and_cancels_its_run(seeded_db, dagster_home, monkeypatch, signum, code):
+    blocked_refresh_env(seeded_db, dagster_home, monkeypatch)
+    assert run("refresh", "daily_aggregations", env=dagster_home, DATABASE_URL=seeded_db).returncode == 0
+    with held(seeded_db, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE"):
+        process = refresh_in_background(seeded_db, dagster_home)
+        backend = wait_for_activity(seeded_db, REFRESH_WAITING_FOR_A_LOCK, timeout_s=60)
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=10)  # the refresh's lock_timeout is 30 s
+        with psycopg.connect(seeded_db, autocommit=True) as conn:
+            gone = conn.execute("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = %s", [backend["pid"]]).fetchone()[0]
+    assert process.returncode == code
+    *waits, stopped = stderr.splitlines()  # the line saying what it waited for, if it came before the signal
+    assert stopped == (
+        f"analytics-views refresh: stopped by {signum.name}; the refresh in progress was cancelled and its view "
+        "keeps its previous contents"
+    )
+    assert len(waits) <= 1
+    assert stdout == "" and gone
+    with dg.DagsterInstance.get() as instance:
+        latest = instance.get_runs(limit=1)[0]
+        assert latest.status == dg.DagsterRunStatus.CANCELED
+        assert instance.event_log_storage.get_concurrency_info("refresh_daily_aggregations").claimed_slots == []

@@ -1,16 +1,22 @@
 """The service as it runs in production: webserver and daemon on PostgreSQL storage, a run via GraphQL."""
 
+import os
+import re
+import signal
 import time
+from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
+import yaml
 from dagster_graphql import DagsterGraphQLClient
 
-from analytics_views.refresh import refresh_view
-from analytics_views.services import dagster_services
+from analytics_views.refresh import ADVISORY_LOCK_NAMESPACE, refresh_view
+from analytics_views.services import DAGSTER_YAML, dagster_services
 from analytics_views.view_checks import STATIC_CHECKS
 from analytics_views_tests.conftest import DEPLOYMENT_PASSWORD, free_port
+from analytics_views_tests.test_reliability import ADVISORY_LOCKS_HERE, contents, wait_for_activity
 
 DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
 
@@ -25,8 +31,17 @@ query {
 """
 
 
+# The daemon's run monitoring every second, and slots of ended runs freed a second after (production: 15 and 15).
+TEST_MONITORING = {"poll_interval_seconds": 1, "free_slots_after_run_end_seconds": 1}
+
+
 @pytest.fixture
 def services(dagster_env, tmp_path):
+    home = Path(dagster_env["DAGSTER_HOME"])
+    settings = yaml.safe_load(DAGSTER_YAML.read_text())
+    settings["run_monitoring"].update(TEST_MONITORING)
+    (home / "dagster.yaml").unlink()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
     port = free_port()
     logs = tmp_path / "logs"
     with dagster_services(env=dagster_env, port=port, log_dir=logs) as processes:
@@ -94,7 +109,10 @@ def test_terminating_a_run_cancels_its_query_in_the_database(services, seeded_db
         run_id = client.submit_job_execution(
             "daily_refresh_job", repository_location_name="analytics_views", asset_selection=["daily_aggregations"]
         )
-        refreshing = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'REFRESH%daily_aggregations%' AND state = 'active'"
+        refreshing = (
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE 'REFRESH%daily_aggregations%' AND state = 'active'"
+        )
         deadline = time.monotonic() + 120
         while watcher.execute(refreshing).fetchone() is None:
             assert time.monotonic() < deadline, "the run's refresh never started"
@@ -109,3 +127,85 @@ def test_terminating_a_run_cancels_its_query_in_the_database(services, seeded_db
             time.sleep(0.2)
         blocker.rollback()
     assert wait_for_run(client, run_id, timeout_s=60) == dg.DagsterRunStatus.CANCELED
+
+
+def daily_run(client: DagsterGraphQLClient, **resource_config) -> str:
+    config = {"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, **resource_config}}}}
+    return client.submit_job_execution(
+        "daily_refresh_job",
+        repository_location_name="analytics_views",
+        asset_selection=["daily_aggregations"],
+        run_config=config if resource_config else None,
+    )
+
+
+def events_of(run_id: str, event_type: dg.DagsterEventType) -> list:
+    with dg.DagsterInstance.get() as instance:
+        return instance.all_logs(run_id, of_type=event_type)
+
+
+def wait_until(condition, timeout_s: float, what: str) -> float:
+    """Seconds until `condition()` held."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} after {timeout_s} s"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_a_killed_run_worker_releases_its_view_within_the_stated_time(services, seeded_db):
+    client, _ = services
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        refresh_view(conn, "daily_aggregations")
+    before = contents(seeded_db, "daily_aggregations")
+    with psycopg.connect(seeded_db) as blocker, psycopg.connect(seeded_db, autocommit=True) as watcher:
+        blocker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # the refresh waits here, in mid-run
+        run_id = daily_run(client)
+        application = f"analytics-views daily_aggregations run {run_id[:8]}"
+        wait_for_activity(seeded_db, f"application_name = '{application}' AND wait_event_type = 'Lock'", timeout_s=120)
+        [started] = [e for e in events_of(run_id, dg.DagsterEventType.ENGINE_EVENT) if "Started process for run" in e.message]
+        os.kill(int(re.search(r"pid: (\d+)", started.message)[1]), signal.SIGKILL)
+
+        assert wait_for_run(client, run_id, timeout_s=30) == dg.DagsterRunStatus.FAILURE
+        # Its backend and the view's advisory lock go, though the lock it waited on is still held.
+        ours = (
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            ADVISORY_LOCKS_HERE,
+        )
+        wait_until(
+            lambda: watcher.execute(ours[0], [application]).fetchone()[0] == 0
+            and watcher.execute(ours[1], [ADVISORY_LOCK_NAMESPACE]).fetchone()[0] == 0,
+            timeout_s=10,
+            what="the killed run's backend or advisory lock remained",
+        )
+        blocker.rollback()
+    with dg.DagsterInstance.get() as instance:
+
+        def slot_freed() -> bool:
+            info = instance.event_log_storage.get_concurrency_info("refresh_daily_aggregations")
+            return all(slot.run_id != run_id for slot in info.claimed_slots)
+
+        # Freed within poll_interval_seconds + free_slots_after_run_end_seconds of the run's end, plus a margin.
+        wait_until(slot_freed, timeout_s=sum(TEST_MONITORING.values()) + 5, what="the killed run's slot was not freed")
+
+    assert wait_for_run(client, daily_run(client), timeout_s=60) == dg.DagsterRunStatus.SUCCESS
+    assert contents(seeded_db, "daily_aggregations") == before
+
+
+def test_a_run_terminated_while_its_step_waits_to_retry_ends_the_step_failed(services, seeded_db):
+    client, _ = services
+    with psycopg.connect(seeded_db, autocommit=True) as conn:
+        refresh_view(conn, "daily_aggregations")
+    with psycopg.connect(seeded_db) as blocker:
+        blocker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # every attempt times out at once: transient
+        run_id = daily_run(client, lock_timeout_s=0.2)
+        # The second retry waits 4 to 8 s (TRANSIENT_RETRY): terminate inside that wait.
+        retries = lambda: len(events_of(run_id, dg.DagsterEventType.STEP_UP_FOR_RETRY))  # noqa: E731
+        wait_until(lambda: retries() == 2, timeout_s=120, what="no second retry")
+        client.terminate_run(run_id)
+        assert wait_for_run(client, run_id, timeout_s=60) == dg.DagsterRunStatus.CANCELED
+        blocker.rollback()
+    assert len(events_of(run_id, dg.DagsterEventType.STEP_RESTARTED)) == 1  # terminated before the second retry began
+    with dg.DagsterInstance.get() as instance:
+        [step] = instance.get_run_step_stats(run_id)
+    assert step.status.value == "FAILURE"  # was IN_PROGRESS: its last event was STEP_UP_FOR_RETRY

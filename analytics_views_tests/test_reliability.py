@@ -21,6 +21,11 @@ from analytics_views.refresh import (
 )
 
 QUICK = RefreshSettings(lock_timeout_s=0.5, statement_timeout_s=60)
+# pg_locks covers the whole server, where other tests run at the same time: count this database's only.
+ADVISORY_LOCKS_HERE = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
 
 
 @pytest.fixture
@@ -54,13 +59,15 @@ def held(url: str, statement: str, params=()):
 
 
 def wait_for_activity(url: str, condition: str, timeout_s: float = 30) -> dict:
-    """The first pg_stat_activity row matching `condition`, waiting for it to appear."""
+    """The first pg_stat_activity row of the URL's database matching `condition`, waiting for it to appear (other
+    tests run on the same server at the same time)."""
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(url, autocommit=True) as conn:
         conn.row_factory = psycopg.rows.dict_row
         while time.monotonic() < deadline:
             row = conn.execute(
-                f"SELECT pid, application_name, query, wait_event_type FROM pg_stat_activity WHERE {condition}"
+                "SELECT pid, application_name, query, wait_event_type FROM pg_stat_activity"
+                f" WHERE datname = current_database() AND ({condition})"
             ).fetchone()
             if row:
                 return row
@@ -133,7 +140,7 @@ def test_the_advisory_lock_is_released_when_a_refresh_fails(refreshed_db):
         with pytest.raises(RefreshError, match="no unique index"):
             refresh_view(conn, "daily_aggregations", QUICK)
         locks = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s",
+            ADVISORY_LOCKS_HERE,
             [ADVISORY_LOCK_NAMESPACE],
         ).fetchone()[0]
         assert locks == 0
