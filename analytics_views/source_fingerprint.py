@@ -26,30 +26,24 @@ Counters are PostgreSQL's cumulative statistics, which a writing session reports
 may be seen only by the next refresh. pg_stat_reset_single_table_counters() on a source is not seen.
 """
 
-import functools
 import hashlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors
-from sqlglot import exp, parse_one
-from sqlglot.dialects.postgres import Postgres
-from sqlglot.errors import SqlglotError
-from sqlglot.tokens import TokenType
 
 # Objects with a lower oid were made by initdb: PostgreSQL's own functions (FirstNormalObjectId).
 _FIRST_USER_OID = 16384
 # Built-in functions whose value is the transaction's start time: read through the SQL text (below).
-_TRANSACTION_CLOCK = frozenset({"now", "transaction_timestamp", "statement_timestamp"})
+TRANSACTION_CLOCK = frozenset({"now", "transaction_timestamp", "statement_timestamp"})
 # Words that may read the clock (or, for mxid_age, the transaction counter); without any, no SQL is parsed.
-_CLOCK_NAMES = frozenset(
+CLOCK_NAMES = frozenset(
     {"now", "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp",
      "transaction_timestamp", "statement_timestamp", "clock_timestamp", "timeofday", "age", "mxid_age"}
 )
 # date_trunc units no finer than a day: the result changes at most once a day.
-_DAY_UNITS = frozenset({"DAY", "WEEK", "MONTH", "QUARTER", "YEAR", "DECADE", "CENTURY", "MILLENNIUM"})
+DAY_UNITS = frozenset({"DAY", "WEEK", "MONTH", "QUARTER", "YEAR", "DECADE", "CENTURY", "MILLENNIUM"})
 SESSION_ZONE = ""  # the refresh's TimeZone setting
 _SESSION_ZONE_NAME = "TimeZone"  # how the fingerprint names it: the day in the refresh's zone
 
@@ -107,138 +101,6 @@ _COUNTED_KINDS = {"r": "table", "p": "partitioned table", "m": "materialized vie
 _UNCOUNTED_KINDS = {"f": "foreign table", "S": "sequence"}
 
 
-def _is_clock(node: exp.Expression) -> bool:
-    if isinstance(node, (exp.CurrentDate, exp.CurrentTime, exp.Localtime, exp.CurrentTimestamp, exp.Localtimestamp)):
-        return True
-    name = node.name.lower() if isinstance(node, exp.Anonymous) else ""
-    return name in _TRANSACTION_CLOCK or name in {"clock_timestamp", "timeofday"} or (
-        name in {"age", "mxid_age"} and len(node.expressions) == 1  # from today's midnight, or the next xid
-    )
-
-
-def _reading_zone(clock: exp.Expression) -> str | None:
-    """The zone whose date this clock reading is reduced to (SESSION_ZONE for the session's), None when
-    the reading is not reduced to a date or coarser within the expression parsed."""
-    if isinstance(clock, exp.CurrentDate):
-        return SESSION_ZONE
-    if isinstance(clock, (exp.CurrentTimestamp, exp.Localtimestamp)) or (
-        isinstance(clock, exp.Anonymous) and clock.name.lower() in _TRANSACTION_CLOCK
-    ):
-        return _day_zone(clock)
-    return None
-
-
-def _fragments(definition: str, tokens: list, clock: int) -> Iterator[str]:
-    """The expressions around the clock token at index `clock`, innermost first: the token (with its own
-    argument list), then up to three enclosing parentheses, each with the function name before it and a
-    `::date` after it."""
-    closing, stack = {}, []
-    for index, token in enumerate(tokens):
-        if token.token_type == TokenType.L_PAREN:
-            stack.append(index)
-        elif token.token_type == TokenType.R_PAREN and stack:
-            closing[stack.pop()] = index
-    enclosing = [i for i in closing if i < clock < closing[i]]
-    enclosing.sort(reverse=True)
-    own = clock + 1 if clock + 1 < len(tokens) and tokens[clock + 1].token_type == TokenType.L_PAREN else None
-    groups = [(clock, closing.get(own, clock) if own else clock)] + [(i, closing[i]) for i in enclosing[:3]]
-    for first, last in groups:
-        starts = [first - 1, first] if first > 0 and tokens[first].token_type == TokenType.L_PAREN else [first]
-        ends = [last]
-        if last + 2 < len(tokens) and tokens[last + 1].token_type == TokenType.DCOLON and tokens[last + 2].text.lower() == "date":
-            ends.insert(0, last + 2)
-        for start in starts:
-            for end in ends:
-                yield definition[tokens[start].start : tokens[end].end + 1]
-
-
-@functools.lru_cache(maxsize=256)  # a definition rarely changes; parsing it costs milliseconds
-def _clock_zones(definition: str) -> tuple[frozenset[str], str]:
-    """The zones whose current date the query's result follows, or why its result follows the clock more
-    finely than that (then the zones are meaningless). SESSION_ZONE stands for the session's TimeZone.
-
-    Each word that may read the clock is judged within the smallest expression around it that reduces it
-    to a date (pg_get_viewdef's text does not always parse whole: a parenthesized join of unnest() does not).
-    """
-    if not any(name in definition.lower() for name in _CLOCK_NAMES):
-        return frozenset(), ""
-    try:
-        tokens = Postgres().tokenize(definition)
-    except SqlglotError:
-        return frozenset(), "its SQL mentions the clock and could not be read to tell how"
-    zones: set[str] = set()
-    for index, token in enumerate(tokens):
-        if token.text.lower() not in _CLOCK_NAMES or token.token_type in (TokenType.STRING, TokenType.IDENTIFIER):
-            continue
-        verdict, readings = "", []
-        for fragment in _fragments(definition, tokens, index):
-            try:
-                tree = parse_one(f"SELECT {fragment}", dialect="postgres")
-            except SqlglotError:
-                continue
-            readings = [node for node in tree.walk() if _is_clock(node)]
-            if not readings:
-                break  # a column or alias named like a clock function
-            found = [_reading_zone(node) for node in readings]
-            if None not in found:
-                zones.update(found)
-                break
-            verdict = _instant_reason(_outermost(readings[found.index(None)]))
-        else:
-            return frozenset(), verdict or f"its SQL reads the clock ({token.text}) in a way we could not read"
-    return frozenset(zones), ""
-
-
-def _instant_reason(node: exp.Expression) -> str:
-    return f"its result follows the clock ({node.sql(dialect='postgres')}), finer than a day"
-
-
-def _up(node: exp.Expression) -> exp.Expression | None:
-    parent = node.parent
-    while isinstance(parent, exp.Paren):
-        parent = parent.parent
-    return parent
-
-
-def _literal(node: exp.Expression) -> str | None:
-    while isinstance(node, (exp.Cast, exp.Paren)):
-        node = node.this
-    return node.this if isinstance(node, exp.Literal) and node.is_string else None
-
-
-def _day_zone(clock: exp.Expression) -> str | None:
-    """The zone in which this clock reading is reduced to a date (or coarser), None when it is not."""
-    zone, node = SESSION_ZONE, clock
-    parent = _up(node)
-    if not isinstance(clock, exp.Localtimestamp) and isinstance(parent, exp.AtTimeZone) and parent.this.unnest() is node:
-        zone = _literal(parent.args["zone"])
-        if zone is None:
-            return None
-        node, parent = parent, _up(parent)
-    if isinstance(parent, exp.Cast) and parent.to.is_type(exp.DataType.Type.DATE):
-        return zone
-    if isinstance(parent, exp.Date) and len(parent.expressions) == 0:
-        return zone
-    if isinstance(parent, (exp.TimestampTrunc, exp.DateTrunc)) and parent.this.unnest() is node:
-        unit = parent.args.get("unit")
-        if unit is None or unit.name.upper() not in _DAY_UNITS:
-            return None
-        if parent.args.get("zone") is not None:
-            if zone != SESSION_ZONE or node is not clock:
-                return None
-            zone = _literal(parent.args["zone"])
-        return zone
-    return None
-
-
-def _outermost(clock: exp.Expression) -> exp.Expression:
-    """The clock reading with the arithmetic around it, for the message."""
-    node = clock
-    while isinstance(node.parent, (exp.Paren, exp.Sub, exp.Add, exp.AtTimeZone, exp.Cast)):
-        node = node.parent
-    return node.unnest() if isinstance(node, exp.Paren) else node
-
-
 def source_fingerprint(conn: psycopg.Connection, view: str, previous: str | None = None) -> Fingerprint:
     """The fingerprint of `view` (a regclass text, e.g. `product.cohort_stats`) as the current transaction
     sees it, or why there is none. Call it inside the refresh's transaction, after its TimeZone is set.
@@ -276,15 +138,17 @@ def source_fingerprint(conn: psycopg.Connection, view: str, previous: str | None
             return Fingerprint(None, f"it calls the volatile function {signature}, whose result may change any time")
         if oid >= _FIRST_USER_OID and volatility != "i":
             return Fingerprint(None, f"it calls the function {signature}, which may read tables the catalog does not show")
-        clock_called |= proname in _TRANSACTION_CLOCK
-        reads_clock |= proname in _CLOCK_NAMES and volatility != "i"
+        clock_called |= proname in TRANSACTION_CLOCK
+        reads_clock |= proname in CLOCK_NAMES and volatility != "i"
     if zones is None and (reads_clock or any(reads_sql_clock for *_, reads_sql_clock in rules)):
         definitions = _definitions(conn, [oid for oid, *_ in rules])
         if definitions is None:
             return Fingerprint(None, "its SQL reads the clock, and its definition could not be read while a source is locked")
+        from analytics_views.clock_readings import clock_zones  # sqlglot, only for views that read the clock
+
         zones = set()
         for (_oid, name, is_view, *_), definition in zip(rules, definitions):
-            found, reason = _clock_zones(definition)
+            found, reason = clock_zones(definition)
             if reason:
                 return Fingerprint(None, reason if is_view else f"{reason} in the view {name} it reads")
             zones |= found

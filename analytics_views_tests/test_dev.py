@@ -71,8 +71,9 @@ def check_dev_starts_and_stops(state_dir: Path, port: int, tmp_path: Path) -> No
                 dev.kill()
         output = log.read_text()
         assert "analytics database: analytics on the socket in" in output
-        # Refreshed on the first start; on the second its sources are unchanged, so the refresh is skipped.
-        assert f"daily_aggregations: {'refreshed' if start == 0 else 'skipped'} (" in output
+        # Refreshed on both starts: the second restarted the server, whose restart may have reset the change
+        # counters the skip relies on (a crash does), so no skip is trusted across it.
+        assert "daily_aggregations: refreshed (" in output
         # Demo data is seeded on the first start only: the second start finds it in the kept database.
         assert ("seeded demo data: 300 users" in output) == (start == 0)
         assert "Traceback" not in output
