@@ -118,9 +118,10 @@ def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = 
         if config.project_views:
             ensure_migrated(conn)
     reports = []
+    managed = managed_views(config).views
     with instance() as dagster_instance:
         for cadence in config.cadence_names:
-            chosen = [view for view in _managed() if view.cadence == cadence and view.label in views]
+            chosen = [view for view in managed if view.cadence == cadence and view.label in views]
             if not chosen:
                 continue
             job = defs.resolve_job_def(f"{cadence}_refresh_job")
