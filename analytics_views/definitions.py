@@ -6,11 +6,11 @@ Which views come from views.toml (or $ANALYTICS_VIEWS_CONFIG); views made elsewh
 
 import dagster as dg
 
-from analytics_views.assets import build_assets
-from analytics_views.executor import refresh_executor
-from analytics_views.jobs import build_jobs, build_schedules
-from analytics_views.managed import ManagedConfig, load_config
-from analytics_views.resources import AnalyticsDatabase
+from analytics_views.orchestration.assets import build_assets
+from analytics_views.orchestration.executor import refresh_executor
+from analytics_views.orchestration.jobs import build_jobs, build_schedules
+from analytics_views.sql_files.managed import ManagedConfig, load_config
+from analytics_views.orchestration.resources import AnalyticsDatabase
 
 
 def build_definitions(config: ManagedConfig | None = None) -> dg.Definitions:

@@ -17,12 +17,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from analytics_views.database import libpq_url, with_database
-from analytics_views.embedded import embedded_server
-from analytics_views.migrate import migrate
-from analytics_views.refresh import refresh_view
-from analytics_views.seed import seed
-from analytics_views.services import prepare_dagster_home
+from analytics_views.postgres.database import libpq_url, with_database
+from analytics_views.postgres.embedded import embedded_server
+from analytics_views.operations.migrate import migrate
+from analytics_views.postgres.refresh import refresh_view
+from analytics_views.operations.seed import seed
+from analytics_views.operations.services import prepare_dagster_home
 
 
 @contextmanager

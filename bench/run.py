@@ -42,12 +42,12 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from analytics_views.database import libpq_url, with_database
-from analytics_views.embedded import embedded_server
-from analytics_views.migrate import migrate
-from analytics_views.refresh import SKIPPED, RefreshSettings, refresh_view
-from analytics_views.seed import seed
-from analytics_views.views import ViewDefinition, load_views, parse_view_file
+from analytics_views.postgres.database import libpq_url, with_database
+from analytics_views.postgres.embedded import embedded_server
+from analytics_views.operations.migrate import migrate
+from analytics_views.postgres.refresh import SKIPPED, RefreshSettings, refresh_view
+from analytics_views.operations.seed import seed
+from analytics_views.sql_files.views import ViewDefinition, load_views, parse_view_file
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = BENCH_DIR.parent
@@ -339,8 +339,8 @@ def materialize_asset(url: str, view: ViewDefinition, instance=None) -> tuple[fl
     """One in-process materialization; a fresh instance (no last fingerprint, so never a skip) unless given."""
     import dagster as dg
 
-    from analytics_views.assets import view_asset
-    from analytics_views.resources import AnalyticsDatabase
+    from analytics_views.orchestration.assets import view_asset
+    from analytics_views.orchestration.resources import AnalyticsDatabase
 
     with ExitStack() as stack:
         instance = instance or stack.enter_context(dg.DagsterInstance.ephemeral())
@@ -492,7 +492,7 @@ class MemorySampler:
 
 def dagster_home(path: Path, tuned: bool) -> Path:
     """The project's dagster.yaml (tuned) or the same without its run coordinator (Dagster's default queue)."""
-    from analytics_views.services import DAGSTER_YAML, prepare_dagster_home
+    from analytics_views.operations.services import DAGSTER_YAML, prepare_dagster_home
 
     if tuned:
         return prepare_dagster_home(path)
@@ -511,7 +511,7 @@ def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler, f
     sources did not change since its last refresh skips, which leaves the run's own cost)."""
     import dagster as dg
 
-    from analytics_views.jobs import executor_config
+    from analytics_views.orchestration.jobs import executor_config
 
     run_config = {**(run_config or executor_config()), **(FORCE_REFRESH if force else {})}
     started = time.perf_counter()
@@ -564,7 +564,7 @@ VARIANTS = [
 
 
 def executor_run_config(executor: str) -> dict:
-    from analytics_views.jobs import executor_config
+    from analytics_views.orchestration.jobs import executor_config
 
     config = EXECUTORS[executor]
     return executor_config(config) if isinstance(config, str) else config
@@ -573,7 +573,7 @@ def executor_run_config(executor: str) -> dict:
 def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dict:
     from dagster_graphql import DagsterGraphQLClient
 
-    from analytics_views.services import dagster_services
+    from analytics_views.operations.services import dagster_services
 
     jobs = {cadence: [v.name for v in load_views() if v.cadence == cadence] for cadence in ("daily", "weekly")}
     results: dict = {"old_way": {}, "variants": {}}

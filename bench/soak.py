@@ -26,12 +26,12 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analytics_views.database import connect, with_database  # noqa: E402
-from analytics_views.embedded import embedded_server  # noqa: E402
-from analytics_views.migrate import migrate  # noqa: E402
-from analytics_views.refresh import refresh_view  # noqa: E402
-from analytics_views.seed import seed  # noqa: E402
-from analytics_views.views import view_names  # noqa: E402
+from analytics_views.postgres.database import connect, with_database  # noqa: E402
+from analytics_views.postgres.embedded import embedded_server  # noqa: E402
+from analytics_views.operations.migrate import migrate  # noqa: E402
+from analytics_views.postgres.refresh import refresh_view  # noqa: E402
+from analytics_views.operations.seed import seed  # noqa: E402
+from analytics_views.sql_files.views import view_names  # noqa: E402
 
 
 def server_connections(url: str) -> int:

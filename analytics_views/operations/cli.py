@@ -1,0 +1,194 @@
+"""The `analytics-views` command: migrate, seed, refresh and stats, replacing the old refresh script."""
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from analytics_views.postgres.database import database_url_from_env
+from analytics_views.errors import AnalyticsViewsError
+from analytics_views.paths import PROJECT_ROOT
+from analytics_views.orchestration.pool_slots import SLOT_WAIT_S
+
+DEV_DIR = PROJECT_ROOT / ".dev"
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from analytics_views.operations.migrate import migrate
+
+    applied = migrate(database_url_from_env())
+    print("\n".join(f"applied sql/{name}" for name in applied) or "database is up to date")
+    return 0
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from analytics_views.operations.seed import seed
+
+    summary = seed(database_url_from_env(), users=args.users, days=args.days, seed=args.seed)
+    print(
+        f"seeded {summary.users} users, {summary.events} events, {summary.payments} payments, "
+        f"{summary.campaigns} campaigns over {args.days} days (seed {args.seed})"
+    )
+    return 0
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from analytics_views.operations.commands import refresh, selected_views
+
+    views = selected_views(
+        all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views
+    )
+    outcomes = refresh(database_url_from_env(), views, force=args.force, wait_s=args.wait)
+    for outcome in outcomes:
+        print(outcome.line())
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from analytics_views.operations.commands import discovery_warning, view_stats
+
+    url = database_url_from_env()
+    if warning := discovery_warning(url):
+        print(f"analytics-views stats: warning: {warning}", file=sys.stderr)
+    stats = view_stats(url)
+    if args.json:
+        print(json.dumps([row.as_json() for row in stats], indent=2))
+        return 0
+    header = ("view", "rows", "size", "populated", "unique index", "last refreshed")
+    rows = [header] + [row.as_row() for row in stats]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from analytics_views.postgres.database import connect
+    from analytics_views.sql_files.discovery import discover, not_taken
+    from analytics_views.sql_files.managed import load_config
+
+    config = load_config()
+    url = database_url_from_env()
+    state = discover(url, config)
+    for view in state["views"]:
+        reads = ", ".join(f"{r['schema']}.{r['name']}" for r in view["reads"]) or "nothing"
+        cadence = config.cadence_of(view["schema"], view["name"])
+        print(f"{view['schema']}.{view['name']} ({cadence}): reads {reads}")
+    with connect(url) as conn:
+        print("\n".join(not_taken(conn, config)) or "every selected view was taken")
+    print(f"wrote {len(state['views'])} views and {len(state['relations'])} relations they read to {config.state_file}")
+    if not state["views"]:
+        raise AnalyticsViewsError(f"no view taken: fix `schemas` or `names` in {config.path} (reasons above)")
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from analytics_views.operations.dev import run_dev
+
+    return run_dev(host=args.host, port=args.port, users=args.users, state_dir=args.state_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="analytics-views",
+        description="Keep the analytics materialized views fresh. The database comes from DATABASE_URL.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate = commands.add_parser("migrate", help="create or update the source tables and views (idempotent)")
+    migrate.set_defaults(run=_migrate)
+
+    seed = commands.add_parser("seed", help="replace the source tables' rows with deterministic demo data")
+    seed.add_argument("--users", type=int, default=5000, help="number of users (default: 5000)")
+    seed.add_argument("--days", type=int, default=730, help="days of history up to now (default: 730)")
+    seed.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same data")
+    seed.set_defaults(run=_seed)
+
+    refresh = commands.add_parser(
+        "refresh",
+        help="refresh views through Dagster (runs recorded in the instance)",
+        description="Refresh views through Dagster, so each run is recorded in the Dagster instance "
+        "($DAGSTER_HOME when set) and visible in the UI.",
+    )
+    which = refresh.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every view")
+    which.add_argument("--daily", action="store_true", help="the views of daily_refresh_job")
+    which.add_argument("--weekly", action="store_true", help="the views of weekly_refresh_job")
+    which.add_argument("--cadence", metavar="NAME", help="the views of NAME_refresh_job (a cadence of views.toml)")
+    which.add_argument("views", nargs="*", default=[], metavar="VIEW", help="views by name")
+    refresh.add_argument(
+        "--force", action="store_true", help="refresh even views whose sources did not change since their last refresh"
+    )
+    refresh.add_argument(
+        "--wait",
+        type=float,
+        default=SLOT_WAIT_S,
+        metavar="SECONDS",
+        help=f"longest wait for a view that another run is refreshing (its pool slot); then the view is reported "
+        f"FAILED (default: {SLOT_WAIT_S:g})",
+    )
+    refresh.set_defaults(run=_refresh)
+
+    discover = commands.add_parser(
+        "discover",
+        help="record the materialized views views.toml selects, as the catalog describes them, in the state file",
+        description="Read the materialized views that views.toml (or $ANALYTICS_VIEWS_CONFIG) selects from the "
+        "catalog of DATABASE_URL (columns, comments, the relations they read, indexes) and write the state file "
+        "the Dagster definitions load. Run it again when those views are added, dropped or redefined.",
+    )
+    discover.set_defaults(run=_discover)
+
+    stats = commands.add_parser("stats", help="rows, size, state and last refresh of each view")
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(run=_stats)
+
+    dev = commands.add_parser(
+        "dev",
+        help="run the Dagster UI and daemon with demo data (embedded PostgreSQL unless URLs are set)",
+        description="Start everything a newcomer needs: with no DATABASE_URL/DAGSTER_POSTGRES_URL, an "
+        "embedded PostgreSQL in .dev/ with demo data; then the Dagster webserver and daemon. Ctrl-C stops all.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address the UI binds to (default: 127.0.0.1)")
+    dev.add_argument("--port", type=int, default=3000, help="UI port (default: 3000)")
+    dev.add_argument("--users", type=int, default=5000, help="demo users seeded on first start (default: 5000)")
+    dev.add_argument(
+        "--state-dir", type=Path, default=DEV_DIR, help="where the embedded database and DAGSTER_HOME live (default: .dev)"
+    )
+    dev.set_defaults(run=_dev)
+    return parser
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt (code that catches Exception lets
+    it through)."""
+
+    signal = signal.SIGTERM
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        return args.run(args)
+    except AnalyticsViewsError as error:
+        print(f"analytics-views {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stop:
+        received = getattr(stop, "signal", signal.SIGINT)
+        cancelled = "; the refresh in progress was cancelled and its view keeps its previous contents"
+        print(
+            f"analytics-views {args.command}: stopped by {received.name}{cancelled if args.command == 'refresh' else ''}",
+            file=sys.stderr,
+        )
+        return 128 + received
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""What the command line does with Dagster: refresh views as recorded runs, and report view stats."""
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+
+import dagster as dg
+import psycopg
+import yaml
+
+from analytics_views.postgres import database
+from analytics_views.orchestration import pool_slots
+from analytics_views.sql_files.discovery import managed_views, staleness
+from analytics_views.errors import AnalyticsViewsError
+from analytics_views.sql_files.managed import load_config
+from analytics_views.operations.migrate import LEDGER
+from analytics_views.orchestration.pool_slots import SLOT_WAIT_S
+from analytics_views.postgres.refresh import SKIPPED, RefreshSettings
+from analytics_views.sql_files.views import ViewDefinition
+
+
+def _managed() -> tuple[ViewDefinition, ...]:
+    """The views views.toml manages: the project's, named as before, and discovered ones as schema.name."""
+    return managed_views(load_config()).views
+
+
+def selected_views(
+    *, all_views: bool, daily: bool, weekly: bool, names: list[str], cadence: str | None = None
+) -> list[str]:
+    managed = _managed()
+    if all_views:
+        return [view.label for view in managed]
+    cadence = "daily" if daily else "weekly" if weekly else cadence
+    if cadence:
+        config = load_config()
+        if cadence not in config.cadence_names:
+            raise AnalyticsViewsError(
+                f"unknown cadence {cadence!r}: choose from {', '.join(config.cadence_names)} "
+                f"(or define it under [cadences] in {config.path or 'views.toml'})"
+            )
+        return [view.label for view in managed if view.cadence == cadence]
+    if not names:
+        raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly, --cadence NAME or view names")
+    known = [view.label for view in managed]
+    for name in names:
+        if name not in known:
+            raise AnalyticsViewsError(
+                f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly, --cadence NAME)"
+            )
+    return list(dict.fromkeys(names))
+
+
+def instance() -> dg.DagsterInstance:
+    """The persistent instance when DAGSTER_HOME is set, so runs show in the UI; else a throwaway one."""
+    from analytics_views.orchestration.dagster_storage import check_storage
+
+    if not os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.ephemeral()
+    try:
+        check_storage(os.environ["DAGSTER_HOME"])  # one line naming auth, host or database, not retries
+        return dg.DagsterInstance.get()
+    except AnalyticsViewsError:
+        raise  # already one line naming the variable and the fix
+    except yaml.YAMLError as error:
+        mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        reason = f"it is not valid YAML{where}"
+    except Exception as error:  # noqa: BLE001 - Dagster raises many kinds here; each becomes one line
+        missing = re.search(r'environment variable "(\w+)" which is not set', str(error))
+        if missing:
+            reason = f"it reads {missing[1]}, which is not set: export {missing[1]}=postgresql://..."
+        else:
+            reason = database.redact(str(error).strip().splitlines()[0], os.environ.get("DAGSTER_POSTGRES_URL", ""))
+    raise AnalyticsViewsError(
+        f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
+        "or copy the project's dagster.yaml there"
+    ) from None
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    view: str
+    outcome: str  # "refreshed", "skipped" (sources unchanged) or "FAILED"
+    detail: str  # the run's metadata summary, or the failure message
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome != "FAILED"
+
+    def line(self) -> str:
+        return f"{self.view}: {self.outcome} ({self.detail})"
+
+
+def _step_failures(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """Each failed step's one-line reason, without the exception's class name."""
+    failures = {}
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            message = (error.message if error else event.message or "failed").strip().splitlines()[0]
+            failures[event.step_key] = re.sub(r"^[\w.]+(Error|Failure): ", "", message)
+    return failures
+
+
+def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = SLOT_WAIT_S) -> list[RefreshReport]:
+    """Run each cadence's job for the selected views, in process, recorded in the Dagster instance.
+
+    Views whose sources did not change since their last refresh are skipped unless `force` is set. A view
+    whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED.
+    """
+    from analytics_views.definitions import build_definitions
+
+    config = load_config()
+    defs = build_definitions(config)
+    with database.connect(url) as conn:  # fail in one line before Dagster starts a run
+        if config.project_views:
+            ensure_migrated(conn)
+    reports = []
+    managed = managed_views(config).views
+    with instance() as dagster_instance:
+        for cadence in config.cadence_names:
+            chosen = [view for view in managed if view.cadence == cadence and view.label in views]
+            if not chosen:
+                continue
+            job = defs.resolve_job_def(f"{cadence}_refresh_job")
+            reports += _run_job(dagster_instance, job, chosen, url=url, force=force, wait_s=wait_s)
+    return reports
+
+
+def _run_job(
+    dagster_instance: dg.DagsterInstance,
+    job: dg.JobDefinition,
+    chosen: list[ViewDefinition],
+    *,
+    url: str,
+    force: bool,
+    wait_s: float,
+) -> list[RefreshReport]:
+    """One run of `job` for the chosen views, its pool slots claimed first (pool_slots.py), saying on stderr
+    which session holds a lock one of its refreshes waits for."""
+    steps = {dg.AssetKey(list(view.asset_key_path)).to_python_identifier(): view for view in chosen}
+    pools = {node.name: node.definition.pool for node in job.graph.nodes if node.name in steps}
+    run_id = str(uuid.uuid4())
+    try:
+        blocked = pool_slots.claim(dagster_instance, run_id, pools, wait_s=wait_s)
+        reports = {step: RefreshReport(steps[step].label, "FAILED", reason) for step, reason in blocked.items()}
+        granted = {step: view for step, view in steps.items() if step not in blocked}
+        if granted:
+            execute = partial(
+                job.execute_in_process,
+                instance=dagster_instance,
+                run_id=run_id,
+                asset_selection=[dg.AssetKey(list(view.asset_key_path)) for view in granted.values()],
+                raise_on_error=False,
+                tags={"launched_by": "analytics-views refresh"},
+                run_config={
+                    # The CLI prints one line per view; the run's own log is in the UI.
+                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+                    "resources": {
+                        "analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}
+                    },
+                },
+            )
+            with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
+                watch = partial(_say_lock_waits, conn, run_id, set())
+                result = pool_slots.run_interruptibly(dagster_instance, run_id, execute, watch=watch)
+            reports |= _reports(result, granted)
+    finally:  # slots of steps that never ran (skipped, interrupted) are freed too
+        pool_slots.release(dagster_instance, run_id)
+    return [reports[step] for step in steps]
+
+
+# Sessions of the run's refreshes (application_name 'analytics-views <view> run <run id>', assets.py) waiting
+# for a lock, and who holds it.
+_LOCK_WAITS = """
+SELECT waiting.application_name, holder.pid, coalesce(nullif(holder.application_name, ''), holder.usename::text),
+       to_char(holder.xact_start AT TIME ZONE 'UTC', 'HH24:MI:SS')
+FROM pg_stat_activity AS waiting
+CROSS JOIN LATERAL unnest(pg_blocking_pids(waiting.pid)) AS blocking(pid)
+JOIN pg_stat_activity AS holder ON holder.pid = blocking.pid
+WHERE waiting.application_name LIKE %s AND waiting.wait_event_type = 'Lock'
+"""
+
+
+def _say_lock_waits(conn, run_id: str, told: set) -> None:
+    """One stderr line for each session a refresh of the run newly waits for."""
+    suffix = f" run {run_id[:8]}"
+    try:
+        waits = conn.execute(_LOCK_WAITS, [f"analytics-views %{suffix}"]).fetchall()
+    except psycopg.Error:  # the refresh itself reports what is wrong with the database
+        return
+    for application, pid, holder, since in waits:
+        if (application, pid) not in told:
+            told.add((application, pid))
+            view = application.removeprefix("analytics-views ").removesuffix(suffix)
+            pool_slots.say(
+                f"{view} waits for a lock held by pid {pid} ({holder}, since {since} UTC), at most lock_timeout_s "
+                f"({RefreshSettings.lock_timeout_s:g} s) per attempt"
+            )
+
+
+def _reports(result: dg.ExecuteInProcessResult, steps: dict[str, ViewDefinition]) -> dict[str, RefreshReport]:
+    failures = _step_failures(result)
+    reports = {}
+    for node, view in steps.items():
+        if node in failures:
+            reports[node] = RefreshReport(view.label, "FAILED", failures[node])
+            continue
+        metadata = {
+            key: value.value for event in result.asset_materializations_for_node(node) for key, value in event.metadata.items()
+        }
+        if not metadata:  # neither failed nor materialized: an upstream view failed
+            reports[node] = RefreshReport(view.label, "FAILED", "not refreshed: a view it reads failed")
+            continue
+        reports[node] = RefreshReport(
+            view.label,
+            "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
+            f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
+            f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
+        )
+    return reports
+
+
+@dataclass(frozen=True)
+class ViewStats:
+    view: str
+    rows: int | None
+    size_bytes: int
+    size: str
+    populated: bool
+    unique_index: str | None
+    last_refreshed: datetime | None
+
+    def as_json(self) -> dict:
+        return {
+            "view": self.view,
+            "rows": self.rows,
+            "size_bytes": self.size_bytes,
+            "size": self.size,
+            "populated": self.populated,
+            "unique_index": self.unique_index,
+            "unique_index_usable": self.unique_index is not None,
+            "last_refreshed": self.last_refreshed.isoformat() if self.last_refreshed else None,
+        }
+
+    def as_row(self) -> tuple[str, ...]:
+        return (
+            self.view,
+            "-" if self.rows is None else str(self.rows),
+            self.size,
+            "yes" if self.populated else "no",
+            self.unique_index or "MISSING",
+            self.last_refreshed.strftime("%Y-%m-%d %H:%M:%S UTC") if self.last_refreshed else "never recorded",
+        )
+
+
+def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinition) -> datetime | None:
+    event = dagster_instance.get_latest_materialization_event(dg.AssetKey(list(view.asset_key_path)))
+    return datetime.fromtimestamp(event.timestamp, tz=timezone.utc) if event else None
+
+
+def ensure_migrated(conn) -> None:
+    if conn.execute("SELECT to_regclass(%s)", [LEDGER]).fetchone()[0] is None:
+        raise AnalyticsViewsError(
+            f"{database.describe_target(conn.info.dsn)} was never migrated: run `analytics-views migrate`"
+        )
+
+
+def view_stats(url: str) -> list[ViewStats]:
+    """The old getViewStats(): each view's rows, size, populated flag, unique index and last refresh."""
+    stats = []
+    config = load_config()
+    with database.connect(url, autocommit=True) as conn, instance() as dagster_instance:
+        if config.project_views:
+            ensure_migrated(conn)
+        for view in _managed():
+            state = database.view_state(conn, view.name, view.schema)
+            if not state.exists:
+                fix = "run `analytics-views migrate`" if view.path else staleness(conn, config).line(config)
+                raise AnalyticsViewsError(f"view {view.label} is missing: {fix}")
+            stats.append(
+                ViewStats(
+                    view=view.label,
+                    rows=database.row_count(conn, view.name, view.schema) if state.populated else None,
+                    size_bytes=state.size_bytes,
+                    size=state.size_pretty,
+                    populated=state.populated,
+                    unique_index=state.unique_index,
+                    last_refreshed=_last_materialized(dagster_instance, view),
+                )
+            )
+    return stats
+
+
+def discovery_warning(url: str) -> str | None:
+    """One line when the discovery state differs from the catalog (views added, dropped, redefined)."""
+    config = load_config()
+    if not config.discovers:
+        return None
+    with database.connect(url) as conn:
+        stale = staleness(conn, config)
+    return stale.line(config) if stale else None

@@ -1,0 +1,72 @@
+"""The refresh jobs and the cron schedules the daemon runs them on, one of each per cadence (views.toml).
+
+A job holds its cadence's managed views; within it a view is refreshed after every view it reads (asset
+deps order the steps). A view reading a view of another cadence reads that view's latest contents: with the
+default cadences the daily run (03:00 UTC) comes before Monday's weekly run (04:00), so a weekly view sees
+that morning's daily data, and a daily view sees a weekly view's new week from Tuesday. A cadence without
+views gets no job and no schedule: Dagster accepts an empty job, but its schedule would record a run that
+does nothing at every tick.
+"""
+
+import dagster as dg
+
+from analytics_views.orchestration.cadences import check_cadence
+from analytics_views.sql_files.discovery import managed_views
+from analytics_views.orchestration.executor import refresh_executor
+from analytics_views.sql_files.managed import Cadence, ManagedConfig, load_config
+from analytics_views.sql_files.views import ViewDefinition
+
+# Each view is its own step, and the steps of a run refresh at the same time in threads of the run's own
+# process (executor.py), each once the views it reads are refreshed. Dagster's own executors run steps
+# either one after another in process, or in processes of their own, each of which costs seconds to start
+# where a refresh waits on PostgreSQL (bench/, docs/benchmarks.md). A run may still choose Dagster's
+# `in_process` or `multiprocess` in its run config (executor_config).
+EXECUTORS = {
+    "threads": {"threads": {}},
+    "in_process": {"in_process": {}},
+    "multiprocess": {"multiprocess": {}},
+}
+
+
+def executor_config(kind: str = "threads") -> dict:
+    return {"execution": {"config": EXECUTORS[kind]}}
+
+
+def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
+    keys = [dg.AssetKey(list(view.asset_key_path)) for view in views if view.cadence == cadence.name]
+    return dg.define_asset_job(
+        name=f"{cadence.name}_refresh_job",
+        selection=dg.AssetSelection.assets(*keys),
+        description=f"Refreshes the {cadence.name} materialized views ({cadence.cron}, {cadence.timezone}), "
+        "each in its own step.",
+        tags={"cadence": cadence.name},
+        executor_def=refresh_executor,
+    )
+
+
+def refresh_schedule(job, cadence: Cadence) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name=f"{cadence.name}_refresh_schedule",
+        job=job,
+        cron_schedule=cadence.cron,
+        execution_timezone=cadence.timezone,
+        # Running from the moment the daemon starts, like the cron service it replaces.
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+    )
+
+
+def build_jobs(config: ManagedConfig | None = None) -> dict:
+    """Each cadence that has views, with its job; every configured cadence is checked, used or not."""
+    config = config or load_config()
+    for cadence in config.cadences:
+        check_cadence(cadence)
+    views = managed_views(config).views
+    return {
+        cadence: refresh_job(cadence, views)
+        for cadence in config.cadences
+        if any(view.cadence == cadence.name for view in views)
+    }
+
+
+def build_schedules(jobs: dict) -> list[dg.ScheduleDefinition]:
+    return [refresh_schedule(job, cadence) for cadence, job in jobs.items()]

@@ -1,0 +1,108 @@
+"""The checks of a view's SQL as Dagster asset checks: the static checks (sql_checks.py) and its data tests
+(data_tests.py), declared on the view's asset and evaluated after each refresh in the same step.
+
+sql_checks (and so sqlglot) is imported only when a step evaluates the checks: loading definitions stays
+free of the parser (parse_cache.py).
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+
+from analytics_views.sql_files.data_tests import DataTest, DataTestResult, load_tests, markdown_table, run_test, tests_folder
+from analytics_views.sql_files.views import ViewDefinition
+
+# name -> what the check verifies (the names are sql_checks' TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK)
+STATIC_CHECKS = {
+    "timezone_independent": "No expression of the view's SQL follows the session's TimeZone (date(timestamptz), "
+    "timestamptz::date, date_trunc without a zone, current_date, to_char/extract of a timestamptz, ...); "
+    "each finding names its fix (AT TIME ZONE 'UTC'). From the stored definition and the catalog.",
+    "unique_key_not_null": "No column of the view's unique index can be NULL, per its SQL, and no row has a NULL "
+    "key after the refresh (a count over the view): the index does not make NULL keys unique, and every "
+    "concurrent refresh deletes and re-inserts those rows.",
+    "no_join_fanout": "No aggregate (sum, avg, count(x), ...) reads rows that a one-to-many join repeats before "
+    "grouping; uniqueness from primary keys, unique indexes and GROUP BY/DISTINCT of CTEs and subqueries.",
+}
+_SEVERITY = {"error": dg.AssetCheckSeverity.ERROR, "warn": dg.AssetCheckSeverity.WARN}
+
+
+def data_tests(view: ViewDefinition, discovered_tests_dir: Path | None, reserved: tuple[str, ...]) -> tuple[DataTest, ...]:
+    return load_tests(tests_folder(view.name, view.schema, discovered_tests_dir), (*reserved, *STATIC_CHECKS))
+
+
+def specs(key: dg.AssetKey, tests: tuple[DataTest, ...]) -> list[dg.AssetCheckSpec]:
+    return [
+        *(dg.AssetCheckSpec(name, asset=key, description=description) for name, description in STATIC_CHECKS.items()),
+        *(dg.AssetCheckSpec(test.name, asset=key, description=f"{test.asserts} (data test {_relative(test.path)})")
+          for test in tests),
+    ]
+
+
+def _relative(path: Path) -> str:
+    return f"{path.parent.name}/{path.name}"
+
+
+def _metadata_value(value):
+    return dg.MetadataValue.json(value) if isinstance(value, (list, dict)) else value
+
+
+def static_results(conn: psycopg.Connection, view: ViewDefinition, unique_index: str | None) -> Iterator[dg.AssetCheckResult]:
+    from analytics_views.sql_files import sql_checks
+
+    try:
+        outcomes = sql_checks.static_checks(conn, view.name, view.schema, view.label, unique_index)
+    except psycopg.Error as error:  # a catalog query failed: each check says it could not decide
+        reason = f"cannot decide: the catalog could not be read ({' '.join(str(error).split())})"
+        outcomes = [sql_checks.CheckOutcome(name, False, reason, undecided=(reason,)) for name in STATIC_CHECKS]
+    for outcome in outcomes:
+        yield dg.AssetCheckResult(
+            check_name=outcome.name,
+            passed=outcome.passed,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=outcome.description,
+            metadata={
+                **{key: _metadata_value(value) for key, value in outcome.metadata.items()},
+                "findings": dg.MetadataValue.md(
+                    "\n".join(f"- `{f.expression}`: {f.problem}; fix: `{f.fix}`" for f in outcome.findings) or "none"
+                ),
+                **({"undecided": dg.MetadataValue.json(list(outcome.undecided))} if outcome.undecided else {}),
+            },
+        )
+
+
+def data_test_result(result: DataTestResult) -> dg.AssetCheckResult:
+    test = result.test
+    if result.error is not None:
+        description = f"{test.name} could not run: {result.error}"
+    elif result.passed:
+        description = f"no failing rows. {test.asserts}"
+    else:
+        description = f"{result.failing_rows} failing rows. {test.asserts}"
+    metadata = {"failing_rows": result.failing_rows, "test_file": _relative(test.path)}
+    if result.sample:
+        metadata["failing_sample"] = dg.MetadataValue.md(markdown_table(result.columns, result.sample))
+    if result.error is not None:
+        metadata["error"] = result.error
+    return dg.AssetCheckResult(
+        check_name=test.name,
+        passed=result.passed,
+        severity=_SEVERITY[test.severity],
+        description=description,
+        metadata=metadata,
+    )
+
+
+def results(
+    conn: psycopg.Connection,
+    view: ViewDefinition,
+    unique_index: str | None,
+    tests: tuple[DataTest, ...],
+    timezone: str = "UTC",
+) -> Iterator[dg.AssetCheckResult]:
+    """Every check of `specs`, evaluated over the step's connection after the refresh; the data tests run in
+    the refresh's time zone, so they bucket as the view did."""
+    yield from static_results(conn, view, unique_index)
+    for test in tests:
+        yield data_test_result(run_test(conn, test, timezone=timezone))
