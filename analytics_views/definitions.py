@@ -7,8 +7,7 @@ Which views come from views.toml (or $ANALYTICS_VIEWS_CONFIG); views made elsewh
 import dagster as dg
 
 from analytics_views.orchestration.assets import build_assets
-from analytics_views.orchestration.executor import refresh_executor
-from analytics_views.orchestration.jobs import build_jobs, build_schedules
+from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, build_jobs, build_schedules
 from analytics_views.sql_files.managed import ManagedConfig, load_config
 from analytics_views.orchestration.resources import AnalyticsDatabase
 
@@ -21,8 +20,8 @@ def build_definitions(config: ManagedConfig | None = None) -> dg.Definitions:
         jobs=list(jobs.values()),
         schedules=build_schedules(jobs),
         resources={"analytics_db": AnalyticsDatabase(url=dg.EnvVar("DATABASE_URL"))},
-        # Also for views materialized by hand in the UI (Dagster's implicit asset job): steps in threads.
-        executor=refresh_executor,
+        # Also for views materialized by hand in the UI (Dagster's implicit asset job).
+        executor=REFRESH_EXECUTOR,
     )
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -10,7 +11,7 @@ from pathlib import Path
 from analytics_views.postgres.database import database_url_from_env
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import PROJECT_ROOT
-from analytics_views.orchestration.pool_slots import SLOT_WAIT_S
+from analytics_views.operations.runs import SLOT_WAIT_S
 
 DEV_DIR = PROJECT_ROOT / ".dev"
 
@@ -34,9 +35,20 @@ def _seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _beside_dev() -> None:
+    """Beside a running `analytics-views dev`, use its instance and databases for what the environment
+    does not set: `refresh` and `stats` then need no variables."""
+    from analytics_views.operations.dev import running_session
+
+    if not os.environ.get("DAGSTER_HOME"):
+        for variable, value in running_session(DEV_DIR).items():
+            os.environ.setdefault(variable, value)
+
+
 def _refresh(args: argparse.Namespace) -> int:
     from analytics_views.operations.commands import refresh, selected_views
 
+    _beside_dev()
     views = selected_views(
         all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views
     )
@@ -49,6 +61,7 @@ def _refresh(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from analytics_views.operations.commands import discovery_warning, view_stats
 
+    _beside_dev()
     url = database_url_from_env()
     if warning := discovery_warning(url):
         print(f"analytics-views stats: warning: {warning}", file=sys.stderr)

@@ -2,22 +2,19 @@
 
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
 
 import dagster as dg
 import psycopg
 import yaml
 
 from analytics_views.postgres import database
-from analytics_views.orchestration import pool_slots
 from analytics_views.sql_files.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.sql_files.managed import load_config
+from analytics_views.operations import runs
 from analytics_views.operations.migrate import LEDGER
-from analytics_views.orchestration.pool_slots import SLOT_WAIT_S
 from analytics_views.postgres.refresh import SKIPPED, RefreshSettings
 from analytics_views.sql_files.views import ViewDefinition
 
@@ -53,12 +50,20 @@ def selected_views(
     return list(dict.fromkeys(names))
 
 
-def instance() -> dg.DagsterInstance:
-    """The persistent instance when DAGSTER_HOME is set, so runs show in the UI; else a throwaway one."""
+def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
+    """The persistent Dagster instance in $DAGSTER_HOME, the one the UI and the daemon use (a running
+    `analytics-views dev`'s when DAGSTER_HOME is not set). Without DAGSTER_HOME, a command that only reads
+    gets an empty throwaway instance; one that would record runs gets a one-line error."""
     from analytics_views.orchestration.dagster_storage import check_storage
 
     if not os.environ.get("DAGSTER_HOME"):
-        return dg.DagsterInstance.ephemeral()
+        if not to_record_runs:
+            return dg.DagsterInstance.ephemeral()
+        raise AnalyticsViewsError(
+            "DAGSTER_HOME is not set, so no run would be recorded where the UI shows it: start "
+            "`analytics-views dev` (its instance is then used), or export DAGSTER_HOME (a folder holding the "
+            "project's dagster.yaml) and DAGSTER_POSTGRES_URL"
+        )
     try:
         check_storage(os.environ["DAGSTER_HOME"])  # one line naming auth, host or database, not retries
         return dg.DagsterInstance.get()
@@ -94,19 +99,9 @@ class RefreshReport:
         return f"{self.view}: {self.outcome} ({self.detail})"
 
 
-def _step_failures(result: dg.ExecuteInProcessResult) -> dict[str, str]:
-    """Each failed step's one-line reason, without the exception's class name."""
-    failures = {}
-    for event in result.all_events:
-        if event.is_step_failure:
-            error = event.step_failure_data.error
-            message = (error.message if error else event.message or "failed").strip().splitlines()[0]
-            failures[event.step_key] = re.sub(r"^[\w.]+(Error|Failure): ", "", message)
-    return failures
-
-
-def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = SLOT_WAIT_S) -> list[RefreshReport]:
-    """Run each cadence's job for the selected views, in process, recorded in the Dagster instance.
+def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = runs.SLOT_WAIT_S) -> list[RefreshReport]:
+    """One run of each cadence's job for the selected views, submitted through the code location and
+    recorded in the Dagster instance like a scheduled run (runs.py); waits for them to end.
 
     Views whose sources did not change since their last refresh are skipped unless `force` is set. A view
     whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED.
@@ -118,59 +113,41 @@ def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = 
     with database.connect(url) as conn:  # fail in one line before Dagster starts a run
         if config.project_views:
             ensure_migrated(conn)
-    reports = []
     managed = managed_views(config).views
+    run_config = {
+        "resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}}
+    }
+    env = {**os.environ, "DATABASE_URL": url}
     with instance() as dagster_instance:
+        launches, chosen_steps, pools = [], [], []
         for cadence in config.cadence_names:
-            chosen = [view for view in managed if view.cadence == cadence and view.label in views]
+            chosen = {_step(view): view for view in managed if view.cadence == cadence and view.label in views}
             if not chosen:
                 continue
             job = defs.resolve_job_def(f"{cadence}_refresh_job")
-            reports += _run_job(dagster_instance, job, chosen, url=url, force=force, wait_s=wait_s)
+            every = len(chosen) == len(job.asset_layer.executable_asset_keys)
+            launches.append(runs.Launch(job.name, None if every else list(chosen), run_config))
+            chosen_steps.append(chosen)
+            pools.append({node.name: node.definition.pool for node in job.graph.nodes if node.name in chosen})
+        run_ids = runs.launch(launches, env)
+        submitted = [runs.Submitted(*run) for run in zip(run_ids, [launch.job for launch in launches], pools)]
+        chosen_views = dict(zip(run_ids, chosen_steps))
+        with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
+            told: set = set()
+            runs.wait(
+                dagster_instance,
+                submitted,
+                wait_s=wait_s,
+                watch=lambda: [_say_lock_waits(conn, run.run_id, told) for run in submitted],
+            )
+        reports = []
+        for run in submitted:
+            reports += _reports(dagster_instance, run, chosen_views[run.run_id])
     return reports
 
 
-def _run_job(
-    dagster_instance: dg.DagsterInstance,
-    job: dg.JobDefinition,
-    chosen: list[ViewDefinition],
-    *,
-    url: str,
-    force: bool,
-    wait_s: float,
-) -> list[RefreshReport]:
-    """One run of `job` for the chosen views, its pool slots claimed first (pool_slots.py), saying on stderr
-    which session holds a lock one of its refreshes waits for."""
-    steps = {dg.AssetKey(list(view.asset_key_path)).to_python_identifier(): view for view in chosen}
-    pools = {node.name: node.definition.pool for node in job.graph.nodes if node.name in steps}
-    run_id = str(uuid.uuid4())
-    try:
-        blocked = pool_slots.claim(dagster_instance, run_id, pools, wait_s=wait_s)
-        reports = {step: RefreshReport(steps[step].label, "FAILED", reason) for step, reason in blocked.items()}
-        granted = {step: view for step, view in steps.items() if step not in blocked}
-        if granted:
-            execute = partial(
-                job.execute_in_process,
-                instance=dagster_instance,
-                run_id=run_id,
-                asset_selection=[dg.AssetKey(list(view.asset_key_path)) for view in granted.values()],
-                raise_on_error=False,
-                tags={"launched_by": "analytics-views refresh"},
-                run_config={
-                    # The CLI prints one line per view; the run's own log is in the UI.
-                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
-                    "resources": {
-                        "analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}
-                    },
-                },
-            )
-            with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
-                watch = partial(_say_lock_waits, conn, run_id, set())
-                result = pool_slots.run_interruptibly(dagster_instance, run_id, execute, watch=watch)
-            reports |= _reports(result, granted)
-    finally:  # slots of steps that never ran (skipped, interrupted) are freed too
-        pool_slots.release(dagster_instance, run_id)
-    return [reports[step] for step in steps]
+def _step(view: ViewDefinition) -> str:
+    return dg.AssetKey(list(view.asset_key_path)).to_python_identifier()
 
 
 # Sessions of the run's refreshes (application_name 'analytics-views <view> run <run id>', assets.py) waiting
@@ -196,31 +173,50 @@ def _say_lock_waits(conn, run_id: str, told: set) -> None:
         if (application, pid) not in told:
             told.add((application, pid))
             view = application.removeprefix("analytics-views ").removesuffix(suffix)
-            pool_slots.say(
+            runs.say(
                 f"{view} waits for a lock held by pid {pid} ({holder}, since {since} UTC), at most lock_timeout_s "
                 f"({RefreshSettings.lock_timeout_s:g} s) per attempt"
             )
 
 
-def _reports(result: dg.ExecuteInProcessResult, steps: dict[str, ViewDefinition]) -> dict[str, RefreshReport]:
-    failures = _step_failures(result)
-    reports = {}
-    for node, view in steps.items():
-        if node in failures:
-            reports[node] = RefreshReport(view.label, "FAILED", failures[node])
+def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, steps: dict[str, ViewDefinition]) -> list[RefreshReport]:
+    """One report per view, from the run's event log: its materialization's metadata, or its failure."""
+    failures, materialized = {}, {}
+    for entry in dagster_instance.all_logs(run.run_id):
+        event = entry.dagster_event
+        if event is None or event.step_key not in steps:
             continue
-        metadata = {
-            key: value.value for event in result.asset_materializations_for_node(node) for key, value in event.metadata.items()
-        }
-        if not metadata:  # neither failed nor materialized: an upstream view failed
-            reports[node] = RefreshReport(view.label, "FAILED", "not refreshed: a view it reads failed")
-            continue
-        reports[node] = RefreshReport(
-            view.label,
-            "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
-            f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
-            f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {result.run_id[:8]}",
-        )
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            message = (error.message if error else event.message or "failed").strip().splitlines()[0]
+            failures[event.step_key] = re.sub(r"^[\w.]+(Error|Failure): ", "", message)
+        elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            metadata = event.step_materialization_data.materialization.metadata
+            materialized[event.step_key] = {key: value.value for key, value in metadata.items()}
+    status = dagster_instance.get_run_by_id(run.run_id).status
+    reports = []
+    for step, view in steps.items():
+        metadata = materialized.get(step)
+        if step in run.blocked:
+            reports.append(RefreshReport(view.label, "FAILED", run.blocked[step]))
+        elif step in failures:
+            reports.append(RefreshReport(view.label, "FAILED", failures[step]))
+        elif not metadata:  # neither failed nor materialized
+            reason = (
+                "not refreshed: the run was terminated"
+                if status == dg.DagsterRunStatus.CANCELED
+                else "not refreshed: a view it reads failed"
+            )
+            reports.append(RefreshReport(view.label, "FAILED", f"{reason}, run {run.run_id[:8]}"))
+        else:
+            reports.append(
+                RefreshReport(
+                    view.label,
+                    "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
+                    f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
+                    f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {run.run_id[:8]}",
+                )
+            )
     return reports
 
 
@@ -273,7 +269,7 @@ def view_stats(url: str) -> list[ViewStats]:
     """The old getViewStats(): each view's rows, size, populated flag, unique index and last refresh."""
     stats = []
     config = load_config()
-    with database.connect(url, autocommit=True) as conn, instance() as dagster_instance:
+    with database.connect(url, autocommit=True) as conn, instance(to_record_runs=False) as dagster_instance:
         if config.project_views:
             ensure_migrated(conn)
         for view in _managed():

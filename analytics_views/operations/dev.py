@@ -6,6 +6,7 @@ seeded on first start and refreshed once through Dagster; then the webserver and
 or SIGTERM, after which every process this command started is stopped, the database included.
 """
 
+import json
 import os
 import signal
 import threading
@@ -13,6 +14,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -30,6 +32,32 @@ def ensure_database(server_url: str, name: str) -> str:
         if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone() is None:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return with_database(server_url, name)
+
+
+SESSION_FILE = "session.json"
+_SESSION_VARIABLES = ("DAGSTER_HOME", "DATABASE_URL", "DAGSTER_POSTGRES_URL")
+
+
+def write_session(state_dir: Path, env: dict[str, str]) -> Path:
+    """Records where this `dev` keeps its instance and databases, for `refresh` and `stats` run beside it in
+    another terminal. A URL holding a password is left out: it stays in the environment only."""
+    session = {"pid": os.getpid()}
+    for variable in _SESSION_VARIABLES:
+        if variable == "DAGSTER_HOME" or not parse_url(env[variable], variable).params.get("password"):
+            session[variable] = env[variable]
+    path = state_dir / SESSION_FILE
+    path.write_text(json.dumps(session, indent=2) + "\n")
+    return path
+
+
+def running_session(state_dir: Path) -> dict[str, str]:
+    """The variables a running `dev` recorded in `state_dir` ({} when none runs there)."""
+    try:
+        session = json.loads((state_dir / SESSION_FILE).read_text())
+        alive = psutil.pid_exists(int(session.pop("pid")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: v for k, v in session.items() if k in _SESSION_VARIABLES and isinstance(v, str)} if alive else {}
 
 
 def _is_empty(url: str) -> bool:
@@ -74,6 +102,8 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, sta
             os.environ.update(
                 DATABASE_URL=database_url, DAGSTER_POSTGRES_URL=dagster_url, DAGSTER_HOME=str(dagster_home)
             )
+            session = write_session(state_dir, dict(os.environ))
+            stack.callback(session.unlink, missing_ok=True)
             from analytics_views.operations.commands import refresh
             from analytics_views.sql_files.views import view_names
 

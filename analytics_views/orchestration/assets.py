@@ -8,9 +8,8 @@ the view's `ViewDefinition` or, for a source table, from its migration (`SourceT
 import os
 import re
 import warnings
-from collections.abc import Iterable
-from contextlib import ExitStack
-from functools import partial
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -20,7 +19,6 @@ from analytics_views.orchestration import view_checks
 from analytics_views.orchestration.cadences import freshness_window
 from analytics_views.sql_files.discovery import SourceRelation, current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.orchestration.executor import on_interrupt
 from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig, load_config
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.refresh import SKIPPED, RefreshError, refresh_view
@@ -37,8 +35,8 @@ OWNERS = ["team:analytics"]
 # Transient failures (lost connection, lock timeout, deadlock, ...) are retried with this policy's backoff;
 # permanent ones raise Failure(allow_retries=False) and fail at once. The step asks for the retry itself
 # (RetryRequested) rather than carrying the policy: with a retry policy, Dagster also retries a step whose
-# run was terminated while the step ran in the run's own process (dagster-io/dagster#15026), and our jobs
-# run their steps in the run's own process, in threads (executor.py).
+# run was terminated while the step ran in the run's own process (dagster-io/dagster#15026), as the CLI's
+# runs and `in_process` runs do.
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
 
@@ -48,6 +46,18 @@ def retry_later(context: dg.AssetExecutionContext) -> dg.RetryRequested:
         max_retries=TRANSIENT_RETRY.max_retries,
         seconds_to_wait=TRANSIENT_RETRY.calculate_delay(context.retry_number + 1),
     )
+
+
+@contextmanager
+def cancel_on_interrupt(conn) -> Iterator[None]:
+    """A terminated run interrupts its steps (DagsterExecutionInterruptedError, raised by Dagster's SIGINT
+    handler in the step's process): cancel the query in the server too, so the view keeps its contents and its
+    lock is freed at once. psycopg cancels by itself on KeyboardInterrupt only."""
+    try:
+        yield
+    except dg.DagsterExecutionInterruptedError:
+        conn.cancel_safe(timeout=5)
+        raise
 
 
 _UNIQUE_INDEX_DDL = re.compile(r"CREATE\s+UNIQUE\s+INDEX\s+[^;]+;", re.IGNORECASE)
@@ -251,8 +261,7 @@ def view_asset(
             last_metadata = last.asset_materialization.metadata if last and last.asset_materialization else {}
             last_fingerprint = last_metadata.get("sources_fingerprint")
             try:
-                # A terminated run interrupts a step thread by cancelling its query (executor.py).
-                with on_interrupt(partial(conn.cancel_safe, timeout=5)):
+                with cancel_on_interrupt(conn):
                     outcome = refresh_view(
                         conn,
                         view.name,

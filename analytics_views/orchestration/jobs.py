@@ -12,24 +12,20 @@ import dagster as dg
 
 from analytics_views.orchestration.cadences import check_cadence
 from analytics_views.sql_files.discovery import managed_views
-from analytics_views.orchestration.executor import refresh_executor
 from analytics_views.sql_files.managed import Cadence, ManagedConfig, load_config
 from analytics_views.sql_files.views import ViewDefinition
 
-# Each view is its own step, and the steps of a run refresh at the same time in threads of the run's own
-# process (executor.py), each once the views it reads are refreshed. Dagster's own executors run steps
-# either one after another in process, or in processes of their own, each of which costs seconds to start
-# where a refresh waits on PostgreSQL (bench/, docs/benchmarks.md). A run may still choose Dagster's
-# `in_process` or `multiprocess` in its run config (executor_config).
-EXECUTORS = {
-    "threads": {"threads": {}},
-    "in_process": {"in_process": {}},
-    "multiprocess": {"multiprocess": {}},
-}
-
-
-def executor_config(kind: str = "threads") -> dict:
-    return {"execution": {"config": EXECUTORS[kind]}}
+# Each view is its own step, and a run's independent views refresh at the same time, each in a process of its
+# own forked from a server that has already imported the definitions (Dagster's multiprocess executor with
+# `forkserver`), each once the views it reads are refreshed. Every run the daemon or the UI launches uses it
+# (a view materialized by hand too). Pools, retries and termination are Dagster's own. Dagster has no
+# thread-based executor (dagster-io/dagster#4041); bench/ compares this with `in_process` (one step after
+# another) and spawned processes.
+MAX_CONCURRENT_REFRESHES = 8  # the refreshes run in PostgreSQL, not on the local cores
+REFRESH_EXECUTOR = dg.multiprocess_executor.configured(
+    {"max_concurrent": MAX_CONCURRENT_REFRESHES, "start_method": {"forkserver": {}}},
+    name="refresh_executor",
+)
 
 
 def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
@@ -40,7 +36,7 @@ def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
         description=f"Refreshes the {cadence.name} materialized views ({cadence.cron}, {cadence.timezone}), "
         "each in its own step.",
         tags={"cadence": cadence.name},
-        executor_def=refresh_executor,
+        executor_def=REFRESH_EXECUTOR,
     )
 
 

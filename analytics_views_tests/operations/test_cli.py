@@ -218,7 +218,11 @@ def run_holding_the_daily_slot(seeded_db: str):
     with held(seeded_db, lock, [ADVISORY_LOCK_NAMESPACE]) as blocker, dg.DagsterInstance.get() as instance:
         job = defs.resolve_job_def("daily_refresh_job")
         selection = [dg.AssetKey("daily_aggregations")]
-        thread, _ = in_thread(job.execute_in_process, instance=instance, asset_selection=selection, raise_on_error=False)
+        # Its refresh waits for the lock until the test ends, however slowly the command under test starts.
+        config = {"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "lock_timeout_s": 600}}}}
+        thread, _ = in_thread(
+            job.execute_in_process, instance=instance, asset_selection=selection, run_config=config, raise_on_error=False
+        )
         activity = wait_for_activity(seeded_db, REFRESH_WAITING_FOR_A_LOCK)
         yield activity["application_name"].rsplit(" ", 1)[1]
         blocker.rollback()

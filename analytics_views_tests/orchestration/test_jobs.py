@@ -1,12 +1,16 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
+import psycopg
 
 from analytics_views.definitions import defs
 from analytics_views.paths import PROJECT_ROOT
+from analytics_views.postgres.refresh import ADVISORY_LOCK_NAMESPACE
+from analytics_views_tests.postgres.test_reliability import held, in_thread, run_daily_job, wait_for_activity
 
 
 def job_views(name: str) -> set[str]:
@@ -46,15 +50,52 @@ def test_dagster_definitions_validate_passes_without_the_analytics_database(empt
     assert "Validation successful" in result.stdout + result.stderr
 
 
-def test_jobs_run_their_steps_in_threads_and_a_run_may_choose_dagsters_executors(monkeypatch):
-    from dagster._core.system_config.objects import ResolvedRunConfig
+def test_every_run_refreshes_its_views_in_forked_processes_at_most_8_at_once(monkeypatch):
+    from analytics_views.orchestration.jobs import MAX_CONCURRENT_REFRESHES, REFRESH_EXECUTOR
 
-    from analytics_views.orchestration.jobs import executor_config
+    assert MAX_CONCURRENT_REFRESHES >= len(job_views("daily_refresh_job"))
+    for job in ("daily_refresh_job", "weekly_refresh_job"):
+        assert defs.resolve_job_def(job).executor_def is REFRESH_EXECUTOR
+    # A view materialized by hand in the UI runs in Dagster's implicit asset job.
+    assert defs.resolve_implicit_global_asset_job_def().executor_def is REFRESH_EXECUTOR
 
-    monkeypatch.setenv("DATABASE_URL", "postgresql://unused@localhost/unused")  # resolved, never connected
-    for job in ("daily_refresh_job", "weekly_refresh_job", "__ASSET_JOB"):  # the last: materialized by hand
-        resolved = ResolvedRunConfig.build(defs.resolve_job_def(job), {}).execution.execution_engine_config
-        assert resolved["threads"]["max_concurrent"] >= len(job_views("daily_refresh_job"))
-    for kind in ("in_process", "multiprocess"):
-        resolved = ResolvedRunConfig.build(defs.resolve_job_def("daily_refresh_job"), executor_config(kind))
-        assert set(resolved.execution.execution_engine_config) == {kind}
+
+# A run's steps run with the job's own executor, as a run the daemon launches does (dg.execute_job), not
+# execute_in_process, which always runs the steps one after another.
+
+
+def materialized(instance: dg.DagsterInstance, view: str) -> bool:
+    return instance.get_latest_materialization_event(dg.AssetKey(view)) is not None
+
+
+def wait_until(condition, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_independent_views_refresh_while_another_waits(refreshed_db):
+    # The first step in key order: run one after another, the other two would wait behind it.
+    first = "campaign_aggregations"
+    with dg.instance_for_test() as instance:
+        lock = "SELECT pg_advisory_xact_lock(%s, hashtext(%s))"
+        with held(refreshed_db, lock, [ADVISORY_LOCK_NAMESPACE, first]) as blocker:
+            thread, outcome = in_thread(run_daily_job, instance, refreshed_db)
+            wait_for_activity(refreshed_db, f"application_name LIKE 'analytics-views {first} run %' AND wait_event_type = 'Lock'")
+            wait_until(lambda: materialized(instance, "cohort_aggregations") and materialized(instance, "daily_aggregations"))
+            assert not materialized(instance, first)
+            blocker.rollback()
+            thread.join(120)
+        success, _ = outcome["result"]
+        assert success and materialized(instance, first)
+
+
+def test_a_failing_view_leaves_the_others_refreshed(refreshed_db):
+    with psycopg.connect(refreshed_db, autocommit=True) as conn:
+        conn.execute("DROP MATERIALIZED VIEW cohort_aggregations")
+    with dg.instance_for_test() as instance:
+        success, events = run_daily_job(instance, refreshed_db)
+        failures = {event.step_key for event in events if event.is_step_failure}
+        assert not success and failures == {"cohort_aggregations"}
+        assert materialized(instance, "campaign_aggregations") and materialized(instance, "daily_aggregations")

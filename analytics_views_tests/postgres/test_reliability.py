@@ -93,10 +93,13 @@ def daily_refresh_job() -> dg.JobDefinition:
     return defs.resolve_job_def("daily_refresh_job")
 
 
-def run_daily_job(instance: dg.DagsterInstance, **kwargs) -> tuple[bool, list[dg.DagsterEvent]]:
-    """A daily_refresh_job run with the job's own executor (steps in threads), as the daemon's runs execute;
-    execute_in_process would run the steps one after another."""
-    with dg.execute_job(dg.reconstructable(daily_refresh_job), instance=instance, **kwargs) as result:
+def run_daily_job(instance: dg.DagsterInstance, url: str, **kwargs) -> tuple[bool, list[dg.DagsterEvent]]:
+    """A daily_refresh_job run on the database at `url` with the job's own executor (a process per step,
+    forked), as the daemon's runs execute; execute_in_process would run the steps one after another.
+    `instance` must persist its runs (dg.instance_for_test): step processes read the run from it. The URL goes
+    in the run config: the fork server, started once per test session, keeps the environment it started with."""
+    run_config = {"resources": {"analytics_db": {"config": {"url": url}}}}
+    with dg.execute_job(dg.reconstructable(daily_refresh_job), instance=instance, run_config=run_config, **kwargs) as result:
         return result.success, result.all_events
 
 
@@ -181,8 +184,8 @@ def test_statement_timeout_is_permanent_and_names_the_setting(slow_view):
 def daily_refresh_waiting_on_a_lock(url: str):
     """A daily_aggregations materialization in a thread, its REFRESH blocked by a lock on `users`; yields
     the refresh's pg_stat_activity row and the run's outcome, and releases the lock when the block ends."""
-    with held(url, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker, dg.DagsterInstance.ephemeral() as instance:
-        thread, outcome = in_thread(run_daily_job, instance, asset_selection=[dg.AssetKey("daily_aggregations")])
+    with held(url, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE") as blocker, dg.instance_for_test() as instance:
+        thread, outcome = in_thread(run_daily_job, instance, url, asset_selection=[dg.AssetKey("daily_aggregations")])
         yield wait_for_activity(url, "query LIKE 'REFRESH%daily_aggregations%'"), outcome
         blocker.rollback()  # the refresh, or its retry, can now go through
         thread.join(120)
