@@ -81,7 +81,7 @@ def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
             reason = database.redact(str(error).strip().splitlines()[0], os.environ.get("DAGSTER_POSTGRES_URL", ""))
     raise AnalyticsViewsError(
         f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
-        "or copy the project's dagster.yaml there"
+        "or copy the project's deploy/dagster.yaml there"
     ) from None
 
 

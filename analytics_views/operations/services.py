@@ -23,7 +23,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import PROJECT_ROOT
 
 WORKSPACE = PROJECT_ROOT / "workspace.yaml"
-DAGSTER_YAML = PROJECT_ROOT / "dagster.yaml"
+DAGSTER_YAML = PROJECT_ROOT / "deploy" / "dagster.yaml"  # not in the root: see its first comment
 STOP_GRACE_S = 10.0
 
 

@@ -1,9 +1,10 @@
-"""Dagster's run, event-log and schedule storage in PostgreSQL, always on the psycopg2 driver.
+"""Dagster's run, event-log and schedule storage: dagster-postgres's own `storage: postgres:` block in
+dagster.yaml, with its URL checked once before Dagster loads it.
 
-dagster-postgres is written for psycopg2 (its event watcher sends `NOTIFY run_events, %(notify_id)s`).
-With psycopg 3 installed, SQLAlchemy 2.1 resolves a plain `postgresql://` URL to psycopg 3, and the daemon
-then fails on every event with `syntax error at or near "$1"`. This storage pins the driver whatever URL
-form the user gives; dagster.yaml names it as a custom storage.
+dagster-postgres is written for psycopg2: its event log sends `NOTIFY run_events, %(notify_id)s`, which
+psycopg 3 rejects (`syntax error at or near "$1"`) on every event (dagster-io/dagster#33958). SQLAlchemy 2.1
+maps a plain `postgresql://` URL to psycopg 3, so pyproject.toml keeps SQLAlchemy below 2.1, where it still
+means psycopg2; a URL naming another driver is refused here in one line.
 """
 
 import os
@@ -11,29 +12,51 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
-from dagster._core.storage.config import PostgresStorageConfig
-from dagster._serdes import ConfigurableClassData
-from dagster_postgres import DagsterPostgresStorage
-from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from analytics_views.errors import AnalyticsViewsError
 from analytics_views.postgres.database import connect, parse_url
 
 STORAGE_VARIABLE = "DAGSTER_POSTGRES_URL"
+STORAGE_DRIVER = "psycopg2"
 STORAGE_CHECK_TIMEOUT_S = 5
 
 
-def psycopg2_url(url: str, variable: str = STORAGE_VARIABLE) -> str:
-    """The same URL with SQLAlchemy's psycopg2 driver named explicitly (a one-line error if it does not parse)."""
-    return parse_url(url, variable).sqlalchemy("psycopg2")
+def storage_driver(url: str) -> str | None:
+    """The SQLAlchemy driver dagster-postgres's engines will use for url; None when SQLAlchemy has no dialect
+    for its scheme (`postgres://`, a driver that does not exist)."""
+    try:
+        return make_url(url.strip()).get_dialect().driver
+    except (ArgumentError, NoSuchModuleError):
+        return None
+
+
+def check_storage_url(url: str, variable: str = STORAGE_VARIABLE) -> None:
+    """A URL that does not parse, or that would run Dagster's storage on another driver than psycopg2, is
+    one line naming the fix (quoting nothing of the URL but its scheme, host, port and database)."""
+    parse_url(url, variable)
+    driver = storage_driver(url)
+    if driver == STORAGE_DRIVER:
+        return
+    scheme = url.strip().split("://", 1)[0]
+    forms = ("postgresql://", f"postgresql+{STORAGE_DRIVER}://")
+    fixes = [form for form in forms if storage_driver(form) == STORAGE_DRIVER]  # plain only below SQLAlchemy 2.1
+    selects = f"which selects SQLAlchemy's {driver} driver" if driver else "which SQLAlchemy cannot load"
+    raise AnalyticsViewsError(
+        f"{variable} starts with {scheme}://, {selects}; dagster-postgres needs {STORAGE_DRIVER}: "
+        f"start it with {' or '.join(fixes)}"
+    )
 
 
 def storage_url(dagster_yaml: Path, environ: Mapping[str, str] = os.environ) -> tuple[str, str] | None:
-    """(variable, URL) of the PostgreSQL storage that dagster.yaml configures, when it names one by `env:`
-    and that variable is set; None otherwise (Dagster then reports what is missing)."""
+    """(variable, URL) of the PostgreSQL storage that dagster.yaml configures (`storage: postgres:
+    postgres_url: env: VARIABLE`), when that variable is set; None otherwise (Dagster then reports what is
+    missing)."""
     if not dagster_yaml.is_file():
         return None
     storage = (yaml.safe_load(dagster_yaml.read_text()) or {}).get("storage") or {}
-    config = (storage.get("custom") or {}).get("config") or storage.get("postgres") or {}
+    config = storage.get("postgres") if isinstance(storage, dict) else None
     source = config.get("postgres_url") if isinstance(config, dict) else None
     variable = source.get("env") if isinstance(source, dict) else None
     if not isinstance(variable, str) or not environ.get(variable, "").strip():
@@ -42,12 +65,14 @@ def storage_url(dagster_yaml: Path, environ: Mapping[str, str] = os.environ) -> 
 
 
 def check_storage(dagster_home: str | os.PathLike, environ: Mapping[str, str] = os.environ) -> None:
-    """Connect once to Dagster's storage database: a wrong URL is one line naming what failed (auth, host,
-    database) and the fix, instead of the page of retries dagster-postgres logs before it gives up."""
+    """Check the storage URL's form and connect once to Dagster's storage database: a wrong URL is one line
+    naming what failed (driver, auth, host, database) and the fix, instead of the page of retries
+    dagster-postgres logs before it gives up."""
     found = storage_url(Path(dagster_home) / "dagster.yaml", environ)
     if found is None:
         return
     variable, url = found
+    check_storage_url(url, variable)
     with connect(
         url,
         variable=variable,
@@ -56,18 +81,3 @@ def check_storage(dagster_home: str | os.PathLike, environ: Mapping[str, str] = 
         application_name="analytics-views storage check",
     ):
         pass
-
-
-class Psycopg2PostgresStorage(DagsterPostgresStorage):
-    """DagsterPostgresStorage whose SQLAlchemy engines always use psycopg2."""
-
-    @classmethod
-    def from_config_value(  # ty: ignore[invalid-method-override]
-        cls, inst_data: ConfigurableClassData | None, config_value: PostgresStorageConfig
-    ) -> "Psycopg2PostgresStorage":
-        return cls(
-            inst_data=inst_data,
-            postgres_url=psycopg2_url(pg_url_from_config(config_value)),
-            should_autocreate_tables=config_value.get("should_autocreate_tables", True),
-            token_provider=get_token_provider_from_config(config_value),
-        )

@@ -1,33 +1,82 @@
-"""Dagster's storage from the project's dagster.yaml: PostgreSQL, on psycopg2 whatever the URL form."""
+"""Dagster's storage from the project's dagster.yaml: dagster-postgres's own, on psycopg2, and a URL that
+would select another driver refused in one line before Dagster loads it."""
 
 import dagster as dg
 import pytest
 
-from analytics_views.orchestration.dagster_storage import psycopg2_url
+from analytics_views.errors import AnalyticsViewsError
+from analytics_views.operations.services import DAGSTER_YAML, prepare_dagster_home
+from analytics_views.orchestration.dagster_storage import check_storage, check_storage_url, storage_driver, storage_url
 from analytics_views.postgres.database import libpq_url
-from analytics_views.operations.services import prepare_dagster_home
+
+@dg.op
+def noop() -> None:
+    pass
+
+
+@dg.job
+def noop_job():
+    noop()
+
+
+FIX = "dagster-postgres needs psycopg2: start it with postgresql:// or postgresql+psycopg2://"
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgresql+psycopg2"])
+def test_a_plain_or_psycopg2_url_runs_the_storage_on_psycopg2(scheme):
+    url = f"{scheme}://u:p%40ss@h:5/d"
+    assert storage_driver(url) == "psycopg2"
+    check_storage_url(url)  # accepted
 
 
 @pytest.mark.parametrize(
-    "given",
-    ["postgresql://u:p@h:5/d", "postgres://u:p@h:5/d", "postgresql+psycopg://u:p@h:5/d", "postgresql+psycopg2://u:p@h:5/d"],
+    ("scheme", "message"),
+    [
+        ("postgresql+psycopg", f"DAGSTER_POSTGRES_URL starts with postgresql+psycopg://, which selects SQLAlchemy's psycopg driver; {FIX}"),
+        ("postgresql+asyncpg", f"DAGSTER_POSTGRES_URL starts with postgresql+asyncpg://, which selects SQLAlchemy's asyncpg driver; {FIX}"),
+        ("postgres", f"DAGSTER_POSTGRES_URL starts with postgres://, which SQLAlchemy cannot load; {FIX}"),
+        ("postgresql+nosuchdriver", f"DAGSTER_POSTGRES_URL starts with postgresql+nosuchdriver://, which SQLAlchemy cannot load; {FIX}"),
+    ],
 )
-def test_every_url_form_is_pinned_to_psycopg2(given):
-    assert psycopg2_url(given) == "postgresql+psycopg2://u:p@h:5/d"
+def test_a_url_selecting_another_driver_is_one_line_naming_the_fix(scheme, message):
+    with pytest.raises(AnalyticsViewsError) as raised:
+        check_storage_url(f"{scheme}://analyst:Secret99x@db.example.com:5432/dagster")
+    assert str(raised.value) == message
+
+
+def test_check_storage_refuses_another_driver_before_connecting(tmp_path):
+    home = prepare_dagster_home(tmp_path / "dagster_home")
+    url = "postgresql+psycopg://analyst:Secret99x@no-such-host.invalid:5432/dagster"  # never reached
+    with pytest.raises(AnalyticsViewsError, match=r"^DAGSTER_POSTGRES_URL starts with postgresql\+psycopg://"):
+        check_storage(home, {"DAGSTER_POSTGRES_URL": url})
+
+
+def test_dagster_yaml_names_the_stock_postgres_storage_by_its_variable():
+    assert storage_url(DAGSTER_YAML, {"DAGSTER_POSTGRES_URL": "postgresql://u@h/d"}) == ("DAGSTER_POSTGRES_URL", "postgresql://u@h/d")
+    assert storage_url(DAGSTER_YAML, {}) is None  # Dagster itself then names the missing variable
 
 
 def test_instance_from_dagster_yaml_stores_runs_in_postgres_with_psycopg2(empty_db, tmp_path, monkeypatch):
-    # A plain postgresql:// URL is what SQLAlchemy 2.1 would hand to psycopg 3, breaking the event watcher.
+    # A plain postgresql:// URL is what SQLAlchemy 2.1 would hand to psycopg 3, breaking the event log.
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", libpq_url(empty_db))
     home = prepare_dagster_home(tmp_path / "dagster_home")
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        storages = [instance.run_storage, instance.event_log_storage, instance.schedule_storage]
-        drivers = {type(storage).__name__: storage._engine.dialect.driver for storage in storages}  # noqa: SLF001
+        connections = {
+            type(instance.run_storage).__name__: instance.run_storage.connect,
+            type(instance.event_log_storage).__name__: instance.event_log_storage.index_connection,
+            type(instance.schedule_storage).__name__: instance.schedule_storage.connect,
+        }
+        drivers = {}
+        for name, connection in connections.items():
+            with connection() as conn:
+                drivers[name] = conn.dialect.driver
         assert drivers == {
             "PostgresRunStorage": "psycopg2",
             "PostgresEventLogStorage": "psycopg2",
             "PostgresScheduleStorage": "psycopg2",
         }
-        # And it really writes there: a run created through the instance is read back from PostgreSQL.
-        run = instance.create_run_for_job(dg.GraphDefinition(name="noop").to_job())
-        assert instance.get_run_by_id(run.run_id) is not None
+        # And it really writes there: a run's events (each one NOTIFYs) are stored and read back from PostgreSQL.
+        result = noop_job.execute_in_process(instance=instance)
+        assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.SUCCESS
+        stored = [entry.dagster_event.event_type for entry in instance.all_logs(result.run_id) if entry.is_dagster_event]
+        assert stored.count(dg.DagsterEventType.STEP_SUCCESS) == 1 and stored[-1] == dg.DagsterEventType.RUN_SUCCESS

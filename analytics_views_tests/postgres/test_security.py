@@ -189,6 +189,7 @@ CANNOT_CONNECT = "cannot connect to Dagster's storage database at "
         ("unknown host", (CANNOT_CONNECT, "(unknown host 'no-such-host.invalid')", "check DAGSTER_POSTGRES_URL's host name")),
         ("nothing listening", (CANNOT_CONNECT, "Connection refused", "check DAGSTER_POSTGRES_URL's host and port")),
         ("unencoded password", ("DAGSTER_POSTGRES_URL (host 127.0.0.1, port 5432, database dagster) has an @ or /",)),
+        ("psycopg 3 driver", ("DAGSTER_POSTGRES_URL starts with postgresql+psycopg://, which selects SQLAlchemy's psycopg driver", "start it with postgresql://")),
     ],
 )
 def test_a_wrong_storage_url_is_one_line_naming_what_failed_and_the_fix(
@@ -200,6 +201,7 @@ def test_a_wrong_storage_url_is_one_line_naming_what_failed_and_the_fix(
         "unknown host": f"postgresql://analyst:{quote(PASSWORD, safe='')}@no-such-host.invalid:5432/dagster",
         "nothing listening": f"postgresql://analyst:{quote(PASSWORD, safe='')}@127.0.0.1:{free_port()}/dagster",
         "unencoded password": f"postgresql://analyst:{PASSWORD}@127.0.0.1:5432/dagster",
+        "psycopg 3 driver": password_server("dagster").replace("postgresql://", "postgresql+psycopg://"),
     }[storage]
     home = prepare_dagster_home(tmp_path / "dagster_home")
     result = run(*command, DATABASE_URL=seeded_db, DAGSTER_POSTGRES_URL=url, DAGSTER_HOME=str(home))

@@ -6,7 +6,7 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy.engine import make_url
 
-from analytics_views.orchestration.dagster_storage import psycopg2_url
+from analytics_views.orchestration.dagster_storage import check_storage_url
 from analytics_views.postgres.database import describe_target, parse_url, redact, with_database
 from analytics_views.errors import AnalyticsViewsError
 
@@ -34,9 +34,9 @@ def test_a_percent_encoded_password_is_read_whole_by_libpq_and_sqlalchemy(passwo
         "analyst", password, "db.example.com", "6543", "analytics",
     )
     assert parsed.params["sslmode"] == "disable"
-    storage = make_url(psycopg2_url(url))
+    storage = make_url(url)  # what dagster-postgres hands SQLAlchemy: the URL as given
     assert (storage.drivername, storage.password, storage.host, storage.port, storage.database) == (
-        "postgresql+psycopg2", password, "db.example.com", 6543, "analytics",
+        scheme, password, "db.example.com", 6543, "analytics",
     )
     other = parse_url(with_database(url, "dagster"))
     assert (other.password, other.dbname, other.params["sslmode"]) == (password, "dagster", "disable")
@@ -65,7 +65,7 @@ def test_an_unencoded_password_is_one_line_with_only_host_port_and_database(pass
 
 def test_the_measured_password_no_longer_becomes_a_port():
     with pytest.raises(AnalyticsViewsError) as raised:
-        psycopg2_url("postgresql://analyst:ab@cd:Ef9Secret@127.0.0.1:5432/dagster")
+        check_storage_url("postgresql://analyst:ab@cd:Ef9Secret@127.0.0.1:5432/dagster")
     assert "Ef9Secret" not in str(raised.value) and "DAGSTER_POSTGRES_URL (host 127.0.0.1" in str(raised.value)
 
 
