@@ -41,7 +41,8 @@ def _beside_dev() -> None:
     from analytics_views.operations.dev import running_session
 
     if not os.environ.get("DAGSTER_HOME"):
-        for variable, value in running_session(DEV_DIR).items():
+        # ANALYTICS_VIEWS_DEV_DIR: where a `dev --state-dir DIR` keeps its state, when not in .dev/.
+        for variable, value in running_session(Path(os.environ.get("ANALYTICS_VIEWS_DEV_DIR") or DEV_DIR)).items():
             os.environ.setdefault(variable, value)
 
 

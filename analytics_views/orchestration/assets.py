@@ -5,8 +5,10 @@ tags, freshness, column schema, column lineage, code reference and the `unique_i
 the view's `ViewDefinition` or, for a source table, from its migration (`SourceTable`).
 """
 
+import multiprocessing
 import os
 import re
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -50,14 +52,30 @@ def retry_later(context: dg.AssetExecutionContext) -> dg.RetryRequested:
 
 @contextmanager
 def cancel_on_interrupt(conn) -> Iterator[None]:
-    """A terminated run interrupts its steps (DagsterExecutionInterruptedError, raised by Dagster's SIGINT
-    handler in the step's process): cancel the query in the server too, so the view keeps its contents and its
-    lock is freed at once. psycopg cancels by itself on KeyboardInterrupt only."""
+    """The refresh stops with its run. A terminated run interrupts its steps (DagsterExecutionInterruptedError,
+    raised by Dagster's SIGINT handler in the step's process): cancel the query in the server too, so the view
+    keeps its contents and its lock is freed at once (psycopg cancels by itself on KeyboardInterrupt only). And
+    a step in a process of its own outlives a run worker killed with SIGKILL (out of memory, `kill -9`): when
+    the worker that started it dies, the step cancels its query and exits, as it would have died with it."""
+    worker = multiprocessing.parent_process()  # None when the step runs in the run worker itself
+    done = threading.Event()
+
+    def follow_the_worker() -> None:
+        while not done.is_set():
+            worker.join(0.5)
+            if not worker.is_alive() and not done.is_set():
+                conn.cancel_safe(timeout=5)
+                os._exit(1)
+
+    if worker is not None:
+        threading.Thread(target=follow_the_worker, name="follow the run worker", daemon=True).start()
     try:
         yield
     except dg.DagsterExecutionInterruptedError:
         conn.cancel_safe(timeout=5)
         raise
+    finally:
+        done.set()
 
 
 _UNIQUE_INDEX_DDL = re.compile(r"CREATE\s+UNIQUE\s+INDEX\s+[^;]+;", re.IGNORECASE)

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from analytics_views.postgres.refresh import ADVISORY_LOCK_NAMESPACE
+from analytics_views.operations.runs import LAUNCHED_BY_TAG
 from analytics_views.operations.services import prepare_dagster_home
 from analytics_views_tests.postgres.test_reliability import held, in_thread, wait_for_activity
 
@@ -90,6 +91,18 @@ def test_refresh_runs_through_dagster_and_is_recorded_in_the_instance(seeded_db,
             assert instance.get_latest_materialization_event(dg.AssetKey(view)) is not None
         runs = instance.get_runs()
         assert runs and all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
+        # Real runs, launched through the code location as the daemon launches them: the Overview timeline
+        # shows them and "Re-execute" runs the same job, and they say who launched them.
+        assert all(run.remote_job_origin.location_name == "analytics_views" for run in runs)
+        assert all(run.tags[LAUNCHED_BY_TAG] == "analytics-views refresh" for run in runs)
+        assert len(runs) == len({instance.get_run_by_id(r.run_id).job_name for r in runs})  # one run per cadence
+
+
+def test_refresh_without_a_persistent_instance_is_one_line_naming_the_fix(seeded_db, tmp_path):
+    result = run("refresh", "daily_aggregations", DATABASE_URL=seeded_db, DAGSTER_HOME=None, ANALYTICS_VIEWS_DEV_DIR=str(tmp_path))
+    assert_one_line_error(result, "DAGSTER_HOME is not set", "start `analytics-views dev`", "export DAGSTER_HOME")
+    with psycopg.connect(seeded_db) as conn:  # nothing was refreshed behind the error
+        assert conn.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'daily_aggregations'").fetchone()[0] is False
 
 
 def test_stats_reports_rows_size_state_index_and_last_refresh(seeded_db, dagster_home):

@@ -1,5 +1,6 @@
 """`analytics-views dev` as a newcomer runs it: embedded database, UI up, and nothing left after a signal."""
 
+import json
 import os
 import signal
 import subprocess
@@ -49,6 +50,22 @@ def wait_for_ui(port: int, dev: subprocess.Popen, log: Path, timeout_s: float = 
     raise AssertionError(f"no UI after {timeout_s} s:\n{log.read_text()}")
 
 
+def check_the_command_works_beside_dev(state_dir: Path) -> None:
+    """`refresh` and `stats` in another terminal, with none of the variables set, use dev's instance and
+    databases; the run they launch is dev's to show."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DAGSTER_POSTGRES_URL", "DAGSTER_HOME")}
+    env["ANALYTICS_VIEWS_DEV_DIR"] = str(state_dir)  # dev ran with --state-dir; .dev/ needs nothing
+    refresh = subprocess.run([COMMAND, "refresh", "weekly_aggregations", "--force"], env=env, capture_output=True, text=True, timeout=300)
+    assert refresh.returncode == 0, refresh.stderr
+    assert refresh.stdout.startswith("weekly_aggregations: refreshed (")
+    stats = subprocess.run([COMMAND, "stats", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert stats.returncode == 0, stats.stderr
+    rows = {row["view"]: row for row in json.loads(stats.stdout)}
+    assert rows["weekly_aggregations"]["populated"] and rows["weekly_aggregations"]["last_refreshed"] is not None
+    session = json.loads((state_dir / "session.json").read_text())
+    assert set(session) == {"pid", "DAGSTER_HOME", "DATABASE_URL", "DAGSTER_POSTGRES_URL"}  # no password to keep out
+
+
 def test_dev_serves_the_ui_stops_everything_on_ctrl_c_or_sigterm_and_keeps_state(tmp_path):
     with server_directory() as state_dir:
         check_dev_starts_and_stops(state_dir, free_port(), tmp_path)
@@ -62,6 +79,8 @@ def check_dev_starts_and_stops(state_dir: Path, port: int, tmp_path: Path) -> No
             wait_for_ui(port, dev, log)
             started = processes_of(dev, state_dir)
             assert len(started) >= 3  # webserver, daemon and the database at least
+            if start == 0:
+                check_the_command_works_beside_dev(state_dir)
             dev.send_signal(stop)
             assert dev.wait(timeout=60) == 0
             _, alive = psutil.wait_procs(started, timeout=15)
@@ -77,3 +96,4 @@ def check_dev_starts_and_stops(state_dir: Path, port: int, tmp_path: Path) -> No
         # Demo data is seeded on the first start only: the second start finds it in the kept database.
         assert ("seeded demo data: 300 users" in output) == (start == 0)
         assert "Traceback" not in output
+        assert not (state_dir / "session.json").exists()  # dev removes it when it stops

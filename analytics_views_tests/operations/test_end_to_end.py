@@ -192,20 +192,27 @@ def test_a_killed_run_worker_releases_its_view_within_the_stated_time(services, 
     assert contents(seeded_db, "daily_aggregations") == before
 
 
-def test_a_run_terminated_while_its_step_waits_to_retry_ends_the_step_failed(services, seeded_db):
+def test_a_run_terminated_while_its_step_waits_to_retry_ends_canceled_without_another_attempt(services, seeded_db):
     client, _ = services
     with psycopg.connect(seeded_db, autocommit=True) as conn:
         refresh_view(conn, "daily_aggregations")
+    before = contents(seeded_db, "daily_aggregations")
     with psycopg.connect(seeded_db) as blocker:
         blocker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # every attempt times out at once: transient
         run_id = daily_run(client, lock_timeout_s=0.2)
         # The second retry waits 4 to 8 s (TRANSIENT_RETRY): terminate inside that wait.
         retries = lambda: len(events_of(run_id, dg.DagsterEventType.STEP_UP_FOR_RETRY))  # noqa: E731
-        wait_until(lambda: retries() == 2, timeout_s=120, what="no second retry")
+        wait_until(lambda: retries() >= 2, timeout_s=120, what="no second retry")
+        assert retries() == 2 and client.get_run_status(run_id) == dg.DagsterRunStatus.STARTED, failures_of(run_id)
         client.terminate_run(run_id)
         assert wait_for_run(client, run_id, timeout_s=60) == dg.DagsterRunStatus.CANCELED
         blocker.rollback()
     assert len(events_of(run_id, dg.DagsterEventType.STEP_RESTARTED)) == 1  # terminated before the second retry began
-    with dg.DagsterInstance.get() as instance:
-        [step] = instance.get_run_step_stats(run_id)
-    assert step.status.value == "FAILURE"  # was IN_PROGRESS: its last event was STEP_UP_FOR_RETRY
+    assert contents(seeded_db, "daily_aggregations") == before
+    # Dagster's multiprocess executor leaves such a step's status IN_PROGRESS in the run's step stats (its last
+    # event is STEP_UP_FOR_RETRY) while the run says CANCELED; the thread executor this project had before
+    # failed the step itself, through Dagster internals.
+
+
+def failures_of(run_id: str) -> list[str]:
+    return [event.message for event in events_of(run_id, dg.DagsterEventType.STEP_FAILURE)]

@@ -12,6 +12,7 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 from psycopg import sql
 
+from analytics_views.operations.runs import LAUNCHED_BY_TAG
 from analytics_views.postgres.embedded import embedded_server
 from analytics_views.operations.migrate import migrate
 from analytics_views.postgres.refresh import CONCURRENT, refresh_view
@@ -147,7 +148,7 @@ def test_passwords_never_reach_output_logs_runs_or_metadata(password_server, tmp
     # The resource reads DATABASE_URL when the run starts: run config names the variable, never its value.
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", dagster_storage)
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        cli_runs = [r for r in instance.get_runs() if r.tags.get("launched_by") == "analytics-views refresh"]
+        cli_runs = [r for r in instance.get_runs() if r.tags.get(LAUNCHED_BY_TAG) == "analytics-views refresh"]
         assert [r.run_config["resources"]["analytics_db"]["config"]["url"] for r in cli_runs] == [{"env": "DATABASE_URL"}] * 3  # --all: daily and weekly; --weekly
     # And every file Dagster wrote (compute logs, run storage files).
     files = [path for path in Path(home).rglob("*") if path.is_file() and not path.is_symlink()]
