@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from analytics_views.postgres import database
+from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration import view_checks
 from analytics_views.orchestration.cadences import freshness_window
 from analytics_views.sql_files.discovery import SourceRelation, current_fingerprint, managed_views
@@ -155,25 +156,25 @@ def source_relation_spec(relation: SourceRelation) -> dg.AssetSpec:
         description=relation.comment or f"Source {relation.kind} `{relation.schema}.{relation.name}`.",
         kinds={"postgres"},
         owners=OWNERS,
-        metadata={"dagster/column_schema": table_schema(relation.columns), "schema": relation.schema},
+        metadata={"dagster/column_schema": table_schema(relation.columns), keys.SCHEMA: relation.schema},
     )
 
 
 def _view_metadata(view: ViewDefinition) -> dict:
     if view.path is not None:
         return {
-            "grain": view.grain,
-            "sql_file": f"sql/views/{view.path.name}",
+            keys.GRAIN: view.grain,
+            keys.SQL_FILE: f"sql/views/{view.path.name}",
             "dagster/column_schema": table_schema(view.columns),
             "dagster/column_lineage": column_lineage(view),
-            "column_lineage": column_lineage_table(view),
+            keys.COLUMN_LINEAGE_TABLE: column_lineage_table(view),
             "dagster/code_references": code_reference(view.path, view.line),
         }
     return {
-        "schema": view.schema,
+        keys.SCHEMA: view.schema,
         "dagster/column_schema": table_schema(view.columns),
-        "definition": dg.MetadataValue.md(f"```sql\n{view.sql}\n```"),
-        "fingerprint": view.fingerprint,
+        keys.DEFINITION: dg.MetadataValue.md(f"```sql\n{view.sql}\n```"),
+        keys.FINGERPRINT: view.fingerprint,
     }
 
 
@@ -244,7 +245,7 @@ def view_asset(
                 check_name=UNIQUE_INDEX_CHECK,
                 passed=state.unique_index is not None,
                 severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"index": state.unique_index or "none"},
+                metadata={keys.INDEX: state.unique_index or "none"},
                 description=(
                     f"usable unique index: {state.unique_index}"
                     if state.unique_index
@@ -259,7 +260,9 @@ def view_asset(
                 )
             last = context.instance.get_latest_materialization_event(context.asset_key)
             last_metadata = last.asset_materialization.metadata if last and last.asset_materialization else {}
-            last_fingerprint = last_metadata.get("sources_fingerprint")
+            # A materialization recorded before the key was namespaced (plain `sources_fingerprint`) is not read:
+            # the first refresh after the upgrade runs instead of being skipped, and records the new key.
+            last_fingerprint = last_metadata.get(keys.SOURCES_FINGERPRINT)
             try:
                 with cancel_on_interrupt(conn):
                     outcome = refresh_view(
@@ -286,13 +289,13 @@ def view_asset(
                     "dagster/row_count": last_metadata["dagster/row_count"].value
                     if skipped
                     else database.row_count(conn, view.name, view.schema),
-                    "sources_fingerprint": outcome.sources_fingerprint or "",
-                    "size_bytes": state.size_bytes,
-                    "size": state.size_pretty,
-                    "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),
-                    "refresh_mode": outcome.mode,
-                    **({"refresh_note": outcome.note} if outcome.note else {}),
-                    "refresh_timezone": analytics_db.timezone,
+                    keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
+                    keys.SIZE_BYTES: state.size_bytes,
+                    keys.SIZE: state.size_pretty,
+                    keys.REFRESH_DURATION_S: dg.MetadataValue.float(round(outcome.duration_s, 4)),
+                    keys.REFRESH_MODE: outcome.mode,
+                    **({keys.REFRESH_NOTE: outcome.note} if outcome.note else {}),
+                    keys.REFRESH_TIMEZONE: analytics_db.timezone,
                     "dagster/table_name": database.qualified_name(conn, view.name, view.schema),
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }
