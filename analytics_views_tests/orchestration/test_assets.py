@@ -205,14 +205,3 @@ def test_source_table_assets_show_the_migrations_description_and_typed_columns()
     [reference] = definition_metadata("events")["dagster/code_references"].code_references
     assert reference.label == "sql/migrations/001_source_tables.sql" and reference.line_number == 41
 
-
-def test_code_references_link_to_the_repository_when_a_git_url_is_configured(monkeypatch):
-    from analytics_views.orchestration.assets import code_reference
-
-    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_URL", "https://github.com/acme/analytics-views/")
-    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_BRANCH", "release")
-    view = load_views()[0]
-    [reference] = code_reference(view.path, view.line).code_references
-    assert reference.url == (
-        f"https://github.com/acme/analytics-views/blob/release/sql/views/{view.path.name}#L{view.line}"
-    )
