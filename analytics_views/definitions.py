@@ -8,15 +8,20 @@ import dagster as dg
 
 from analytics_views.orchestration.assets import build_assets
 from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, build_jobs, build_schedules
+from analytics_views.orchestration.translator import ViewTranslator
 from analytics_views.sql_files.managed import ManagedConfig, load_config
 from analytics_views.orchestration.resources import AnalyticsDatabase
 
 
-def build_definitions(config: ManagedConfig | None = None) -> dg.Definitions:
+def build_definitions(
+    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
+) -> dg.Definitions:
+    """The definitions of the managed views; `translator` (a ViewTranslator subclass) decides what each asset
+    shows: group, owners, tags, metadata, ... but not its key (translator.py)."""
     config = config or load_config()
     jobs = build_jobs(config)
     return dg.Definitions(
-        assets=build_assets(config),
+        assets=build_assets(config, translator),
         jobs=list(jobs.values()),
         schedules=build_schedules(jobs),
         resources={"analytics_db": AnalyticsDatabase(url=dg.EnvVar("DATABASE_URL"))},

@@ -14,6 +14,7 @@ from analytics_views.sql_files.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.sql_files.managed import load_config
 from analytics_views.operations import runs
+from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.operations.migrate import LEDGER
 from analytics_views.postgres.refresh import SKIPPED, RefreshSettings
 from analytics_views.sql_files.views import ViewDefinition
@@ -212,9 +213,9 @@ def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, steps: d
             reports.append(
                 RefreshReport(
                     view.label,
-                    "skipped" if metadata["refresh_mode"] == SKIPPED else "refreshed",
-                    f"{metadata['dagster/row_count']} rows, {metadata['size']}, "
-                    f"{metadata['refresh_mode']} in {metadata['refresh_duration_s']:.2f} s, run {run.run_id[:8]}",
+                    "skipped" if metadata[keys.REFRESH_MODE] == SKIPPED else "refreshed",
+                    f"{metadata[keys.ROW_COUNT]} rows, {metadata[keys.SIZE]}, "
+                    f"{metadata[keys.REFRESH_MODE]} in {metadata[keys.REFRESH_DURATION_S]:.2f} s, run {run.run_id[:8]}",
                 )
             )
     return reports

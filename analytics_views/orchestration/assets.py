@@ -1,38 +1,34 @@
-"""One Dagster asset per materialized view in sql/views/, and one per source table they read.
+"""One Dagster asset per managed materialized view, and one per source table they read.
 
-The translation from SQL to an asset happens here and only here: key, group, description, owners, kinds,
-tags, freshness, column schema, column lineage, code reference and the `unique_index` check all come from
-the view's `ViewDefinition` or, for a source table, from its migration (`SourceTable`).
+What an asset is called and shows (key, group, description, owners, tags, kinds, metadata, freshness, code
+references) is the translator's (translator.py); here the spec gets its refresh, its pool and its checks
+(`unique_index`, `matches_discovery`, the static checks and data tests of view_checks.py).
 """
 
 import multiprocessing
 import os
 import re
 import threading
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import dagster as dg
 
 from analytics_views.postgres import database
+from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration import view_checks
-from analytics_views.orchestration.cadences import freshness_window
-from analytics_views.sql_files.discovery import SourceRelation, current_fingerprint, managed_views
+from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, table_schema
+from analytics_views.sql_files.discovery import current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig, load_config
-from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.refresh import SKIPPED, RefreshError, refresh_view
 from analytics_views.orchestration.resources import AnalyticsDatabase
-from analytics_views.sql_files.source_tables import ColumnDoc, SourceTable, load_source_tables
+from analytics_views.sql_files.source_tables import load_source_tables
 from analytics_views.sql_files.views import ViewDefinition, source_tables
 
 UNIQUE_INDEX_CHECK = "unique_index"
 MATCHES_DISCOVERY_CHECK = "matches_discovery"
-SOURCES_GROUP = "sources"
-VIEWS_GROUP = "analytics_views"
-OWNERS = ["team:analytics"]
 
 # Transient failures (lost connection, lock timeout, deadlock, ...) are retried with this policy's backoff;
 # permanent ones raise Failure(allow_retries=False) and fail at once. The step asks for the retry itself
@@ -93,115 +89,20 @@ def unique_index_fix(view: ViewDefinition) -> str:
     return f"run `{statement}` (from {view.path.parent.name}/{view.path.name})"
 
 
-def code_reference(path: Path, line: int) -> dg.CodeReferencesMetadataValue:
-    """"View source" in the UI: the SQL file and line that define the asset.
-
-    A path on this machine by default (the UI opens it in the local editor); with ANALYTICS_VIEWS_GIT_URL
-    set (e.g. https://github.com/org/analytics-views), a link to the file on ANALYTICS_VIEWS_GIT_BRANCH
-    (default main), for a server whose paths mean nothing to the analyst's browser.
-    """
-    relative = path.relative_to(PROJECT_ROOT).as_posix()
-    git_url = os.environ.get("ANALYTICS_VIEWS_GIT_URL", "").strip().rstrip("/")
-    with warnings.catch_warnings():  # beta since 1.7, yet what the UI reads; one warning per asset is noise
-        warnings.simplefilter("ignore", dg.BetaWarning)
-        if git_url:
-            branch = os.environ.get("ANALYTICS_VIEWS_GIT_BRANCH", "main")
-            reference = dg.UrlCodeReference(url=f"{git_url}/blob/{branch}/{relative}#L{line}", label=relative)
-        else:
-            reference = dg.LocalFileCodeReference(file_path=str(path), line_number=line, label=relative)
-        return dg.CodeReferencesMetadataValue(code_references=[reference])
-
-
-def as_markdown(text: str) -> str:
-    """The UI renders descriptions as Markdown: keep the header's line breaks (Grain:, Cadence: ...)."""
-    return "\n".join(f"{line}  " if line.strip() else "" for line in text.splitlines())
-
-
-def table_schema(columns: Iterable[ColumnDoc | database.Column]) -> dg.TableSchema:
-    # A view's types are known only once PostgreSQL has created it: its materializations record them.
-    return dg.TableSchema(
-        columns=[dg.TableColumn(name=c.name, type=c.type or "", description=c.description) for c in columns]
-    )
-
-
-def source_table_spec(table: str, declared: SourceTable | None) -> dg.AssetSpec:
-    if declared is None:  # read by a view but created outside sql/migrations
-        return dg.AssetSpec(
-            key=table,
-            group_name=SOURCES_GROUP,
-            description=f"Source table `{table}`, not created by sql/migrations.",
-            kinds={"postgres"},
-            owners=OWNERS,
-        )
-    return dg.AssetSpec(
-        key=table,
-        group_name=SOURCES_GROUP,
-        description=declared.description or f"Source table `{table}`, written by the product application.",
-        kinds={"postgres"},
-        owners=OWNERS,
-        metadata={
-            "dagster/table_name": f"public.{table}",
-            "dagster/column_schema": table_schema(declared.columns),
-            "dagster/code_references": code_reference(declared.path, declared.line),
-        },
-    )
-
-
-def column_lineage_table(view: ViewDefinition) -> dg.MarkdownMetadataValue:
-    """The same column lineage as a table on the asset page: Dagster OSS does not draw column lineage."""
-    rows = [
-        f"| `{column}` | {', '.join(f'`{table}.{name}`' for table, name in deps) or '(calendar: generate_series, now())'} |"
-        for column, deps in view.column_lineage.items()
-    ]
-    return dg.MetadataValue.md("\n".join(["| column | computed from |", "|---|---|", *rows]))
-
-
-def column_lineage(view: ViewDefinition) -> dg.TableColumnLineage:
-    return dg.TableColumnLineage(
-        deps_by_column={
-            column: [dg.TableColumnDep(asset_key=dg.AssetKey(table), column_name=name) for table, name in deps]
-            for column, deps in view.column_lineage.items()
-        }
-    )
-
-
-def source_relation_spec(relation: SourceRelation) -> dg.AssetSpec:
-    """A relation a discovered view reads: described by its catalog comment and columns."""
-    return dg.AssetSpec(
-        key=list(relation.key),
-        group_name=SOURCES_GROUP,
-        description=relation.comment or f"Source {relation.kind} `{relation.schema}.{relation.name}`.",
-        kinds={"postgres"},
-        owners=OWNERS,
-        metadata={"dagster/column_schema": table_schema(relation.columns), "schema": relation.schema},
-    )
-
-
-def _view_metadata(view: ViewDefinition) -> dict:
-    if view.path is not None:
-        return {
-            "grain": view.grain,
-            "sql_file": f"sql/views/{view.path.name}",
-            "dagster/column_schema": table_schema(view.columns),
-            "dagster/column_lineage": column_lineage(view),
-            "column_lineage": column_lineage_table(view),
-            "dagster/code_references": code_reference(view.path, view.line),
-        }
-    return {
-        "schema": view.schema,
-        "dagster/column_schema": table_schema(view.columns),
-        "definition": dg.MetadataValue.md(f"```sql\n{view.sql}\n```"),
-        "fingerprint": view.fingerprint,
-    }
-
-
 def view_asset(
-    view: ViewDefinition, cadence: Cadence | None = None, data_tests_dir: Path | None = None
+    view: ViewDefinition,
+    cadence: Cadence | None = None,
+    data_tests_dir: Path | None = None,
+    translator: ViewTranslator = ViewTranslator(),
 ) -> dg.AssetsDefinition:
-    """The view's asset; `cadence` (default: the default cadence the view names) sets its freshness window;
-    `data_tests_dir` is where discovered views' data tests live (views.toml `data_tests`)."""
+    """The view's asset: the translator's spec, refreshed by one step with the view's checks.
+
+    `cadence` (default: the default cadence the view names) is passed to the translator (tag, freshness);
+    `data_tests_dir` is where discovered views' data tests live (views.toml `data_tests`).
+    """
     cadence = cadence or DEFAULT_CADENCES[view.cadence]
-    key = dg.AssetKey(list(view.asset_key_path))
+    spec = translator.get_asset_spec(view, cadence)
+    key = spec.key
     tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
     check_specs = [
         dg.AssetCheckSpec(
@@ -222,19 +123,15 @@ def view_asset(
         )
     check_specs.extend(view_checks.specs(key, tests))
 
-    @dg.asset(
-        key=key,
-        deps=[dg.AssetKey.from_user_string(dep) for dep in view.deps],
-        description=as_markdown(view.description),
-        group_name=VIEWS_GROUP,
-        kinds={"postgres"},
-        owners=OWNERS,
-        tags={"cadence": cadence.name},
-        freshness_policy=dg.FreshnessPolicy.time_window(fail_window=freshness_window(cadence)),
+    @dg.multi_asset(
+        specs=[spec],
+        # The step and its pool are named as @dg.asset(key=...) named them: the CLI and the pool slots find a
+        # view's step by its key.
+        name=key.to_python_identifier(),
+        description=spec.description,
         check_specs=check_specs,
-        metadata=_view_metadata(view),
         # One refresh of a view at a time across all runs (dagster.yaml: pools default_limit 1).
-        pool=f"refresh_{'_'.join(view.asset_key_path)}",
+        pool=f"refresh_{'_'.join(key.path)}",
     )
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
         with ExitStack() as stack:
@@ -262,7 +159,7 @@ def view_asset(
                 check_name=UNIQUE_INDEX_CHECK,
                 passed=state.unique_index is not None,
                 severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"index": state.unique_index or "none"},
+                metadata={keys.INDEX: state.unique_index or "none"},
                 description=(
                     f"usable unique index: {state.unique_index}"
                     if state.unique_index
@@ -277,7 +174,9 @@ def view_asset(
                 )
             last = context.instance.get_latest_materialization_event(context.asset_key)
             last_metadata = last.asset_materialization.metadata if last and last.asset_materialization else {}
-            last_fingerprint = last_metadata.get("sources_fingerprint")
+            # A materialization recorded before the key was namespaced (plain `sources_fingerprint`) is not read:
+            # the first refresh after the upgrade runs instead of being skipped, and records the new key.
+            last_fingerprint = last_metadata.get(keys.SOURCES_FINGERPRINT)
             try:
                 with cancel_on_interrupt(conn):
                     outcome = refresh_view(
@@ -304,13 +203,13 @@ def view_asset(
                     "dagster/row_count": last_metadata["dagster/row_count"].value
                     if skipped
                     else database.row_count(conn, view.name, view.schema),
-                    "sources_fingerprint": outcome.sources_fingerprint or "",
-                    "size_bytes": state.size_bytes,
-                    "size": state.size_pretty,
-                    "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),
-                    "refresh_mode": outcome.mode,
-                    **({"refresh_note": outcome.note} if outcome.note else {}),
-                    "refresh_timezone": analytics_db.timezone,
+                    keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
+                    keys.SIZE_BYTES: state.size_bytes,
+                    keys.SIZE: state.size_pretty,
+                    keys.REFRESH_DURATION_S: dg.MetadataValue.float(round(outcome.duration_s, 4)),
+                    keys.REFRESH_MODE: outcome.mode,
+                    **({keys.REFRESH_NOTE: outcome.note} if outcome.note else {}),
+                    keys.REFRESH_TIMEZONE: analytics_db.timezone,
                     "dagster/table_name": database.qualified_name(conn, view.name, view.schema),
                     "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
                 }
@@ -320,8 +219,11 @@ def view_asset(
     return refresh
 
 
-def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.AssetsDefinition]:
-    """Every managed view (views.toml) and the sources they read; discovered ones from the state file only."""
+def build_assets(
+    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
+) -> list[dg.AssetSpec | dg.AssetsDefinition]:
+    """Every managed view (views.toml) and the sources they read, as `translator` makes them; discovered ones
+    from the state file only."""
     config = config or load_config()
     managed = managed_views(config)
     cadences = {cadence.name: cadence for cadence in config.cadences}
@@ -330,10 +232,10 @@ def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.
     declared = load_source_tables()
     return [
         *(
-            source_table_spec(table, declared.get(table))
+            translator.get_source_spec(declared.get(table) or UndeclaredTable(table))
             for table in source_tables(tuple(project))
             if (table,) not in discovered_keys
         ),
-        *map(source_relation_spec, managed.sources),
-        *(view_asset(view, cadences[view.cadence], config.data_tests) for view in managed.views),
+        *map(translator.get_source_spec, managed.sources),
+        *(view_asset(view, cadences[view.cadence], config.data_tests, translator) for view in managed.views),
     ]

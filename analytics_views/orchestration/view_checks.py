@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 
+from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.sql_files.data_tests import DataTest, DataTestResult, load_tests, markdown_table, run_test, tests_folder
 from analytics_views.sql_files.views import ViewDefinition
 
@@ -63,11 +64,11 @@ def static_results(conn: psycopg.Connection, view: ViewDefinition, unique_index:
             severity=dg.AssetCheckSeverity.WARN,
             description=outcome.description,
             metadata={
-                **{key: _metadata_value(value) for key, value in outcome.metadata.items()},
-                "findings": dg.MetadataValue.md(
+                **{keys.ours(key): _metadata_value(value) for key, value in outcome.metadata.items()},
+                keys.FINDINGS: dg.MetadataValue.md(
                     "\n".join(f"- `{f.expression}`: {f.problem}; fix: `{f.fix}`" for f in outcome.findings) or "none"
                 ),
-                **({"undecided": dg.MetadataValue.json(list(outcome.undecided))} if outcome.undecided else {}),
+                **({keys.UNDECIDED: dg.MetadataValue.json(list(outcome.undecided))} if outcome.undecided else {}),
             },
         )
 
@@ -80,11 +81,11 @@ def data_test_result(result: DataTestResult) -> dg.AssetCheckResult:
         description = f"no failing rows. {test.asserts}"
     else:
         description = f"{result.failing_rows} failing rows. {test.asserts}"
-    metadata = {"failing_rows": result.failing_rows, "test_file": _relative(test.path)}
+    metadata = {keys.FAILING_ROWS: result.failing_rows, keys.TEST_FILE: _relative(test.path)}
     if result.sample:
-        metadata["failing_sample"] = dg.MetadataValue.md(markdown_table(result.columns, result.sample))
+        metadata[keys.FAILING_SAMPLE] = dg.MetadataValue.md(markdown_table(result.columns, result.sample))
     if result.error is not None:
-        metadata["error"] = result.error
+        metadata[keys.ERROR] = result.error
     return dg.AssetCheckResult(
         check_name=test.name,
         passed=result.passed,

@@ -48,10 +48,10 @@ def test_row_count_metadata_equals_the_views_real_row_count(database_url):
             assert metadata["dagster/row_count"] == conn.execute(f"SELECT count(*) FROM {view}").fetchone()[0]
             assert metadata["dagster/row_count"] > 0
             size = conn.execute("SELECT pg_total_relation_size(%s::regclass)", [view]).fetchone()[0]
-            assert metadata["size_bytes"] == size
-            assert metadata["size"].endswith(("bytes", "kB", "MB"))
+            assert metadata["analytics_views/size_bytes"] == size
+            assert metadata["analytics_views/size"].endswith(("bytes", "kB", "MB"))
             assert metadata["dagster/table_name"].endswith(f".public.{view}")
-            assert metadata["refresh_duration_s"] >= 0
+            assert metadata["analytics_views/refresh_duration_s"] >= 0
             columns = [column.name for column in metadata["dagster/column_schema"].columns]
             assert columns == [
                 row[0]
@@ -71,8 +71,8 @@ def test_unpopulated_view_is_populated_before_concurrent_refresh(database_url):
     first = run_job("weekly_refresh_job")
     second = run_job("weekly_refresh_job")
     assert first.success and second.success
-    assert materialization_metadata(first, "weekly_aggregations")["refresh_mode"] == INITIAL_PLAIN
-    assert materialization_metadata(second, "weekly_aggregations")["refresh_mode"] == CONCURRENT
+    assert materialization_metadata(first, "weekly_aggregations")["analytics_views/refresh_mode"] == INITIAL_PLAIN
+    assert materialization_metadata(second, "weekly_aggregations")["analytics_views/refresh_mode"] == CONCURRENT
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'weekly_aggregations'").fetchone()[0]
 
@@ -124,7 +124,7 @@ def test_every_view_asset_has_description_kind_cadence_and_lineage():
 
 
 def refresh_mode(result: dg.ExecuteInProcessResult, view: str) -> str:
-    return materialization_metadata(result, view)["refresh_mode"]
+    return materialization_metadata(result, view)["analytics_views/refresh_mode"]
 
 
 def wait_until_counted(url: str, table: str, inserted_before: int) -> None:
@@ -205,14 +205,3 @@ def test_source_table_assets_show_the_migrations_description_and_typed_columns()
     [reference] = definition_metadata("events")["dagster/code_references"].code_references
     assert reference.label == "sql/migrations/001_source_tables.sql" and reference.line_number == 41
 
-
-def test_code_references_link_to_the_repository_when_a_git_url_is_configured(monkeypatch):
-    from analytics_views.orchestration.assets import code_reference
-
-    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_URL", "https://github.com/acme/analytics-views/")
-    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_BRANCH", "release")
-    view = load_views()[0]
-    [reference] = code_reference(view.path, view.line).code_references
-    assert reference.url == (
-        f"https://github.com/acme/analytics-views/blob/release/sql/views/{view.path.name}#L{view.line}"
-    )

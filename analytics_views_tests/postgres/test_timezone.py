@@ -81,10 +81,10 @@ def test_the_refresh_zone_is_recorded_in_the_materialization(seeded_db, monkeypa
     configured = {"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "timezone": "Asia/Tokyo"}}}}
     default, tokyo = run_job("daily_refresh_job"), run_job("daily_refresh_job", run_config=configured)
     assert default.success and tokyo.success
-    assert materialization_metadata(default, "daily_aggregations")["refresh_timezone"] == "UTC"
-    assert materialization_metadata(tokyo, "daily_aggregations")["refresh_timezone"] == "Asia/Tokyo"
+    assert materialization_metadata(default, "daily_aggregations")["analytics_views/refresh_timezone"] == "UTC"
+    assert materialization_metadata(tokyo, "daily_aggregations")["analytics_views/refresh_timezone"] == "Asia/Tokyo"
     # Another zone is another fingerprint: the first refresh in it runs.
-    assert materialization_metadata(tokyo, "daily_aggregations")["refresh_mode"] != "skipped (sources unchanged)"
+    assert materialization_metadata(tokyo, "daily_aggregations")["analytics_views/refresh_mode"] != "skipped (sources unchanged)"
     wrong = run_job("daily_refresh_job", run_config={
         "resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "timezone": "Nowhere/Land"}}}
     })

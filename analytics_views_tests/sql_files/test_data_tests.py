@@ -59,8 +59,8 @@ def test_a_failing_test_reports_its_row_count_and_first_rows(refreshed_db):
     check = data_test_result(result)
     assert not check.passed
     assert check.severity == dg.AssetCheckSeverity.ERROR
-    assert check.metadata["failing_rows"].value == 1
-    table = check.metadata["failing_sample"].value
+    assert check.metadata["analytics_views/failing_rows"].value == 1
+    table = check.metadata["analytics_views/failing_sample"].value
     assert table.splitlines()[:2] == ["| day | revenue | payments |", "|---|---|---|"]
     assert check.description.startswith("1 failing rows. Each day's revenue equals")
 
@@ -138,8 +138,8 @@ def test_discovered_views_run_their_data_tests_and_report_the_sql_checks(product
     assert checks[("product/campaign_stats", "signups_positive")].passed
     organic = checks[("product/campaign_stats", "no_organic")]
     assert (organic.passed, organic.severity) == (False, dg.AssetCheckSeverity.WARN)
-    assert organic.metadata["failing_rows"].value == 1
-    assert "| campaign_id | signups |\n|---|---|\n| NULL | 30 |" == organic.metadata["failing_sample"].value
+    assert organic.metadata["analytics_views/failing_rows"].value == 1
+    assert "| campaign_id | signups |\n|---|---|\n| NULL | 30 |" == organic.metadata["analytics_views/failing_sample"].value
     failing = {key for key, e in checks.items() if not e.passed}
     assert failing == {
         ("product/campaign_stats", "no_organic"),
@@ -150,4 +150,4 @@ def test_discovered_views_run_their_data_tests_and_report_the_sql_checks(product
     fanout = checks[("product/cohort_stats", "no_join_fanout")]
     assert fanout.severity == dg.AssetCheckSeverity.WARN
     assert "sum(r.revenue)" in fanout.description and "user_days AS d" in fanout.description
-    assert checks[("product/campaign_stats", "unique_key_not_null")].metadata["null_key_rows"].value == 1
+    assert checks[("product/campaign_stats", "unique_key_not_null")].metadata["analytics_views/null_key_rows"].value == 1

@@ -1,0 +1,304 @@
+"""ViewTranslator on tiny hand-made views and sources: exact keys, groups, tags, kinds, owners, metadata keys
+and freshness windows; a subclass's choices reach the built assets. No database needed."""
+
+from datetime import timedelta
+
+import dagster as dg
+import pytest
+
+from analytics_views.definitions import build_definitions
+from analytics_views.orchestration.assets import view_asset
+from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, ViewTranslatorSettings
+from analytics_views.paths import PROJECT_ROOT
+from analytics_views.postgres.database import Column
+from analytics_views.sql_files.discovery import SourceRelation
+from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence
+from analytics_views.sql_files.source_tables import ColumnDoc, SourceTable
+from analytics_views.sql_files.views import ViewDefinition
+
+DAILY, WEEKLY = DEFAULT_CADENCES["daily"], DEFAULT_CADENCES["weekly"]
+EVERY_4_HOURS = Cadence("every_4_hours", "0 */4 * * *")
+
+# A view of ours, from its SQL file (the file need not exist: nothing reads it).
+PROJECT_VIEW = ViewDefinition(
+    name="daily_signups",
+    path=PROJECT_ROOT / "sql" / "views" / "daily_signups.sql",
+    sql="-- How many users signed up each day?\nCREATE MATERIALIZED VIEW daily_signups AS SELECT ... WITH NO DATA;",
+    summary="How many users signed up each day?",
+    description="How many users signed up each day?\nGrain: one row per UTC day\nCadence: daily",
+    grain="one row per UTC day",
+    cadence="daily",
+    deps=("users",),
+    columns=(ColumnDoc("day", None, "The UTC day."), ColumnDoc("signups", None, "Users created that day.")),
+    line=4,
+    column_lineage={"day": (("users", "created_at"),), "signups": (("users", "user_id"),)},
+)
+# A view made elsewhere, discovered in another schema than the one discovery ran in.
+DISCOVERED_VIEW = ViewDefinition(
+    name="weekly_rollup",
+    path=None,
+    sql="CREATE MATERIALIZED VIEW reporting.weekly_rollup AS\n SELECT ...",
+    summary="Orders per week.",
+    description="Orders per week.\n\nDiscovered in the catalog as reporting.weekly_rollup.",
+    grain=None,
+    cadence="weekly",
+    deps=("reporting/orders",),
+    columns=(Column("week", "date", "ISO week"), Column("orders", "bigint", None)),
+    schema="reporting",
+    key=("reporting", "weekly_rollup"),
+    fingerprint="3f2a",
+)
+# A name Dagster does not accept: its key part is a valid form of it with a hash (discovery.key_part).
+WEIRD_VIEW = ViewDefinition(
+    name="revenue report",
+    path=None,
+    sql='CREATE MATERIALIZED VIEW reporting."revenue report" AS\n SELECT ...',
+    summary="Materialized view reporting.revenue report, made outside this project.",
+    description="Materialized view reporting.revenue report, made outside this project.",
+    grain=None,
+    cadence="every_4_hours",
+    deps=(),
+    columns=(Column("amount", "numeric", None),),
+    schema="reporting",
+    key=("reporting", "revenue_report_c8006c63"),
+    fingerprint="9c1d",
+)
+
+VIEW_CASES = [
+    pytest.param(
+        PROJECT_VIEW,
+        DAILY,
+        {
+            "key": ["daily_signups"],
+            "step": "daily_signups",
+            "pool": "refresh_daily_signups",
+            "deps": [["users"]],
+            "tags": {"cadence": "daily"},
+            "metadata": [
+                "analytics_views/grain",
+                "analytics_views/sql_file",
+                "dagster/column_schema",
+                "dagster/column_lineage",
+                "analytics_views/column_lineage",
+                "dagster/code_references",
+            ],
+            "fail_window": timedelta(hours=26),
+        },
+        id="project-view",
+    ),
+    pytest.param(
+        DISCOVERED_VIEW,
+        WEEKLY,
+        {
+            "key": ["reporting", "weekly_rollup"],
+            "step": "reporting__weekly_rollup",
+            "pool": "refresh_reporting_weekly_rollup",
+            "deps": [["reporting", "orders"]],
+            "tags": {"cadence": "weekly"},
+            "metadata": [
+                "analytics_views/schema",
+                "dagster/column_schema",
+                "analytics_views/definition",
+                "analytics_views/fingerprint",
+            ],
+            "fail_window": timedelta(days=7, hours=2),
+        },
+        id="discovered-view-other-schema",
+    ),
+    pytest.param(
+        WEIRD_VIEW,
+        EVERY_4_HOURS,
+        {
+            "key": ["reporting", "revenue_report_c8006c63"],
+            "step": "reporting__revenue_report_c8006c63",
+            "pool": "refresh_reporting_revenue_report_c8006c63",
+            "deps": [],
+            "tags": {"cadence": "every_4_hours"},
+            "metadata": [
+                "analytics_views/schema",
+                "dagster/column_schema",
+                "analytics_views/definition",
+                "analytics_views/fingerprint",
+            ],
+            "fail_window": timedelta(hours=6),
+        },
+        id="weird-name",
+    ),
+]
+
+
+@pytest.mark.parametrize(("view", "cadence", "expected"), VIEW_CASES)
+def test_a_views_spec_has_its_key_group_owners_tags_kinds_metadata_and_freshness(view, cadence, expected):
+    spec = ViewTranslator().get_asset_spec(view, cadence)
+
+    assert spec.key.path == expected["key"]
+    assert [dep.asset_key.path for dep in spec.deps] == expected["deps"]
+    assert spec.group_name == "analytics_views"
+    assert spec.owners == ["team:analytics"]
+    assert spec.tags == {**expected["tags"], "dagster/kind/postgres": ""}
+    assert spec.kinds == {"postgres"}
+    assert list(spec.metadata) == expected["metadata"]
+    assert spec.freshness_policy.fail_window.to_timedelta() == expected["fail_window"]
+    assert spec.description.startswith(view.summary)
+
+
+@pytest.mark.parametrize(("view", "cadence", "expected"), VIEW_CASES)
+def test_a_views_asset_keeps_the_translators_spec_and_its_step_and_pool_names(view, cadence, expected):
+    asset = view_asset(view, cadence)
+
+    [spec] = asset.specs
+    assert spec == ViewTranslator().get_asset_spec(view, cadence).replace_attributes(group_name="analytics_views")
+    assert (asset.node_def.name, asset.node_def.pool) == (expected["step"], expected["pool"])
+    assert {check.asset_key for check in asset.check_specs} == {spec.key}
+
+
+def test_a_project_views_metadata_values():
+    metadata = ViewTranslator().get_asset_spec(PROJECT_VIEW, DAILY).metadata
+
+    assert metadata["analytics_views/grain"] == "one row per UTC day"
+    assert metadata["analytics_views/sql_file"] == "sql/views/daily_signups.sql"
+    assert [(c.name, c.type, c.description) for c in metadata["dagster/column_schema"].columns] == [
+        ("day", "", "The UTC day."),
+        ("signups", "", "Users created that day."),
+    ]
+    assert metadata["dagster/column_lineage"].deps_by_column["signups"] == [
+        dg.TableColumnDep(asset_key=dg.AssetKey("users"), column_name="user_id")
+    ]
+    assert metadata["analytics_views/column_lineage"].value.splitlines()[2] == "| `day` | `users.created_at` |"
+
+
+SOURCE_CASES = [
+    pytest.param(
+        SourceTable(
+            name="users",
+            description="People who signed up.",
+            columns=(ColumnDoc("user_id", "bigint", "Identifies the user."),),
+            path=PROJECT_ROOT / "sql" / "migrations" / "001_source_tables.sql",
+            line=12,
+        ),
+        ["users"],
+        "People who signed up.",
+        ["dagster/table_name", "dagster/column_schema", "dagster/code_references"],
+        id="declared-table",
+    ),
+    pytest.param(
+        UndeclaredTable("campaign_spend"),
+        ["campaign_spend"],
+        "Source table `campaign_spend`, not created by sql/migrations.",
+        [],
+        id="undeclared-table",
+    ),
+    pytest.param(
+        SourceRelation(
+            key=("reporting", "orders"),
+            schema="reporting",
+            name="orders",
+            kind="table",
+            comment=None,
+            columns=(Column("order_id", "bigint", None),),
+        ),
+        ["reporting", "orders"],
+        "Source table `reporting.orders`.",
+        ["dagster/column_schema", "analytics_views/schema"],
+        id="catalog-relation",
+    ),
+]
+
+
+@pytest.mark.parametrize(("source", "key", "description", "metadata"), SOURCE_CASES)
+def test_a_sources_spec_has_its_key_group_owners_kinds_and_metadata(source, key, description, metadata):
+    spec = ViewTranslator().get_source_spec(source)
+
+    assert spec.key.path == key
+    assert spec.description == description
+    assert spec.group_name == "sources"
+    assert spec.owners == ["team:analytics"]
+    assert spec.kinds == {"postgres"}
+    assert list(spec.metadata) == metadata
+    assert spec.freshness_policy is None  # the application writes source tables continuously
+
+
+class FinanceTranslator(ViewTranslator):
+    def get_group_name(self, view, cadence):
+        return "finance_reporting"
+
+    def get_owners(self, view, cadence):
+        return ["team:finance", "dana@example.com"]
+
+    def get_tags(self, view, cadence):
+        return {**super().get_tags(view, cadence), "domain": "finance"}
+
+    def get_source_owners(self, source):
+        return ["team:platform"]
+
+
+def test_a_subclass_changes_group_owners_and_tags_of_the_built_asset():
+    asset = view_asset(DISCOVERED_VIEW, WEEKLY, translator=FinanceTranslator())
+
+    [spec] = asset.specs
+    assert spec.key == dg.AssetKey(["reporting", "weekly_rollup"])  # the key stays
+    assert spec.group_name == "finance_reporting"
+    assert spec.owners == ["team:finance", "dana@example.com"]
+    assert spec.tags == {"cadence": "weekly", "domain": "finance", "dagster/kind/postgres": ""}
+    assert (asset.node_def.name, asset.node_def.pool) == ("reporting__weekly_rollup", "refresh_reporting_weekly_rollup")
+
+
+def test_build_definitions_passes_the_translator_to_every_view_and_source():
+    defs = build_definitions(translator=FinanceTranslator())
+
+    specs = {spec.key.to_user_string(): spec for spec in defs.resolve_all_asset_specs()}
+    views = {key for key, spec in specs.items() if spec.group_name == "finance_reporting"}
+    assert views == {"daily_aggregations", "cohort_aggregations", "campaign_aggregations", "weekly_aggregations"}
+    assert specs["daily_aggregations"].tags["domain"] == "finance"
+    assert (specs["events"].group_name, specs["events"].owners) == ("sources", ["team:platform"])
+    # Jobs select the views by key, so they hold the same steps whatever the translator.
+    assert [node.name for node in defs.resolve_job_def("weekly_refresh_job").graph.nodes] == ["weekly_aggregations"]
+
+
+def test_a_subclass_may_not_change_an_asset_key():
+    with pytest.raises(TypeError, match="overrides ViewTranslator.get_asset_key"):
+
+        class PrefixedTranslator(ViewTranslator):
+            def get_asset_key(self, view):
+                return super().get_asset_key(view).with_prefix("finance")
+
+    with pytest.raises(TypeError, match="overrides ViewTranslator.get_source_key"):
+
+        class PrefixedSources(ViewTranslator):
+            def get_source_key(self, source):
+                return dg.AssetKey(["raw", source.name])
+
+
+def test_every_metadata_key_of_the_definitions_is_dagsters_or_namespaced_ours():
+    defs = build_definitions()
+    for spec in defs.resolve_all_asset_specs():
+        assert all(key.startswith(("dagster/", "analytics_views/")) for key in spec.metadata), spec.key
+
+
+def test_code_references_link_to_the_repository_when_the_settings_name_one():
+    translator = ViewTranslator(ViewTranslatorSettings(git_url="https://github.com/acme/analytics-views", git_branch="release"))
+
+    [reference] = translator.get_code_references(PROJECT_VIEW, DAILY).code_references
+
+    assert reference.url == "https://github.com/acme/analytics-views/blob/release/sql/views/daily_signups.sql#L4"
+    assert reference.label == "sql/views/daily_signups.sql"
+
+
+def test_code_references_are_local_files_by_default_and_none_for_a_discovered_view(monkeypatch):
+    monkeypatch.delenv("ANALYTICS_VIEWS_GIT_URL", raising=False)
+
+    [reference] = ViewTranslator().get_code_references(PROJECT_VIEW, DAILY).code_references
+
+    assert (reference.file_path, reference.line_number) == (str(PROJECT_VIEW.path), 4)
+    assert ViewTranslator().get_code_references(DISCOVERED_VIEW, WEEKLY) is None
+
+
+def test_code_references_follow_the_git_environment_variables_unless_settings_are_given(monkeypatch):
+    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_URL", "https://github.com/acme/analytics-views/")
+    monkeypatch.setenv("ANALYTICS_VIEWS_GIT_BRANCH", "release")
+
+    [from_env] = ViewTranslator().get_code_references(PROJECT_VIEW, DAILY).code_references
+    [local] = ViewTranslator(ViewTranslatorSettings()).get_code_references(PROJECT_VIEW, DAILY).code_references
+
+    assert from_env.url == "https://github.com/acme/analytics-views/blob/release/sql/views/daily_signups.sql#L4"
+    assert local.file_path == str(PROJECT_VIEW.path)
