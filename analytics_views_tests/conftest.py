@@ -159,6 +159,16 @@ def dagster_env(seeded_db, empty_db, tmp_path, monkeypatch) -> dict[str, str]:
 
 
 @pytest.fixture
+def dagster_instance(empty_db, tmp_path, monkeypatch) -> dict[str, str]:
+    """A persistent Dagster instance on PostgreSQL storage, set in this process's environment: what
+    `analytics-views refresh` records its runs in."""
+    env = {"DAGSTER_HOME": str(prepare_dagster_home(tmp_path / "dagster_home")), "DAGSTER_POSTGRES_URL": libpq_url(empty_db)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
 def refreshed_db(seeded_db) -> str:
     """A seeded database whose views have been populated once."""
     with psycopg.connect(seeded_db, autocommit=True) as conn:

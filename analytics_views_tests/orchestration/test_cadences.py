@@ -113,7 +113,7 @@ def test_a_discovered_view_on_an_every_4_hours_cadence_gets_its_job_schedule_zon
     assert rows > 0 and materialization.metadata["dagster/row_count"].value == rows
 
 
-def test_cli_refreshes_a_cadence_by_name_and_names_the_cadences_it_knows(product, tmp_path, capsys):
+def test_cli_refreshes_a_cadence_by_name_and_names_the_cadences_it_knows(product, tmp_path, dagster_instance, capsys):
     assert cli.main(["refresh", "--cadence", "every_4_hours"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["product.daily_activity"]

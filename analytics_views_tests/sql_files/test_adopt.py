@@ -298,7 +298,7 @@ def test_stats_lists_discovered_views_schema_qualified(adopted, foreign_db, caps
     assert rows["reporting.events"]["rows"] == 2
 
 
-def test_refresh_command_refreshes_discovered_views_by_schema_qualified_name(adopted, foreign_db, capsys):
+def test_refresh_command_refreshes_discovered_views_by_schema_qualified_name(adopted, foreign_db, dagster_instance, capsys):
     assert cli.main(["refresh", "reporting.events", "public.daily_aggregations"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["public.daily_aggregations", "reporting.events"]
