@@ -159,6 +159,16 @@ def dagster_env(seeded_db, empty_db, tmp_path, monkeypatch) -> dict[str, str]:
 
 
 @pytest.fixture
+def persistent_instance(empty_db, tmp_path, monkeypatch) -> str:
+    """DAGSTER_HOME (and its storage in a database of its own) set in this process, for the CLI's `refresh`,
+    which records its runs there; returns DAGSTER_HOME."""
+    home = str(prepare_dagster_home(tmp_path / "dagster_home"))
+    monkeypatch.setenv("DAGSTER_HOME", home)
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", libpq_url(empty_db))
+    return home
+
+
+@pytest.fixture
 def refreshed_db(seeded_db) -> str:
     """A seeded database whose views have been populated once."""
     with psycopg.connect(seeded_db, autocommit=True) as conn:

@@ -19,7 +19,7 @@ from analytics_views.orchestration import view_checks
 from analytics_views.orchestration.cadences import freshness_window
 from analytics_views.sql_files.discovery import SourceRelation, current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig, load_config
+from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.refresh import SKIPPED, RefreshError, refresh_view
 from analytics_views.orchestration.resources import AnalyticsDatabase
@@ -82,7 +82,8 @@ def code_reference(path: Path, line: int) -> dg.CodeReferencesMetadataValue:
     set (e.g. https://github.com/org/analytics-views), a link to the file on ANALYTICS_VIEWS_GIT_BRANCH
     (default main), for a server whose paths mean nothing to the analyst's browser.
     """
-    relative = path.relative_to(PROJECT_ROOT).as_posix()
+    # A SQL folder of another project (a component configured elsewhere) is named by its full path.
+    relative = (path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path).as_posix()
     git_url = os.environ.get("ANALYTICS_VIEWS_GIT_URL", "").strip().rstrip("/")
     with warnings.catch_warnings():  # beta since 1.7, yet what the UI reads; one warning per asset is noise
         warnings.simplefilter("ignore", dg.BetaWarning)
@@ -181,7 +182,7 @@ def view_asset(
     view: ViewDefinition, cadence: Cadence | None = None, data_tests_dir: Path | None = None
 ) -> dg.AssetsDefinition:
     """The view's asset; `cadence` (default: the default cadence the view names) sets its freshness window;
-    `data_tests_dir` is where discovered views' data tests live (views.toml `data_tests`)."""
+    `data_tests_dir` is where discovered views' data tests live (the defs.yaml's `data_tests`)."""
     cadence = cadence or DEFAULT_CADENCES[view.cadence]
     key = dg.AssetKey(list(view.asset_key_path))
     tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
@@ -303,13 +304,13 @@ def view_asset(
 
 
 def build_assets(config: ManagedConfig | None = None) -> list[dg.AssetSpec | dg.AssetsDefinition]:
-    """Every managed view (views.toml) and the sources they read; discovered ones from the state file only."""
-    config = config or load_config()
+    """Every managed view (default: this project's) and the sources they read; discovered ones from the state only."""
+    config = config or ManagedConfig()
     managed = managed_views(config)
     cadences = {cadence.name: cadence for cadence in config.cadences}
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
-    declared = load_source_tables()
+    declared = load_source_tables(config.migrations_dir) if config.migrations_dir else {}
     return [
         *(
             source_table_spec(table, declared.get(table))
