@@ -48,12 +48,15 @@ def _beside_dev() -> None:
 
 def _refresh(args: argparse.Namespace) -> int:
     from analytics_views.operations.commands import refresh, selected_views
+    from analytics_views.orchestration.component import load_views
 
     _beside_dev()
+    loaded = load_views()
     views = selected_views(
-        all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views
+        all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views, loaded=loaded
     )
-    outcomes = refresh(database_url_from_env(), views, force=args.force, wait_s=args.wait)
+    url = database_url_from_env(loaded.component.database.url_env)
+    outcomes = refresh(url, views, force=args.force, wait_s=args.wait, loaded=loaded)
     for outcome in outcomes:
         print(outcome.line())
     return 0 if all(outcome.ok for outcome in outcomes) else 1
@@ -61,12 +64,14 @@ def _refresh(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from analytics_views.operations.commands import discovery_warning, view_stats
+    from analytics_views.orchestration.component import load_views
 
     _beside_dev()
-    url = database_url_from_env()
-    if warning := discovery_warning(url):
+    loaded = load_views()
+    url = database_url_from_env(loaded.component.database.url_env)
+    if warning := discovery_warning(url, loaded):
         print(f"analytics-views stats: warning: {warning}", file=sys.stderr)
-    stats = view_stats(url)
+    stats = view_stats(url, loaded)
     if args.json:
         print(json.dumps([row.as_json() for row in stats], indent=2))
         return 0
@@ -79,22 +84,20 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _discover(args: argparse.Namespace) -> int:
+    from analytics_views.orchestration.component import discover_views
     from analytics_views.postgres.database import connect
-    from analytics_views.sql_files.discovery import discover, not_taken
-    from analytics_views.sql_files.managed import load_config
+    from analytics_views.sql_files.discovery import not_taken
 
-    config = load_config()
-    url = database_url_from_env()
-    state = discover(url, config)
+    state_file, state, config, url_env = discover_views()
     for view in state["views"]:
         reads = ", ".join(f"{r['schema']}.{r['name']}" for r in view["reads"]) or "nothing"
         cadence = config.cadence_of(view["schema"], view["name"])
         print(f"{view['schema']}.{view['name']} ({cadence}): reads {reads}")
-    with connect(url) as conn:
+    with connect(database_url_from_env(url_env)) as conn:
         print("\n".join(not_taken(conn, config)) or "every selected view was taken")
-    print(f"wrote {len(state['views'])} views and {len(state['relations'])} relations they read to {config.state_file}")
+    print(f"wrote {len(state['views'])} views and {len(state['relations'])} relations they read to {state_file}")
     if not state["views"]:
-        raise AnalyticsViewsError(f"no view taken: fix `schemas` or `names` in {config.path} (reasons above)")
+        raise AnalyticsViewsError(f"no view taken: fix attributes.schemas or attributes.names in {config.where} (reasons above)")
     return 0
 
 
@@ -130,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every view")
     which.add_argument("--daily", action="store_true", help="the views of daily_refresh_job")
     which.add_argument("--weekly", action="store_true", help="the views of weekly_refresh_job")
-    which.add_argument("--cadence", metavar="NAME", help="the views of NAME_refresh_job (a cadence of views.toml)")
+    which.add_argument(
+        "--cadence", metavar="NAME", help="the views of NAME_refresh_job (a cadence of the component's defs.yaml)"
+    )
     which.add_argument("views", nargs="*", default=[], metavar="VIEW", help="views by name")
     refresh.add_argument(
         "--force", action="store_true", help="refresh even views whose sources did not change since their last refresh"
@@ -147,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     discover = commands.add_parser(
         "discover",
-        help="record the materialized views views.toml selects, as the catalog describes them, in the state file",
-        description="Read the materialized views that views.toml (or $ANALYTICS_VIEWS_CONFIG) selects from the "
-        "catalog of DATABASE_URL (columns, comments, the relations they read, indexes) and write the state file "
-        "the Dagster definitions load. Run it again when those views are added, dropped or redefined.",
+        help="record the materialized views the defs.yaml selects, as the catalog describes them, in its state",
+        description="Read the materialized views that the component's defs.yaml (or $ANALYTICS_VIEWS_DEFS) "
+        "selects from the catalog of DATABASE_URL (columns, comments, the relations they read, indexes) and write "
+        "the component's state, which the Dagster definitions load (what `dg utils refresh-defs-state` does, "
+        "saying what it took and why not). Run it again when those views are added, dropped or redefined.",
     )
     discover.set_defaults(run=_discover)
 

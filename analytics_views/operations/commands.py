@@ -12,7 +12,7 @@ import yaml
 from analytics_views.postgres import database
 from analytics_views.sql_files.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.sql_files.managed import load_config
+from analytics_views.orchestration.component import LoadedViews, load_views
 from analytics_views.operations import runs
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.operations.migrate import LEDGER
@@ -20,24 +20,31 @@ from analytics_views.postgres.refresh import SKIPPED, RefreshSettings
 from analytics_views.sql_files.views import ViewDefinition
 
 
-def _managed() -> tuple[ViewDefinition, ...]:
-    """The views views.toml manages: the project's, named as before, and discovered ones as schema.name."""
-    return managed_views(load_config()).views
+def _managed(loaded: LoadedViews) -> tuple[ViewDefinition, ...]:
+    """The views the component manages: the SQL folder's, named as before, and discovered ones as schema.name."""
+    return managed_views(loaded.config).views
 
 
 def selected_views(
-    *, all_views: bool, daily: bool, weekly: bool, names: list[str], cadence: str | None = None
+    *,
+    all_views: bool,
+    daily: bool,
+    weekly: bool,
+    names: list[str],
+    cadence: str | None = None,
+    loaded: LoadedViews | None = None,
 ) -> list[str]:
-    managed = _managed()
+    loaded = loaded or load_views()
+    managed = _managed(loaded)
     if all_views:
         return [view.label for view in managed]
     cadence = "daily" if daily else "weekly" if weekly else cadence
     if cadence:
-        config = load_config()
+        config = loaded.config
         if cadence not in config.cadence_names:
             raise AnalyticsViewsError(
                 f"unknown cadence {cadence!r}: choose from {', '.join(config.cadence_names)} "
-                f"(or define it under [cadences] in {config.path or 'views.toml'})"
+                f"(or define it under attributes.cadences in {config.where})"
             )
         return [view.label for view in managed if view.cadence == cadence]
     if not names:
@@ -100,25 +107,32 @@ class RefreshReport:
         return f"{self.view}: {self.outcome} ({self.detail})"
 
 
-def refresh(url: str, views: list[str], *, force: bool = False, wait_s: float = runs.SLOT_WAIT_S) -> list[RefreshReport]:
+def refresh(
+    url: str,
+    views: list[str],
+    *,
+    force: bool = False,
+    wait_s: float = runs.SLOT_WAIT_S,
+    loaded: LoadedViews | None = None,
+) -> list[RefreshReport]:
     """One run of each cadence's job for the selected views, submitted through the code location and
     recorded in the Dagster instance like a scheduled run (runs.py); waits for them to end.
 
     Views whose sources did not change since their last refresh are skipped unless `force` is set. A view
     whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED.
     """
-    from analytics_views.definitions import build_definitions
-
-    config = load_config()
-    defs = build_definitions(config)
+    loaded = loaded or load_views()
+    config, defs, url_env = loaded.config, loaded.defs, loaded.component.database.url_env
     with database.connect(url) as conn:  # fail in one line before Dagster starts a run
         if config.project_views:
             ensure_migrated(conn)
     managed = managed_views(config).views
-    run_config = {
-        "resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": not force}}}
-    }
-    env = {**os.environ, "DATABASE_URL": url}
+    # A resource's run config replaces its configuration whole (a setting left out is the class default, not
+    # the defs.yaml's): every setting of the defs.yaml, with skip_unchanged off when forced.
+    refresh_settings = {name: value for name, value in loaded.component.refresh.model_dump().items() if value is not None}
+    settings = {**refresh_settings, "url": {"env": url_env}, **({"skip_unchanged": False} if force else {})}
+    run_config = {"resources": {"analytics_db": {"config": settings}}}
+    env = {**os.environ, url_env: url}
     with instance() as dagster_instance:
         launches, chosen_steps, pools = [], [], []
         for cadence in config.cadence_names:
@@ -266,14 +280,15 @@ def ensure_migrated(conn) -> None:
         )
 
 
-def view_stats(url: str) -> list[ViewStats]:
+def view_stats(url: str, loaded: LoadedViews | None = None) -> list[ViewStats]:
     """The old getViewStats(): each view's rows, size, populated flag, unique index and last refresh."""
     stats = []
-    config = load_config()
+    loaded = loaded or load_views()
+    config = loaded.config
     with database.connect(url, autocommit=True) as conn, instance(to_record_runs=False) as dagster_instance:
         if config.project_views:
             ensure_migrated(conn)
-        for view in _managed():
+        for view in _managed(loaded):
             state = database.view_state(conn, view.name, view.schema)
             if not state.exists:
                 fix = "run `analytics-views migrate`" if view.path else staleness(conn, config).line(config)
@@ -292,9 +307,9 @@ def view_stats(url: str) -> list[ViewStats]:
     return stats
 
 
-def discovery_warning(url: str) -> str | None:
+def discovery_warning(url: str, loaded: LoadedViews | None = None) -> str | None:
     """One line when the discovery state differs from the catalog (views added, dropped, redefined)."""
-    config = load_config()
+    config = (loaded or load_views()).config
     if not config.discovers:
         return None
     with database.connect(url) as conn:

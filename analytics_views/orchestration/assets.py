@@ -21,7 +21,7 @@ from analytics_views.orchestration import view_checks
 from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, table_schema
 from analytics_views.sql_files.discovery import current_fingerprint, managed_views
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig, load_config
+from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig
 from analytics_views.postgres.refresh import SKIPPED, RefreshError, refresh_view
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.sql_files.source_tables import load_source_tables
@@ -98,7 +98,7 @@ def view_asset(
     """The view's asset: the translator's spec, refreshed by one step with the view's checks.
 
     `cadence` (default: the default cadence the view names) is passed to the translator (tag, freshness);
-    `data_tests_dir` is where discovered views' data tests live (views.toml `data_tests`).
+    `data_tests_dir` is where discovered views' data tests live (the defs.yaml's `data_tests`).
     """
     cadence = cadence or DEFAULT_CADENCES[view.cadence]
     spec = translator.get_asset_spec(view, cadence)
@@ -222,14 +222,14 @@ def view_asset(
 def build_assets(
     config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
 ) -> list[dg.AssetSpec | dg.AssetsDefinition]:
-    """Every managed view (views.toml) and the sources they read, as `translator` makes them; discovered ones
+    """Every managed view (default: this project's) and the sources they read, as `translator` makes them; discovered ones
     from the state file only."""
-    config = config or load_config()
+    config = config or ManagedConfig()
     managed = managed_views(config)
     cadences = {cadence.name: cadence for cadence in config.cadences}
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
-    declared = load_source_tables()
+    declared = load_source_tables(config.migrations_dir) if config.migrations_dir else {}
     return [
         *(
             translator.get_source_spec(declared.get(table) or UndeclaredTable(table))

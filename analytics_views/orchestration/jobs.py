@@ -1,4 +1,4 @@
-"""The refresh jobs and the cron schedules the daemon runs them on, one of each per cadence (views.toml).
+"""The refresh jobs and the cron schedules the daemon runs them on, one of each configured cadence.
 
 A job holds its cadence's managed views; within it a view is refreshed after every view it reads (asset
 deps order the steps). A view reading a view of another cadence reads that view's latest contents: with the
@@ -12,7 +12,7 @@ import dagster as dg
 
 from analytics_views.orchestration.cadences import check_cadence
 from analytics_views.sql_files.discovery import managed_views
-from analytics_views.sql_files.managed import Cadence, ManagedConfig, load_config
+from analytics_views.sql_files.managed import Cadence, ManagedConfig
 from analytics_views.sql_files.views import ViewDefinition
 
 # Each view is its own step, and a run's independent views refresh at the same time, each in a process of its
@@ -53,7 +53,7 @@ def refresh_schedule(job, cadence: Cadence) -> dg.ScheduleDefinition:
 
 def build_jobs(config: ManagedConfig | None = None) -> dict:
     """Each cadence that has views, with its job; every configured cadence is checked, used or not."""
-    config = config or load_config()
+    config = config or ManagedConfig()
     for cadence in config.cadences:
         check_cadence(cadence)
     views = managed_views(config).views

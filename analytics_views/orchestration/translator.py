@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
 
@@ -24,7 +24,7 @@ from analytics_views.orchestration.cadences import freshness_window
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.database import Column
 from analytics_views.sql_files.discovery import SourceRelation
-from analytics_views.sql_files.managed import Cadence
+from analytics_views.sql_files.managed import Cadence, matches
 from analytics_views.sql_files.source_tables import ColumnDoc, SourceTable
 from analytics_views.sql_files.views import ViewDefinition
 
@@ -61,14 +61,39 @@ class ViewTranslatorSettings:
 
     git_url: str | None = None
     git_branch: str = "main"
+    # Per-view attributes from configuration (a defs.yaml's `translation:`), applied in order after the methods.
+    overrides: tuple[ViewOverride, ...] = ()
 
     @classmethod
-    def from_env(cls) -> ViewTranslatorSettings:
+    def from_env(cls, overrides: Sequence[ViewOverride] = ()) -> ViewTranslatorSettings:
         """The settings ANALYTICS_VIEWS_GIT_URL and ANALYTICS_VIEWS_GIT_BRANCH (default main) give."""
         return cls(
             git_url=os.environ.get(GIT_URL_ENV, "").strip().rstrip("/") or None,
             git_branch=os.environ.get(GIT_BRANCH_ENV, "").strip() or "main",
+            overrides=tuple(overrides),
         )
+
+
+@dataclass(frozen=True)
+class ViewOverride:
+    """Attributes set on the assets of the views `pattern` matches (by name, or `schema.name` for views made
+    elsewhere, as `cadence` patterns match). None leaves the attribute as built; tags are added."""
+
+    pattern: str
+    group_name: str | None = None
+    owners: tuple[str, ...] | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    description: str | None = None
+
+    def apply(self, view: ViewDefinition, spec: dg.AssetSpec) -> dg.AssetSpec:
+        if not matches(self.pattern, view.schema, view.name):
+            return spec
+        replaced = {
+            name: value
+            for name, value in (("group_name", self.group_name), ("owners", self.owners), ("description", self.description))
+            if value is not None
+        }
+        return spec.replace_attributes(**replaced).merge_attributes(tags=dict(self.tags))
 
 
 def as_markdown(text: str) -> str:
@@ -104,7 +129,8 @@ def column_lineage_table(view: ViewDefinition) -> dg.MarkdownMetadataValue:
 def code_reference(path: Path, line: int, settings: ViewTranslatorSettings) -> dg.CodeReferencesMetadataValue:
     """"View source" in the UI: the SQL file and line that define the asset, on this machine or, with
     `settings.git_url`, in the repository."""
-    relative = path.relative_to(PROJECT_ROOT).as_posix()
+    # A SQL folder of another project (a component configured elsewhere) is named by its full path.
+    relative = (path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path).as_posix()
     with warnings.catch_warnings():  # beta since 1.7, yet what the UI reads; one warning per asset is noise
         warnings.simplefilter("ignore", dg.BetaWarning)
         if settings.git_url:
@@ -133,7 +159,7 @@ class ViewTranslator:
     Example: a team that adopts the project for its own views puts them in its own group, with its owners
     and a tag of its own, in its definitions module (the one its `workspace.yaml` loads)::
 
-        from analytics_views.definitions import build_definitions
+        from analytics_views.orchestration.build import build_definitions
         from analytics_views.orchestration.translator import ViewTranslator
 
 
@@ -185,7 +211,7 @@ class ViewTranslator:
             dg.AssetSpec: What Dagster shows and schedules; `assets.view_asset` adds the refresh and its checks.
         """
         code_references = self.get_code_references(view, cadence)
-        return dg.AssetSpec(
+        spec = dg.AssetSpec(
             key=self.get_asset_key(view),
             deps=self.get_deps(view, cadence),
             description=self.get_description(view, cadence),
@@ -199,6 +225,9 @@ class ViewTranslator:
                 **({keys.CODE_REFERENCES: code_references} if code_references is not None else {}),
             },
         )
+        for override in self.settings.overrides:
+            spec = override.apply(view, spec)
+        return spec
 
     @final
     def get_asset_key(self, view: ViewDefinition) -> dg.AssetKey:

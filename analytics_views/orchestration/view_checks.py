@@ -30,7 +30,7 @@ _SEVERITY = {"error": dg.AssetCheckSeverity.ERROR, "warn": dg.AssetCheckSeverity
 
 
 def data_tests(view: ViewDefinition, discovered_tests_dir: Path | None, reserved: tuple[str, ...]) -> tuple[DataTest, ...]:
-    return load_tests(tests_folder(view.name, view.schema, discovered_tests_dir), (*reserved, *STATIC_CHECKS))
+    return load_tests(tests_folder(view.path, view.name, view.schema, discovered_tests_dir), (*reserved, *STATIC_CHECKS))
 
 
 def specs(key: dg.AssetKey, tests: tuple[DataTest, ...]) -> list[dg.AssetCheckSpec]:

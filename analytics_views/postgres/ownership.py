@@ -12,6 +12,7 @@ from typing import Protocol
 import psycopg
 
 from analytics_views.errors import AnalyticsViewsError
+from analytics_views.paths import DEFS_YAML, PROJECT_ROOT
 
 _COMMENT = re.compile(r"--[^\n]*")
 # CREATE [UNIQUE] TABLE|INDEX|[MATERIALIZED] VIEW|SEQUENCE [CONCURRENTLY] name; IF NOT EXISTS never clobbers.
@@ -50,5 +51,5 @@ def refuse_foreign_objects(conn: psycopg.Connection, pending: Iterable[SqlFile])
         raise AnalyticsViewsError(
             f'relation "{name}" already exists and was not created by analytics-views (sql/{creators[name].name} '
             "would create it): use another schema (search_path in DATABASE_URL's options) or manage the existing "
-            "views instead (views.toml); nothing was changed"
+            f"views instead ({DEFS_YAML.relative_to(PROJECT_ROOT)}); nothing was changed"
         )

@@ -1,9 +1,9 @@
 """SQL data tests beside a view: a query whose returned rows are failures (as dbt's singular tests).
 
-A project view's tests are `sql/tests/<view>/<test>.sql`; a discovered view's are
-`<data_tests folder of views.toml>/<schema>.<view>/<test>.sql`. Each file holds one SELECT that names the
-view directly, after a header of `--` lines: the first says what the test asserts, `-- Severity: error|warn`
-sets the check's severity (default error). Each test runs after the view's refresh in a read-only
+A view file's tests are `tests/<view>/<test>.sql` beside its folder (`sql/views/x.sql`: `sql/tests/x/`); a
+discovered view's are `<data_tests folder of the defs.yaml>/<schema>.<view>/<test>.sql`. Each file holds one
+SELECT that names the view directly, after a header of `--` lines: the first says what the test asserts,
+`-- Severity: error|warn` sets the check's severity (default error). Each test runs after the view's refresh in a read-only
 transaction of its own, under the refresh's TimeZone (default UTC); a test whose query fails is a failed
 check, not a failed step.
 """
@@ -16,7 +16,7 @@ import psycopg
 
 from analytics_views.paths import SQL_DIR
 
-TESTS_DIR = SQL_DIR / "tests"
+TESTS_DIR = SQL_DIR / "tests"  # this project's own view tests
 SEVERITIES = ("error", "warn")
 SAMPLE_ROWS = 5
 _INVALID_NAME_CHARS = re.compile(r"[^A-Za-z0-9_]")
@@ -88,10 +88,11 @@ def load_tests(folder: Path | None, reserved: tuple[str, ...] = ()) -> tuple[Dat
     return tests
 
 
-def tests_folder(name: str, schema: str | None, discovered_tests_dir: Path | None) -> Path | None:
-    """Where a view's tests live: sql/tests/<view> for ours, <data_tests>/<schema>.<view> for discovered ones."""
-    if schema is None:
-        return TESTS_DIR / name
+def tests_folder(view_file: Path | None, name: str, schema: str | None, discovered_tests_dir: Path | None) -> Path | None:
+    """Where a view's tests live: <sql folder>/tests/<view> for a view file <sql folder>/views/<view>.sql,
+    <data_tests>/<schema>.<view> for a discovered one."""
+    if view_file is not None:
+        return view_file.parent.parent / "tests" / name
     return discovered_tests_dir / f"{schema}.{name}" if discovered_tests_dir else None
 
 

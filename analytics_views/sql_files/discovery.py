@@ -1,13 +1,14 @@
-"""`analytics-views discover`: read materialized views made elsewhere from the catalog into a state file.
+"""Discovery: read materialized views made elsewhere from the catalog into a JSON state.
 
 Dagster loads definitions many times (UI, daemon, every run), so they never query the database: they read
-the JSON state this module writes. The state holds, per selected view, its comment, columns (with their
-comments), the relations it reads (from pg_depend through its pg_rewrite rule), its indexes (and which one
-REFRESH ... CONCURRENTLY can use) and a fingerprint of its definition; and the same facts for every relation
-those views read. Cadences are not in it: views.toml assigns them when definitions load. The file is sorted
-and holds no timestamps and no connection details, so rediscovering an unchanged database rewrites it
-byte for byte. A selected view the role could not refresh, or named like one of the project's own, is left
-out, and `not_taken` says why.
+the state `discover` returns, which the component keeps as its Dagster defs state (`analytics-views discover`
+or `dg utils refresh-defs-state` write it). The state holds, per selected view, its comment, columns (with
+their comments), the relations it reads (from pg_depend through its pg_rewrite rule), its indexes (and which
+one REFRESH ... CONCURRENTLY can use) and a fingerprint of its definition; and the same facts for every
+relation those views read. Cadences are not in it: the component's defs.yaml assigns them when definitions
+load. The JSON is sorted and holds no timestamps and no connection details, so rediscovering an unchanged
+database writes it byte for byte. A selected view the role could not refresh, or named like one of the
+project's own, is left out, and `not_taken` says why.
 """
 
 import hashlib
@@ -98,14 +99,15 @@ class Candidate:
 
 
 def _candidates(conn: psycopg.Connection, config: ManagedConfig, current_schema: str) -> list[Candidate]:
-    own = {view.name for view in load_views()} if config.project_views else set()
+    views_dir = config.views_dir
+    own = {view.name for view in load_views(views_dir)} if views_dir else set()
     query = _MATVIEWS.format(may_refresh=_MAY_REFRESH[conn.info.server_version >= 170000])
     candidates = []
     for oid, schema, name, comment, definition, may_read, may_refresh, owner in conn.execute(query).fetchall():
         if not config.selects(schema, name):
             continue
         if schema == current_schema and name in own:
-            reason = f"named like this project's own view (sql/views/{name}.sql), which manages it"
+            reason = f"named like this project's own view ({views_dir.parent.name}/{views_dir.name}/{name}.sql), which manages it"
         elif not may_read:
             reason = f"the role {conn.info.user!r} may not SELECT it: grant it USAGE on the schema and SELECT on the view"
         elif not may_refresh:
@@ -184,28 +186,34 @@ def not_taken(conn: psycopg.Connection, config: ManagedConfig) -> list[str]:
     return lines
 
 
+EMPTY_STATE = {"version": STATE_VERSION, "current_schema": None, "views": [], "relations": []}
+
+
 def discover(url: str, config: ManagedConfig) -> dict:
-    """Read the catalog and write the state file; returns the state."""
+    """The state of the views `config` selects, read from the catalog; nothing is read for a configuration
+    that selects none."""
     if not config.discovers:
-        where = config.path or "views.toml"
-        raise AnalyticsViewsError(
-            f"{where} selects no views made elsewhere: add `schemas = [...]` or `names = [...]`, then discover again"
-        )
+        return dict(EMPTY_STATE)
     with connect(url) as conn:
-        state = read_catalog(conn, config)
-    config.state_file.parent.mkdir(parents=True, exist_ok=True)
-    config.state_file.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    return state
+        return read_catalog(conn, config)
+
+
+def state_text(state: dict) -> str:
+    """The state as it is stored: sorted JSON, the same bytes for the same catalog."""
+    return json.dumps(state, indent=2, sort_keys=True) + "\n"
 
 
 def load_state(config: ManagedConfig) -> dict:
+    never = (
+        f"{config.where} selects views made elsewhere, and they were never discovered: run `analytics-views "
+        "discover` (or `dg utils refresh-defs-state`) with DATABASE_URL set"
+    )
+    if config.state_file is None:
+        raise AnalyticsViewsError(never)
     try:
         state = json.loads(config.state_file.read_text())
     except FileNotFoundError:
-        raise AnalyticsViewsError(
-            f"{config.state_file} does not exist, and {config.path} selects views made elsewhere: "
-            "run `analytics-views discover` (with DATABASE_URL set) to write it"
-        ) from None
+        raise AnalyticsViewsError(never) from None
     except (OSError, ValueError) as error:
         raise AnalyticsViewsError(f"cannot read {config.state_file} ({error}): run `analytics-views discover` again") from None
     if state.get("version") != STATE_VERSION:
@@ -272,7 +280,7 @@ def discovered_views(config: ManagedConfig) -> Discovered:
     if not config.discovers:
         return Discovered((), ())
     state = load_state(config)
-    project = load_views() if config.project_views else ()
+    project = load_views(config.views_dir) if config.views_dir else ()
     keys = asset_keys(state)
     views = []
     for v in state["views"]:
@@ -315,7 +323,7 @@ def managed_views(config: ManagedConfig) -> Discovered:
     """Every managed view, the project's and the discovered, each after every managed view it reads;
     with the source relations the discovered ones read."""
     discovered = discovered_views(config)
-    project = on_cadences(load_views(), config) if config.project_views else ()
+    project = on_cadences(load_views(config.views_dir), config) if config.views_dir else ()
     views = {"/".join(v.asset_key_path): v for v in (*project, *discovered.views)}
     graph = {key: [dep for dep in view.deps if dep in views] for key, view in views.items()}
     return Discovered(tuple(views[key] for key in TopologicalSorter(graph).static_order()), discovered.sources)
@@ -337,7 +345,7 @@ class Staleness:
             if names
         ]
         return (
-            f"discovery state {config.state_file.name} is out of date ({'; '.join(parts)}): "
+            f"the discovery state of {config.where} is out of date ({'; '.join(parts)}): "
             "run `analytics-views discover` and reload the definitions"
         )
 

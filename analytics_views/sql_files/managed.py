@@ -1,32 +1,27 @@
-"""Which materialized views the project manages and on which cadence, from `views.toml` (or the file
-ANALYTICS_VIEWS_CONFIG names).
+"""Which materialized views the project manages and on which cadence: the settings of a
+`MaterializedViewsComponent` (its defs.yaml), checked here with one-line errors naming the file and the entry.
 
-The project's own views (`sql/views/`) are managed unless `project_views = false`. Views made elsewhere are
-managed when their schema is listed in `schemas` or their name matches one of `names` (exact or glob,
-optionally `schema.name`). Cadences are named in `[cadences]` (a cron and a time zone each; `daily` and
-`weekly` are always defined). The `[cadence]` table puts views on them by pattern, first match wins: a
-project view otherwise keeps its file header's `-- Cadence:`, a discovered view is daily. Definitions learn
-about views made elsewhere only from the state file `analytics-views discover` writes, never from the database.
+The views of a SQL folder (`<sql_folder>/views/*.sql`) are managed when the component names one. Views made
+elsewhere are managed when their schema is listed in `schemas` or their name matches one of `names` (exact or
+glob, optionally `schema.name`). Cadences are named in `cadences` (a cron and a time zone each; `daily` and
+`weekly` are always defined). `cadence` puts views on them by pattern, first match wins: a view of the SQL
+folder otherwise keeps its file header's `-- Cadence:`, a discovered view is daily. Definitions learn about
+views made elsewhere only from the discovery state (`state_file`), never from the database.
 """
 
-import os
 import re
-import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.paths import PROJECT_ROOT
+from analytics_views.paths import SQL_DIR
 
-DEFAULT_CONFIG = PROJECT_ROOT / "views.toml"
-CONFIG_ENV = "ANALYTICS_VIEWS_CONFIG"
 DEFAULT_CADENCE = "daily"
-_KEYS = {"project_views", "schemas", "names", "cadences", "cadence", "state_file", "data_tests"}
 # A cadence names `<cadence>_refresh_job` and `_schedule` and is a tag value: Dagster names, at most 63 characters.
 CADENCE_NAME = re.compile(r"[a-z0-9_]{1,40}")
-_CADENCE_KEYS = {"cron", "timezone"}
 
 
 @dataclass(frozen=True)
@@ -47,18 +42,39 @@ DEFAULT_CADENCES = {
 
 @dataclass(frozen=True)
 class ManagedConfig:
-    path: Path | None  # None: no file, today's defaults
-    project_views: bool = True
+    """What a component manages. The defaults are this project's own views on the default cadences."""
+
+    source: Path | None = None  # the defs.yaml it was read from, for messages; None: built in code
+    sql_dir: Path | None = SQL_DIR  # views/, tests/ and migrations/ of the views made here; None: no such views
     schemas: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
     cadence: tuple[tuple[str, str], ...] = ()  # (pattern, cadence), in file order
-    state_file: Path = field(default=PROJECT_ROOT / "state" / "discovered_views.json")
     cadences: tuple[Cadence, ...] = tuple(DEFAULT_CADENCES.values())
     data_tests: Path | None = None  # folder of discovered views' data tests, <schema>.<view>/<test>.sql
+    state_file: Path | None = None  # the discovery state; None: never discovered
+
+    @property
+    def where(self) -> str:
+        """How messages name the configuration."""
+        return str(self.source) if self.source else "the component's defs.yaml"
+
+    @property
+    def project_views(self) -> bool:
+        """True when views defined by SQL files (`<sql_dir>/views/`) are managed."""
+        return self.sql_dir is not None
+
+    @property
+    def views_dir(self) -> Path | None:
+        return self.sql_dir / "views" if self.sql_dir else None
+
+    @property
+    def migrations_dir(self) -> Path | None:
+        """Where the source tables the views read are declared (CREATE TABLE, COMMENT ON), if anywhere."""
+        return self.sql_dir / "migrations" if self.sql_dir else None
 
     @property
     def discovers(self) -> bool:
-        """True when views made elsewhere are selected, so a discovery state file is needed."""
+        """True when views made elsewhere are selected, so a discovery state is needed."""
         return bool(self.schemas or self.names)
 
     @property
@@ -69,7 +85,7 @@ class ManagedConfig:
         return schema in self.schemas or any(matches(pattern, schema, name) for pattern in self.names)
 
     def cadence_of(self, schema: str | None, name: str, default: str = DEFAULT_CADENCE) -> str:
-        """The first `[cadence]` pattern matching the view, else `default`. A project view (schema None) is
+        """The first `cadence` pattern matching the view, else `default`. A view of the SQL folder (schema None) is
         matched by its name only: which schema it lives in is known to the database, not to the definitions."""
         return next((cadence for pattern, cadence in self.cadence if matches(pattern, schema, name)), default)
 
@@ -80,91 +96,54 @@ def matches(pattern: str, schema: str | None, name: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
-def _strings(value, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise AnalyticsViewsError(f"{where} must be a list of strings, like [\"analytics\"]")
-    return tuple(value)
-
-
-def _read(path: Path) -> dict:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as error:
-        raise AnalyticsViewsError(f"cannot read {path} ({error.strerror}): fix {CONFIG_ENV} or create the file") from None
-    except UnicodeDecodeError as error:
-        line = error.object[: error.start].count(b"\n") + 1
-        raise AnalyticsViewsError(
-            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line}): save it as UTF-8"
-        ) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise AnalyticsViewsError(f"{path} is not valid TOML ({error}): fix it") from None
-
-
-def _cadence(path: Path, name: str, value) -> Cadence:
-    where = f"{path}: [cadences] {name}"
+def _cadence(source: Path, name: str, cron: str, timezone: str) -> Cadence:
+    where = f"{source}: attributes.cadences.{name}"
     if not CADENCE_NAME.fullmatch(name):
         raise AnalyticsViewsError(
             f"{where}: a cadence name is 1 to 40 lowercase letters, digits and _ (it names {name}_refresh_job)"
         )
-    if isinstance(value, str):
-        value = {"cron": value}
-    if not isinstance(value, dict) or not isinstance(value.get("cron"), str) or set(value) - _CADENCE_KEYS:
-        raise AnalyticsViewsError(f'{where} must be {{ cron = "0 */4 * * *", timezone = "UTC" }} (timezone optional)')
-    timezone = value.get("timezone", "UTC")
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
         raise AnalyticsViewsError(
-            f"{where}: timezone {timezone!r} is not an IANA time zone; use one like \"UTC\" or \"Europe/Berlin\""
+            f"{where}: timezone {timezone!r} is not an IANA time zone; use one like UTC or Europe/Berlin"
         ) from None
-    return Cadence(name, value["cron"].strip(), timezone, where=where)
+    return Cadence(name, cron.strip(), timezone, where=where)
 
 
-def _cadences(path: Path, table) -> tuple[Cadence, ...]:
-    if not isinstance(table, dict):
-        raise AnalyticsViewsError(f'{path}: [cadences] must be a table of name = {{ cron = "...", timezone = "..." }}')
-    cadences = {**DEFAULT_CADENCES, **{name: _cadence(path, name, value) for name, value in table.items()}}
-    return tuple(cadences.values())
-
-
-def load_config(path: Path | None = None) -> ManagedConfig:
-    """The configuration at `path`, else $ANALYTICS_VIEWS_CONFIG, else views.toml; defaults when absent."""
-    if path is None:
-        path = Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else DEFAULT_CONFIG
-        if path == DEFAULT_CONFIG and not path.exists():
-            return ManagedConfig(path=None)
-    data = _read(path)
-    unknown = set(data) - _KEYS
-    if unknown:
-        raise AnalyticsViewsError(f"{path}: unknown setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_KEYS))}")
-    if not isinstance(data.get("project_views", True), bool):
-        raise AnalyticsViewsError(f"{path}: project_views must be true or false")
-    cadences = _cadences(path, data.get("cadences", {}))
-    names = [cadence.name for cadence in cadences]
-    cadence = data.get("cadence", {})
-    if not isinstance(cadence, dict):
-        raise AnalyticsViewsError(f"{path}: [cadence] must be a table of \"pattern\" = \"cadence name\"")
-    for pattern, value in cadence.items():
-        if value not in names:
+def managed_config(
+    source: Path,
+    *,
+    sql_dir: Path | None,
+    schemas: Sequence[str] = (),
+    names: Sequence[str] = (),
+    cadences: Mapping[str, tuple[str, str]] | None = None,
+    cadence: Mapping[str, str] | None = None,
+    data_tests: Path | None = None,
+    state_file: Path | None = None,
+) -> ManagedConfig:
+    """The settings of the component configured in `source`, checked: `cadences` maps a name to (cron, time
+    zone), `cadence` a view pattern to a cadence name, in file order. Crons are checked by Dagster, where the
+    schedules are built (orchestration/cadences.py)."""
+    defined = {**DEFAULT_CADENCES, **{n: _cadence(source, n, *entry) for n, entry in (cadences or {}).items()}}
+    for pattern, name in (cadence or {}).items():
+        if name not in defined:
             raise AnalyticsViewsError(
-                f"{path}: [cadence] {pattern!r} = {value!r} names no cadence; use one of {', '.join(names)} "
-                "or define it under [cadences]"
+                f"{source}: attributes.cadence {pattern!r}: {name!r} names no cadence; use one of "
+                f"{', '.join(defined)} or define it under attributes.cadences"
             )
-    state_file = data.get("state_file", "state/discovered_views.json")
-    if not isinstance(state_file, str):
-        raise AnalyticsViewsError(f"{path}: state_file must be a path (relative to {path.name})")
-    data_tests = data.get("data_tests")
-    if data_tests is not None and not isinstance(data_tests, str):
-        raise AnalyticsViewsError(f"{path}: data_tests must be a folder path (relative to {path.name})")
+    if sql_dir is not None and not (sql_dir / "views").is_dir():
+        raise AnalyticsViewsError(
+            f"{source}: attributes.sql_folder {sql_dir} has no views/ folder: point it at the folder holding "
+            "views/*.sql (relative to the defs.yaml), or remove it"
+        )
     return ManagedConfig(
-        path=path,
-        project_views=data.get("project_views", True),
-        schemas=_strings(data.get("schemas", []), f"{path}: schemas"),
-        names=_strings(data.get("names", []), f"{path}: names"),
-        cadence=tuple(cadence.items()),
-        state_file=(path.parent / state_file).resolve(),
-        cadences=cadences,
-        data_tests=(path.parent / data_tests).resolve() if data_tests is not None else None,
+        source=source,
+        sql_dir=sql_dir,
+        schemas=tuple(schemas),
+        names=tuple(names),
+        cadence=tuple((cadence or {}).items()),
+        cadences=tuple(defined.values()),
+        data_tests=data_tests,
+        state_file=state_file,
     )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from analytics_views.postgres.database import Column
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.sql_files.parse_cache import cached
-from analytics_views.paths import MIGRATIONS_DIR, VIEWS_DIR
+from analytics_views.paths import VIEWS_DIR
 from analytics_views.sql_files.source_tables import ColumnDoc, lineage_schema, load_source_tables
 from analytics_views.postgres.swap import AUTO, STRATEGIES
 
@@ -144,7 +144,7 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
     header = _header(text)
     if not header or not header[0]:
         raise ValueError(f"{path}: starts without a header comment saying what the view answers")
-    cadence = _field(header, "cadence", path).lower()  # checked against views.toml's cadences: on_cadences()
+    cadence = _field(header, "cadence", path).lower()  # checked against the configured cadences: on_cadences()
     columns = output_columns(match["query"])
     comments = _column_comments(text[match.end() :], path.stem, columns, path)
     strategy = _field(header, "refresh", path, default=AUTO).lower()
@@ -166,11 +166,16 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
     )
 
 
+def migrations_dir(views_dir: Path) -> Path:
+    """Where the tables a views folder's views read are declared: `migrations/` beside it (sql/views, sql/migrations)."""
+    return views_dir.parent / "migrations"
+
+
 @cache
 def load_views(views_dir: Path = VIEWS_DIR) -> tuple[ViewDefinition, ...]:
-    """All views, ordered so that a view comes after every view it reads; parsed again only when a view file,
-    a migration or the code changed (parse_cache.py)."""
-    inputs = [*views_dir.glob("*.sql"), *MIGRATIONS_DIR.glob("*.sql")]
+    """All views of the folder, ordered so that a view comes after every view it reads; parsed again only when a
+    view file, a migration or the code changed (parse_cache.py)."""
+    inputs = [*views_dir.glob("*.sql"), *migrations_dir(views_dir).glob("*.sql")]
     return cached("views", inputs, lambda: _parse_views(views_dir))
 
 
@@ -179,7 +184,7 @@ def _parse_views(views_dir: Path) -> tuple[ViewDefinition, ...]:
 
     paths = sorted(views_dir.glob("*.sql"))
     # Columns resolve against the source tables and the other views, so one view may read another.
-    schema = lineage_schema(load_source_tables())
+    schema = lineage_schema(load_source_tables(migrations_dir(views_dir)))
     for path in paths:
         schema[path.stem] = dict.fromkeys(output_columns(_create_statement(path, path.read_text())["query"]), "unknown")
     views = {view.name: view for view in (parse_view_file(path, schema) for path in paths)}
@@ -198,14 +203,14 @@ def view_names() -> tuple[str, ...]:
 
 
 def on_cadences(views: tuple[ViewDefinition, ...], config: ManagedConfig) -> tuple[ViewDefinition, ...]:
-    """The project's views on their configured cadence: views.toml's first matching `[cadence]` pattern, else
-    the file header's `-- Cadence:`, which must name a cadence views.toml defines."""
+    """The SQL folder's views on their configured cadence: the first matching `cadence` pattern of the
+    configuration, else the file header's `-- Cadence:`, which must name a cadence the configuration defines."""
     known = config.cadence_names
     for view in views:
         if view.cadence not in known:
             raise AnalyticsViewsError(
                 f"{view.path}: cadence {view.cadence!r} is not one of {', '.join(known)}: "
-                f"define it under [cadences] in {config.path or 'views.toml'}, or change the header"
+                f"define it under attributes.cadences in {config.where}, or change the header"
             )
     return tuple(_on_cadence(view, config.cadence_of(None, view.name, view.cadence)) for view in views)
 
@@ -214,7 +219,7 @@ def _on_cadence(view: ViewDefinition, cadence: str) -> ViewDefinition:
     if cadence == view.cadence:
         return view
     # The description is the header: say there which cadence the view is on now, and why not the header's.
-    line = f"Cadence: {cadence} (views.toml [cadence]; the header says {view.cadence})"
+    line = f"Cadence: {cadence} (defs.yaml cadence; the header says {view.cadence})"
     description = re.sub(r"^cadence\s*:.*$", line, view.description, count=1, flags=re.IGNORECASE | re.MULTILINE)
     return replace(view, cadence=cadence, description=description)
 

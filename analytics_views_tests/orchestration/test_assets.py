@@ -8,6 +8,7 @@ import pytest
 
 from analytics_views.orchestration.assets import UNIQUE_INDEX_CHECK
 from analytics_views.definitions import defs
+from analytics_views.paths import DEFS_YAML
 from analytics_views.postgres.refresh import CONCURRENT, INITIAL_PLAIN, SKIPPED
 from analytics_views.sql_files.views import load_views, views_with_cadence
 
@@ -172,8 +173,10 @@ def test_view_assets_show_owner_column_descriptions_lineage_and_their_sql_file()
         assert all(c.description for c in columns), f"{view.name}: add COMMENT ON COLUMN for every column"
         lineage = metadata["dagster/column_lineage"].deps_by_column
         assert set(lineage) == {c.name for c in view.columns}
-        [reference] = metadata["dagster/code_references"].code_references
+        # The SQL file, then (added by Dagster's component loader) the defs.yaml that configures the view.
+        [reference, configured_in] = metadata["dagster/code_references"].code_references
         assert (reference.file_path, reference.label) == (str(view.path), f"sql/views/{view.path.name}")
+        assert configured_in.file_path == str(DEFS_YAML)
         assert view.path.read_text().splitlines()[reference.line_number - 1].startswith(
             f"CREATE MATERIALIZED VIEW {view.name} AS"
         )
@@ -202,6 +205,7 @@ def test_source_table_assets_show_the_migrations_description_and_typed_columns()
         ("occurred_at", "timestamptz"),
     ]
     assert columns[3].description == "Instant the event happened on the client."
-    [reference] = definition_metadata("events")["dagster/code_references"].code_references
+    [reference, configured_in] = definition_metadata("events")["dagster/code_references"].code_references
     assert reference.label == "sql/migrations/001_source_tables.sql" and reference.line_number == 41
+    assert configured_in.file_path == str(DEFS_YAML)
 

@@ -1,4 +1,4 @@
-"""Any view on any cadence (views.toml), and discovered views with rough edges, on another team's schema.
+"""Any view on any cadence (the component's defs.yaml), and discovered views with rough edges, on another team's schema.
 
 The product database (fixtures/product_schema.sql) refreshed its daily views every 4 hours; here that cadence
 is configured, in a zone with DST, and views of it, ours and theirs, are put on other cadences by pattern.
@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -22,30 +23,36 @@ from psycopg import sql
 from analytics_views.operations import cli
 from analytics_views.orchestration.assets import UNIQUE_INDEX_CHECK
 from analytics_views.orchestration.cadences import freshness_window, longest_interval
-from analytics_views.definitions import build_definitions
-from analytics_views.sql_files.discovery import discover, key_part
+from analytics_views.orchestration.component import DEFS_ENV, discover_views, load_definitions
+from analytics_views.paths import SQL_DIR
+from analytics_views.sql_files.discovery import key_part
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.sql_files.managed import CONFIG_ENV, Cadence, ManagedConfig, load_config
+from analytics_views.sql_files.managed import Cadence, ManagedConfig
 from analytics_views.sql_files.views import on_cadences, parse_view_file
 
 PRODUCT_CONFIG = """
-project_views = false
-schemas = ["product"]
-state_file = "state/discovered.json"
-
-[cadences]
-every_4_hours = { cron = "0 */4 * * *", timezone = "America/Los_Angeles" }
-
-[cadence]
-"product.daily_activity" = "every_4_hours"
-"weekly_*" = "weekly"
+schemas: [product]
+cadences:
+  every_4_hours: {cron: "0 */4 * * *", timezone: America/Los_Angeles}
+cadence:
+  "product.daily_activity": every_4_hours
+  "weekly_*": weekly
 """
 
 
-def use_config(tmp_path: Path, monkeypatch, text: str) -> Path:
-    config = tmp_path / "views.toml"
-    config.write_text(text)
-    monkeypatch.setenv(CONFIG_ENV, str(config))
+def write_defs_yaml(path: Path, attributes: str) -> Path:
+    """A defs.yaml configuring a MaterializedViewsComponent with these attributes (YAML)."""
+    path.write_text(
+        "type: analytics_views.MaterializedViewsComponent\nattributes:\n"
+        + textwrap.indent(textwrap.dedent(attributes).strip() + "\n", "  ")
+    )
+    return path
+
+
+def use_config(tmp_path: Path, monkeypatch, attributes: str) -> Path:
+    """Definitions, runs and the CLI load this defs.yaml instead of the project's (ANALYTICS_VIEWS_DEFS)."""
+    config = write_defs_yaml(tmp_path / "defs.yaml", attributes)
+    monkeypatch.setenv(DEFS_ENV, str(config))
     return config
 
 
@@ -71,7 +78,7 @@ def product(product_db, tmp_path, monkeypatch) -> str:
     """The product database discovered with PRODUCT_CONFIG, DATABASE_URL set."""
     use_config(tmp_path, monkeypatch, PRODUCT_CONFIG)
     monkeypatch.setenv("DATABASE_URL", product_db)
-    discover(product_db, load_config())
+    discover_views()
     return product_db
 
 
@@ -79,7 +86,7 @@ def product(product_db, tmp_path, monkeypatch) -> str:
 
 
 def test_a_discovered_view_on_an_every_4_hours_cadence_gets_its_job_schedule_zone_and_window(product):
-    defs = build_definitions()
+    defs = load_definitions()
 
     schedules = {schedule.name: schedule for schedule in defs.schedules}
     assert set(schedules) == {"daily_refresh_schedule", "weekly_refresh_schedule", "every_4_hours_refresh_schedule"}
@@ -122,7 +129,7 @@ def test_cli_refreshes_a_cadence_by_name_and_names_the_cadences_it_knows(product
     assert cli.main(["refresh", "--cadence", "hourly"]) == 1
     assert capsys.readouterr().err == (
         "analytics-views refresh: error: unknown cadence 'hourly': "
-        f"choose from daily, weekly, every_4_hours (or define it under [cadences] in {tmp_path / 'views.toml'})\n"
+        f"choose from daily, weekly, every_4_hours (or define it under attributes.cadences in {tmp_path / 'defs.yaml'})\n"
     )
 
 
@@ -130,9 +137,10 @@ def test_our_view_moves_to_another_cadence_by_pattern_over_its_header(tmp_path, 
     use_config(
         tmp_path,
         monkeypatch,
-        '[cadences]\nhourly = "0 * * * *"\n[cadence]\n"daily_agg*" = "hourly"\n"weekly_aggregations" = "daily"\n',
+        f'sql_folder: {SQL_DIR}\ncadences: {{hourly: "0 * * * *"}}\n'
+        'cadence: {"daily_agg*": hourly, "weekly_aggregations": daily}',
     )
-    defs = build_definitions()
+    defs = load_definitions()
 
     assert job_views(defs, "hourly_refresh_job") == {"daily_aggregations"}
     assert job_views(defs, "daily_refresh_job") == {"cohort_aggregations", "campaign_aggregations", "weekly_aggregations"}
@@ -141,7 +149,7 @@ def test_our_view_moves_to_another_cadence_by_pattern_over_its_header(tmp_path, 
     assert "weekly_refresh_job" not in {job.name for job in defs.jobs}
     specs = specs_by_key(defs)
     assert specs["daily_aggregations"].tags["cadence"] == "hourly"
-    assert "Cadence: hourly (views.toml [cadence]; the header says daily)" in specs["daily_aggregations"].description
+    assert "Cadence: hourly (defs.yaml cadence; the header says daily)" in specs["daily_aggregations"].description
     assert specs["daily_aggregations"].freshness_policy.fail_window.to_timedelta() == timedelta(minutes=90)
     assert specs["weekly_aggregations"].freshness_policy.fail_window.to_timedelta() == timedelta(hours=26)
 
@@ -162,7 +170,7 @@ def test_our_view_moves_to_another_cadence_by_pattern_over_its_header(tmp_path, 
     ],
 )
 def test_the_freshness_window_is_the_longest_interval_between_ticks_plus_slack(cron, timezone, longest, window):
-    cadence = Cadence("c", cron, timezone, where="views.toml: [cadences] c")
+    cadence = Cadence("c", cron, timezone, where="defs.yaml: attributes.cadences.c")
     assert longest_interval(cadence) == longest
     assert freshness_window(cadence) == window
 
@@ -185,34 +193,33 @@ def test_the_longest_interval_is_the_one_dagsters_ticks_have_over_a_year(cron, t
 
 
 @pytest.mark.parametrize(
-    ("toml", "message"),
+    ("attributes", "message"),
     [
         (
-            '[cadence]\n"product.*" = "every_4_hours"\n',
-            "{path}: [cadence] 'product.*' = 'every_4_hours' names no cadence; use one of daily, weekly "
-            "or define it under [cadences]",
+            'cadence: {"product.*": every_4_hours}',
+            "{path}: attributes.cadence 'product.*': 'every_4_hours' names no cadence; use one of daily, weekly "
+            "or define it under attributes.cadences",
         ),
         (
-            '[cadences]\n"every 4 hours" = "0 */4 * * *"\n',
-            "{path}: [cadences] every 4 hours: a cadence name is 1 to 40 lowercase letters, digits and _ "
+            'cadences: {"every 4 hours": "0 */4 * * *"}',
+            "{path}: attributes.cadences.every 4 hours: a cadence name is 1 to 40 lowercase letters, digits and _ "
             "(it names every 4 hours_refresh_job)",
         ),
         (
-            '[cadences]\nevery_4_hours = { cron = "0 */4 * * *", timezone = "Mars/Olympus" }\n',
-            "{path}: [cadences] every_4_hours: timezone 'Mars/Olympus' is not an IANA time zone; "
-            'use one like "UTC" or "Europe/Berlin"',
+            'cadences: {every_4_hours: {cron: "0 */4 * * *", timezone: Mars/Olympus}}',
+            "{path}: attributes.cadences.every_4_hours: timezone 'Mars/Olympus' is not an IANA time zone; "
+            "use one like UTC or Europe/Berlin",
         ),
         (
-            '[cadences]\nevery_4_hours = { cron = "0 */4 * * *", zone = "UTC" }\n',
-            '{path}: [cadences] every_4_hours must be { cron = "0 */4 * * *", timezone = "UTC" } (timezone optional)',
+            'cadences: {every_4_hours: {cron: "0 */4 * * *", zone: UTC}}',
+            "{path}: attributes.cadences.every_4_hours.zone: Extra inputs are not permitted: remove it or fix its name",
         ),
     ],
 )
-def test_configuration_mistakes_are_one_line_naming_the_file_and_entry(tmp_path, toml, message):
-    config = tmp_path / "views.toml"
-    config.write_text(toml)
+def test_configuration_mistakes_are_one_line_naming_the_file_and_entry(tmp_path, monkeypatch, attributes, message):
+    config = use_config(tmp_path, monkeypatch, attributes)
     with pytest.raises(AnalyticsViewsError) as error:
-        load_config(config)
+        load_definitions()
     assert str(error.value) == message.replace("{path}", str(config))
 
 
@@ -229,26 +236,26 @@ def test_configuration_mistakes_are_one_line_naming_the_file_and_entry(tmp_path,
     ],
 )
 def test_an_invalid_cron_is_one_line_when_definitions_load(tmp_path, monkeypatch, cron, message):
-    config = use_config(tmp_path, monkeypatch, f'[cadences]\nevery_4_hours = "{cron}"\n')
+    config = use_config(tmp_path, monkeypatch, f'cadences: {{every_4_hours: "{cron}"}}')
     with pytest.raises(AnalyticsViewsError) as error:
-        build_definitions()
-    assert str(error.value).startswith(f"{config}: [cadences] every_4_hours: {message}")
+        load_definitions()
+    assert str(error.value).startswith(f"{config}: attributes.cadences.every_4_hours: {message}")
     assert "\n" not in str(error.value)
 
 
-def test_a_header_cadence_views_toml_does_not_define_is_one_line_naming_the_file(tmp_path):
+def test_a_header_cadence_the_defs_yaml_does_not_define_is_one_line_naming_the_file(tmp_path):
     path = tmp_path / "tiny.sql"
     path.write_text(
         "-- How many users are there?\n-- Grain: one row\n-- Cadence: hourly\n"
         "CREATE MATERIALIZED VIEW tiny AS SELECT count(*) AS users FROM users WITH NO DATA;\n"
     )
     view = parse_view_file(path)
-    defaults = ManagedConfig(path=None)
+    defaults = ManagedConfig()
     with pytest.raises(AnalyticsViewsError) as error:
         on_cadences((view,), defaults)
     assert str(error.value) == (
-        f"{path}: cadence 'hourly' is not one of daily, weekly: define it under [cadences] in views.toml, "
-        "or change the header"
+        f"{path}: cadence 'hourly' is not one of daily, weekly: define it under attributes.cadences in the "
+        "component's defs.yaml, or change the header"
     )
     hourly = replace(defaults, cadences=(*defaults.cadences, Cadence("hourly", "0 * * * *")))
     assert [v.cadence for v in on_cadences((view,), hourly)] == ["hourly"]
@@ -260,19 +267,20 @@ COMMAND = str(Path(sys.executable).parent / "analytics-views")
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [
-        (b'schemas = ["ums\xe4tze"]\n', "is not UTF-8 text (byte 0xe4 on line 1): save it as UTF-8"),
-        (None, "(Is a directory): fix ANALYTICS_VIEWS_CONFIG or create the file"),
+        (b'# ums\xe4tze\ntype: analytics_views.MaterializedViewsComponent\n', "is not UTF-8 text (byte 0xe4 on line 1): save it as UTF-8"),
+        (None, "(Is a directory): fix ANALYTICS_VIEWS_DEFS or create the file"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes: [\n", "is not valid YAML at line 3: fix it"),
     ],
 )
 def test_an_unreadable_configuration_is_one_line_and_a_non_zero_exit(tmp_path, content, fragment):
-    config = tmp_path / "views.toml"
+    config = tmp_path / "defs.yaml"
     if content is None:
         config.mkdir()
     else:
         config.write_bytes(content)
     result = subprocess.run(
         [COMMAND, "refresh", "--all"],
-        env={**os.environ, CONFIG_ENV: str(config), "DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused"},
+        env={**os.environ, DEFS_ENV: str(config), "DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -287,7 +295,7 @@ def test_an_unreadable_configuration_is_one_line_and_a_non_zero_exit(tmp_path, c
 
 
 def test_keys_of_discovered_views_stay_when_a_second_schema_is_discovered_later(product, tmp_path, monkeypatch):
-    before = view_keys(build_definitions())
+    before = view_keys(load_definitions())
     assert "product/daily_activity" in before and len(before) == 6
     execute(
         product,
@@ -296,10 +304,10 @@ def test_keys_of_discovered_views_stay_when_a_second_schema_is_discovered_later(
         "CREATE UNIQUE INDEX ON analytics.daily_activity (day);"
         "CREATE MATERIALIZED VIEW public.campaign_stats AS SELECT 1 AS campaign_id;",
     )
-    use_config(tmp_path, monkeypatch, PRODUCT_CONFIG.replace('["product"]', '["product", "analytics", "public"]'))
-    discover(product, load_config())
+    use_config(tmp_path, monkeypatch, PRODUCT_CONFIG.replace("[product]", "[product, analytics, public]"))
+    discover_views()
 
-    after = view_keys(build_definitions())
+    after = view_keys(load_definitions())
 
     assert after == before | {"analytics/daily_activity", "campaign_stats"}
 
@@ -317,9 +325,9 @@ def test_view_names_dagster_refuses_get_valid_stable_keys_and_refresh(product, t
             sql.SQL('CREATE MATERIALIZED VIEW {} AS SELECT sum("Betrag €") AS "Summe €" FROM product."order items";'
                     'CREATE UNIQUE INDEX ON {} ("Summe €")').format(view, view).as_string(None),
         )
-    discover(product, load_config())
+    discover_views()
 
-    defs = build_definitions()
+    defs = load_definitions()
     dg.Definitions.validate_loadable(defs)
 
     keys = {f"product/{key_part(name)}" for name in WEIRD_NAMES}
@@ -346,7 +354,7 @@ def test_view_names_dagster_refuses_get_valid_stable_keys_and_refresh(product, t
 
 def test_the_missing_index_fix_quotes_the_index_discovery_recorded(product):
     execute(product, "DROP INDEX product.campaign_stats_key")
-    defs = build_definitions()
+    defs = load_definitions()
 
     result = defs.resolve_job_def("daily_refresh_job").execute_in_process(
         asset_selection=[dg.AssetKey(["product", "campaign_stats"])], raise_on_error=False
@@ -383,8 +391,9 @@ def test_discover_says_why_each_selected_view_was_not_taken(product, reader, tmp
     use_config(
         tmp_path,
         monkeypatch,
-        'schemas = ["product", "nothing_here"]\n'
-        'names = ["public.daily_aggregations", "product.purchases", "product.users", "reports.*"]\n',
+        f"sql_folder: {SQL_DIR}\n"
+        "schemas: [product, nothing_here]\n"
+        'names: ["public.daily_aggregations", "product.purchases", "product.users", "reports.*"]',
     )
     monkeypatch.setenv("DATABASE_URL", reader)
 
@@ -408,9 +417,9 @@ def test_discover_says_why_each_selected_view_was_not_taken(product, reader, tmp
         "product.users: not taken: a table, not a materialized view (only those are refreshed)",
         "names entry 'reports.*' matches no materialized view: fix or remove it",
         "schemas entry 'nothing_here' holds no materialized view: fix or remove it",
-        f"wrote 0 views and 0 relations they read to {tmp_path / 'state' / 'discovered_views.json'}",
+        f"wrote 0 views and 0 relations they read to {tmp_path / '.local_defs_state' / 'MaterializedViewsComponent' / 'state'}",
     ]
     assert err == (
-        f"analytics-views discover: error: no view taken: fix `schemas` or `names` in {tmp_path / 'views.toml'} "
-        "(reasons above)\n"
+        "analytics-views discover: error: no view taken: fix attributes.schemas or attributes.names in "
+        f"{tmp_path / 'defs.yaml'} (reasons above)\n"
     )

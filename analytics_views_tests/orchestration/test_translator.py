@@ -6,7 +6,7 @@ from datetime import timedelta
 import dagster as dg
 import pytest
 
-from analytics_views.definitions import build_definitions
+from analytics_views.orchestration.build import build_definitions
 from analytics_views.orchestration.assets import view_asset
 from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, ViewTranslatorSettings
 from analytics_views.paths import PROJECT_ROOT

@@ -14,10 +14,10 @@ import pytest
 
 from analytics_views.operations import cli
 from analytics_views.orchestration.assets import MATCHES_DISCOVERY_CHECK, UNIQUE_INDEX_CHECK
-from analytics_views.definitions import build_definitions
-from analytics_views.sql_files.discovery import asset_keys, discover
+from analytics_views.orchestration.component import DEFS_ENV, discover_views, load_definitions, load_views
+from analytics_views.sql_files.discovery import asset_keys
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.sql_files.managed import CONFIG_ENV, load_config
+from analytics_views.paths import DEFS_YAML, SQL_DIR
 from analytics_views.operations.migrate import migrate
 from analytics_views.operations.commands import discovery_warning
 from analytics_views.orchestration.view_checks import STATIC_CHECKS
@@ -62,13 +62,12 @@ CREATE MATERIALIZED VIEW other_team.private_counts AS SELECT count(*) AS n FROM 
 """
 
 CONFIG = """
-project_views = false
-schemas = ["reporting"]
-names = ["public.daily_aggregations"]
-state_file = "state/discovered.json"
-
-[cadence]
-"purchases_*" = "weekly"
+type: analytics_views.MaterializedViewsComponent
+attributes:
+  schemas: [reporting]
+  names: [public.daily_aggregations]
+  cadence:
+    "purchases_*": weekly
 """
 
 # Every relation outside the system schemas: identity, definition, indexes and comments.
@@ -97,19 +96,19 @@ def execute(url: str, statements: str) -> None:
 
 @pytest.fixture
 def foreign_db(empty_db, tmp_path, monkeypatch) -> str:
-    """A database built by someone else's SQL, with views.toml selecting its views, DATABASE_URL set."""
+    """A database built by someone else's SQL, with a defs.yaml selecting its views, DATABASE_URL set."""
     execute(empty_db, FOREIGN_SCHEMA)
-    config = tmp_path / "views.toml"
+    config = tmp_path / "defs.yaml"
     config.write_text(CONFIG)
-    monkeypatch.setenv(CONFIG_ENV, str(config))
+    monkeypatch.setenv(DEFS_ENV, str(config))
     monkeypatch.setenv("DATABASE_URL", empty_db)
     return empty_db
 
 
 @pytest.fixture
 def adopted(foreign_db) -> dg.Definitions:
-    discover(foreign_db, load_config())
-    return build_definitions()
+    discover_views()
+    return load_definitions()
 
 
 def specs_by_key(defs: dg.Definitions) -> dict[str, dg.AssetSpec]:
@@ -155,29 +154,29 @@ def test_column_schema_and_descriptions_come_from_the_catalog_comments(adopted):
 
 
 def test_definitions_load_from_the_state_file_without_the_database(foreign_db, monkeypatch):
-    discover(foreign_db, load_config())
+    discover_views()
     monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/unreachable")
 
     def no_connection(*args, **kwargs):
         raise AssertionError("definitions must not connect to the database")
 
     monkeypatch.setattr(psycopg, "connect", no_connection)
-    defs = build_definitions()
+    defs = load_definitions()
     dg.Definitions.validate_loadable(defs)
     assert "reporting/weekly_rollup" in specs_by_key(defs)
 
 
 def test_missing_state_file_is_one_line_naming_discover(foreign_db):
-    with pytest.raises(AnalyticsViewsError, match=r"does not exist.*run `analytics-views discover`"):
-        build_definitions()
+    with pytest.raises(AnalyticsViewsError, match=r"never discovered: run `analytics-views discover`") as error:
+        load_definitions()
+    assert "\n" not in str(error.value)
 
 
 def test_discovery_state_is_stable_and_holds_no_connection_details(foreign_db):
-    config = load_config()
-    discover(foreign_db, config)
-    first = config.state_file.read_text()
-    discover(foreign_db, config)
-    assert config.state_file.read_text() == first
+    state_file, _, _, _ = discover_views()
+    first = state_file.read_text()
+    assert discover_views()[0] == state_file
+    assert state_file.read_text() == first
     database = psycopg.conninfo.conninfo_to_dict(foreign_db)["dbname"]
     assert database not in first
     state = json.loads(first)
@@ -237,7 +236,7 @@ def test_migrate_refuses_to_overwrite_a_foreign_table_and_changes_nothing(foreig
     message = str(error.value)
     assert "\n" not in message
     assert message.startswith('relation "events" already exists and was not created by analytics-views')
-    assert "use another schema" in message and "views.toml" in message
+    assert "use another schema" in message and "analytics_views/orchestration/defs/views/defs.yaml" in message
     assert catalog(foreign_db) == before
 
 
@@ -260,7 +259,7 @@ def test_migrate_cli_says_it_in_one_line(foreign_db, capsys):
     assert err.startswith('analytics-views migrate: error: relation "events" already exists')
 
 
-def test_stats_reports_a_stale_state_after_views_are_added_dropped_or_redefined(adopted, foreign_db, capsys):
+def test_stats_reports_a_stale_state_after_views_are_added_dropped_or_redefined(adopted, foreign_db, tmp_path, capsys):
     assert discovery_warning(foreign_db) is None
     execute(
         foreign_db,
@@ -273,20 +272,20 @@ def test_stats_reports_a_stale_state_after_views_are_added_dropped_or_redefined(
     )
     warning = discovery_warning(foreign_db)
     assert warning == (
-        "discovery state discovered.json is out of date (added reporting.new_view; dropped reporting.events; "
-        "redefined reporting.weekly_rollup): run `analytics-views discover` and reload the definitions"
+        f"the discovery state of {tmp_path / 'defs.yaml'} is out of date (added reporting.new_view; dropped "
+        "reporting.events; redefined reporting.weekly_rollup): run `analytics-views discover` and reload the definitions"
     )
     assert cli.main(["stats"]) == 1  # reporting.events is gone
     err = capsys.readouterr().err
     assert f"analytics-views stats: warning: {warning}" in err
-    assert "error: view reporting.events is missing: discovery state" in err
+    assert "error: view reporting.events is missing: the discovery state of" in err
 
     result = adopted.resolve_job_def("daily_refresh_job").execute_in_process(
         asset_selection=[dg.AssetKey(["reporting", "weekly_rollup"])], raise_on_error=False
     )
     assert not checks(result)[("reporting/weekly_rollup", MATCHES_DISCOVERY_CHECK)].passed
 
-    discover(foreign_db, load_config())
+    discover_views()
     assert discovery_warning(foreign_db) is None
 
 
@@ -307,22 +306,26 @@ def test_refresh_command_refreshes_discovered_views_by_schema_qualified_name(ado
     assert "unknown view 'events'" in capsys.readouterr().err
 
 
-def test_config_mistakes_are_one_line_errors(tmp_path):
-    config = tmp_path / "views.toml"
-    config.write_text('schemas = ["reporting"]\n[cadence]\n"x*" = "hourly"\n')
+def test_config_mistakes_are_one_line_errors(tmp_path, monkeypatch):
+    config = tmp_path / "defs.yaml"
+    monkeypatch.setenv(DEFS_ENV, str(config))
+    config.write_text(CONFIG.replace('"purchases_*": weekly', '"x*": hourly'))
     with pytest.raises(AnalyticsViewsError) as error:
-        load_config(config)
+        load_definitions()
     assert str(error.value) == (
-        f"{config}: [cadence] 'x*' = 'hourly' names no cadence; use one of daily, weekly or define it under [cadences]"
+        f"{config}: attributes.cadence 'x*': 'hourly' names no cadence; use one of daily, weekly or define it "
+        "under attributes.cadences"
     )
-    config.write_text("schema = ['reporting']\n")
-    with pytest.raises(AnalyticsViewsError, match="unknown setting 'schema'"):
-        load_config(config)
+    config.write_text(CONFIG.replace("schemas:", "schema:"))
+    with pytest.raises(AnalyticsViewsError) as error:
+        load_definitions()
+    assert str(error.value) == f"{config}: attributes.schema: Extra inputs are not permitted: remove it or fix its name"
 
 
 def test_default_config_manages_the_project_views_only(monkeypatch):
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
-    config = load_config()
+    monkeypatch.delenv(DEFS_ENV, raising=False)
+    config = load_views().config
+    assert config.source == DEFS_YAML and config.sql_dir == SQL_DIR
     assert config.project_views and not config.discovers
     assert config.selects("reporting", "anything") is False
     assert config.cadence_of("reporting", "anything") == "daily"

@@ -1,6 +1,6 @@
 """SQL data tests beside a view (data_tests.py, view_checks.py): the shipped tests pass on the demo data, a
 failing test reports its rows, an erroring test is a failed check (not a failed step), and discovered views
-get theirs from the folder views.toml names."""
+get theirs from the folder the defs.yaml names."""
 
 from decimal import Decimal
 
@@ -9,9 +9,7 @@ import psycopg
 import pytest
 
 from analytics_views.sql_files.data_tests import TESTS_DIR, check_name, load_tests, markdown_table, parse_test, run_test
-from analytics_views.definitions import build_definitions
-from analytics_views.sql_files.discovery import discover
-from analytics_views.sql_files.managed import CONFIG_ENV, load_config
+from analytics_views.orchestration.component import DEFS_ENV, discover_views, load_definitions
 from analytics_views.orchestration.view_checks import STATIC_CHECKS, data_test_result
 
 OUR_VIEWS = ("daily_aggregations", "cohort_aggregations", "campaign_aggregations", "weekly_aggregations")
@@ -114,8 +112,8 @@ def test_markdown_table_escapes_pipes_and_shows_nulls():
 
 
 def test_discovered_views_run_their_data_tests_and_report_the_sql_checks(product_db, tmp_path, monkeypatch):
-    (tmp_path / "views.toml").write_text(
-        'project_views = false\nschemas = ["product"]\nstate_file = "state.json"\ndata_tests = "tests"\n'
+    (tmp_path / "defs.yaml").write_text(
+        "type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: [product]\n  data_tests: tests\n"
     )
     tests = tmp_path / "tests" / "product.campaign_stats"
     tests.mkdir(parents=True)
@@ -126,10 +124,10 @@ def test_discovered_views_run_their_data_tests_and_report_the_sql_checks(product
         "-- Organic users are left out.\n-- Severity: warn\nSELECT campaign_id, signups FROM product.campaign_stats "
         "WHERE campaign_id IS NULL\n"
     )
-    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "views.toml"))
+    monkeypatch.setenv(DEFS_ENV, str(tmp_path / "defs.yaml"))
     monkeypatch.setenv("DATABASE_URL", product_db)
-    discover(product_db, load_config())
-    defs = build_definitions()
+    discover_views()
+    defs = load_definitions()
 
     result = defs.resolve_job_def("daily_refresh_job").execute_in_process(raise_on_error=False)
 

@@ -1,0 +1,360 @@
+"""`MaterializedViewsComponent`: the materialized views a `dg` project manages, configured in a defs.yaml.
+
+```yaml
+type: analytics_views.MaterializedViewsComponent
+attributes:
+  sql_folder: sql                 # views/*.sql (and tests/, migrations/) made by this project
+  schemas: [reporting]            # and views made elsewhere, discovered into the component's state
+  cadence: {"reporting.weekly_*": weekly}
+```
+
+Views made elsewhere are read from the catalog into the component's Dagster defs state (a state-backed
+component: `analytics-views discover` or `dg utils refresh-defs-state` write it, with the database), and the
+definitions are built from that state only: loading them never connects to the database. By default the state
+is a file beside the defs folder (`LOCAL_FILESYSTEM`), never refreshed by a loading process (`refresh_if_dev`
+is off), so the UI, the daemon, every run and `dg` load the same views.
+
+This project's own instance is `analytics_views/orchestration/defs/views/defs.yaml`. ANALYTICS_VIEWS_DEFS may
+name another defs.yaml to load in its place (the tests use it, and the runs the CLI launches inherit it).
+"""
+
+import asyncio
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pydantic
+import yaml
+from dagster.components import DefsStateConfig, DefsStateConfigArgs, ResolvedDefsStateConfig
+from pydantic import Field, PrivateAttr
+
+from analytics_views.errors import AnalyticsViewsError
+from analytics_views.orchestration.build import build_definitions
+from analytics_views.orchestration.translator import ViewOverride, ViewTranslator, ViewTranslatorSettings
+from analytics_views.orchestration.resources import AnalyticsDatabase
+from analytics_views.paths import DEFS_YAML, PROJECT_ROOT
+from analytics_views.postgres.database import database_url_from_env
+from analytics_views.postgres.refresh import RefreshSettings
+from analytics_views.sql_files.discovery import discover, state_text
+from analytics_views.sql_files.managed import ManagedConfig, managed_config
+
+COMPONENT_TYPE = "analytics_views.MaterializedViewsComponent"
+DEFS_ENV = "ANALYTICS_VIEWS_DEFS"  # another defs.yaml to load instead of this project's
+OLD_CONFIG_ENV = "ANALYTICS_VIEWS_CONFIG"  # named a views.toml before the component; refused with the fix
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class CadenceSchedule(dg.Model):
+    cron: str = Field(description='When the cadence\'s job runs, e.g. "0 */4 * * *" (5 fields).')
+    timezone: str = Field(default="UTC", description="IANA time zone of the cron, e.g. Europe/Berlin.")
+
+
+class ViewAttributes(dg.Model):
+    """Attributes set on the assets of the views a `translation` pattern matches."""
+
+    group_name: str | None = Field(default=None, description="Asset group (default analytics_views).")
+    owners: list[str] | None = Field(default=None, description="Owners, e.g. [team:analytics, someone@example.com].")
+    tags: dict[str, str] | None = Field(default=None, description="Tags added to the asset's own.")
+    description: str | None = Field(default=None, description="Replaces the description from the SQL header or comment.")
+
+
+class DatabaseSettings(dg.Model):
+    url_env: str = Field(
+        default="DATABASE_URL",
+        description="Name of the environment variable holding the libpq URL of the database (never the URL itself).",
+    )
+
+
+class RefreshDefaults(dg.Model):
+    """The `analytics_db` resource's refresh settings (a run may still override them in its run config)."""
+
+    lock_timeout_s: float = Field(default=RefreshSettings.lock_timeout_s, description="Longest wait for a view's lock, s.")
+    statement_timeout_s: float = Field(default=RefreshSettings.statement_timeout_s, description="Longest refresh, s.")
+    skip_unchanged: bool = Field(default=True, description="Skip a view none of whose sources changed since its last refresh.")
+    work_mem_mb: int | None = Field(default=RefreshSettings.work_mem_mb, description="work_mem of refreshes, MB; unset: the server's.")
+    timezone: str = Field(default=RefreshSettings.timezone, description="TimeZone every refresh and data test runs under.")
+
+
+class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Model):
+    """PostgreSQL materialized views as Dagster assets, refreshed on cron cadences, with checks.
+
+    The views of a SQL folder, and views made elsewhere (schemas, names) discovered into the component's state
+    by `analytics-views discover` or `dg utils refresh-defs-state`. Each view is an asset with the
+    `unique_index`, SQL and data-test checks; each cadence with views gets a job and a schedule."""
+
+    sql_folder: str | None = Field(
+        default=None,
+        description="Folder (relative to this defs.yaml) whose views/*.sql are the views this project makes; "
+        "tests/<view>/*.sql are their data tests, migrations/*.sql declare the tables they read. Unset: none.",
+    )
+    schemas: list[str] = Field(default_factory=list, description="Every materialized view of these schemas (made elsewhere).")
+    names: list[str] = Field(
+        default_factory=list,
+        description='Views made elsewhere by name: exact or glob, optionally schema-qualified ("reporting.*").',
+    )
+    cadences: dict[str, CadenceSchedule | str] = Field(
+        default_factory=dict,
+        description="Cadences by name: {cron, timezone} or just a cron (UTC). daily (0 3 * * *) and weekly "
+        "(0 4 * * 1), UTC, are always defined; a name is 1 to 40 lowercase letters, digits and _.",
+    )
+    cadence: dict[str, str] = Field(
+        default_factory=dict,
+        description='Which view runs on which cadence: "pattern": cadence, first match wins; by name ("daily_*") '
+        'or schema-qualified ("reporting.*"). Unmatched: the file header\'s `-- Cadence:`, or daily.',
+    )
+    data_tests: str | None = Field(
+        default=None, description="Folder (relative to this defs.yaml) of discovered views' tests: <schema>.<view>/<test>.sql."
+    )
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings, description="The analytics database.")
+    refresh: RefreshDefaults = Field(default_factory=RefreshDefaults, description="Refresh settings.")
+    translation: dict[str, ViewAttributes] = Field(
+        default_factory=dict,
+        description="Per-view asset attributes by pattern (as in `cadence`); every matching pattern applies, in order.",
+    )
+    # State in a file beside the defs folder, written only by discovery: never by a process loading definitions.
+    defs_state: ResolvedDefsStateConfig = DefsStateConfigArgs.local_filesystem().model_copy(
+        update={"refresh_if_dev": False}
+    )
+
+    _defs_yaml: Path | None = PrivateAttr(default=None)  # where it was configured: relative paths start there
+    _built: ManagedConfig | None = PrivateAttr(default=None)  # what build_defs_from_state last built
+    _written: tuple[Path, dict] | None = PrivateAttr(default=None)  # what write_state_to_path last wrote
+
+    # --- loading -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, attributes, context: dg.ComponentLoadContext) -> "MaterializedViewsComponent":
+        component = super().load(attributes, context)
+        component._defs_yaml = next(
+            (path for path in (context.path / "defs.yaml", context.path / "defs.yml") if path.exists()), context.path
+        )
+        return component
+
+    @classmethod
+    def from_defs_yaml(cls, path: Path) -> "MaterializedViewsComponent":
+        """The component a defs.yaml outside the project's defs folder configures (ANALYTICS_VIEWS_DEFS)."""
+        path = path.resolve()
+        try:
+            document = yaml.safe_load(path.read_bytes().decode("utf-8-sig"))
+        except OSError as error:
+            raise AnalyticsViewsError(f"cannot read {path} ({error.strerror}): fix {DEFS_ENV} or create the file") from None
+        except UnicodeDecodeError as error:
+            line = error.object[: error.start].count(b"\n") + 1
+            raise AnalyticsViewsError(
+                f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} on line {line}): save it as UTF-8"
+            ) from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise AnalyticsViewsError(f"{path} is not valid YAML{where}: fix it") from None
+        if not isinstance(document, dict) or document.get("type") not in (COMPONENT_TYPE, f"{__name__}.{cls.__name__}"):
+            raise AnalyticsViewsError(f"{path}: type must be {COMPONENT_TYPE}, with its settings under attributes:")
+        with one_line_errors(path):
+            component = cls.from_attributes_dict(attributes=document.get("attributes") or {})
+        component._defs_yaml = path
+        return component
+
+    @property
+    def defs_yaml(self) -> Path:
+        if self._defs_yaml is None:  # built in Python: relative paths are relative to the working directory
+            return Path.cwd() / "defs.yaml"
+        return self._defs_yaml
+
+    def _path(self, value: str | None) -> Path | None:
+        return (self.defs_yaml.parent / value).resolve() if value is not None else None
+
+    def managed_config(self, state_file: Path | None = None) -> ManagedConfig:
+        """The settings, checked (one line naming the defs.yaml and the entry for a mistake)."""
+        if not _ENV_NAME.fullmatch(self.database.url_env):
+            raise AnalyticsViewsError(
+                f"{self.defs_yaml}: attributes.database.url_env names the environment variable holding the URL "
+                "(like DATABASE_URL), never the URL itself"
+            )
+        return managed_config(
+            self.defs_yaml,
+            sql_dir=self._path(self.sql_folder),
+            schemas=self.schemas,
+            names=self.names,
+            cadences={
+                name: (entry, "UTC") if isinstance(entry, str) else (entry.cron, entry.timezone)
+                for name, entry in self.cadences.items()
+            },
+            cadence=self.cadence,
+            data_tests=self._path(self.data_tests),
+            state_file=state_file,
+        )
+
+    @property
+    def overrides(self) -> tuple[ViewOverride, ...]:
+        return tuple(
+            ViewOverride(
+                pattern=pattern,
+                group_name=attributes.group_name,
+                owners=tuple(attributes.owners) if attributes.owners is not None else None,
+                tags=attributes.tags or {},
+                description=attributes.description,
+            )
+            for pattern, attributes in self.translation.items()
+        )
+
+    @property
+    def analytics_db(self) -> AnalyticsDatabase:
+        return AnalyticsDatabase(url=dg.EnvVar(self.database.url_env), **self.refresh.model_dump())
+
+    # --- state ---------------------------------------------------------------------------------------------
+
+    @property
+    def defs_state_config(self) -> DefsStateConfig:
+        return DefsStateConfig.from_args(self.defs_state, default_key=type(self).__name__)
+
+    def write_state_to_path(self, state_path: Path) -> None:
+        """Discovery: the views made elsewhere the settings select, read from the catalog (DATABASE_URL, or the
+        variable `database.url_env` names). Selecting none, it writes an empty state without connecting."""
+        config = self.managed_config()
+        url = database_url_from_env(self.database.url_env) if config.discovers else ""
+        state = discover(url, config)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path.write_text(state_text(state))
+        self._written = (state_path, state)
+
+    def build_defs_from_state(self, context: dg.ComponentLoadContext | None, state_path: Path | None) -> dg.Definitions:
+        return self.definitions(state_path)
+
+    def definitions(self, state_file: Path | None) -> dg.Definitions:
+        """The definitions of the settings, with the views made elsewhere as the state at `state_file` has them."""
+        config = self.managed_config(state_file)
+        translator = ViewTranslator(ViewTranslatorSettings.from_env(overrides=self.overrides))
+        defs = build_definitions(config, translator=translator, database=self.analytics_db)
+        self._built = config
+        return defs
+
+    def beside_state_file(self) -> Path:
+        """Where a defs.yaml outside a dg project keeps its state: as Dagster keeps it in a defs folder."""
+        key = re.sub(r"[^A-Za-z0-9._-]", "__", self.defs_state_config.key)
+        return self.defs_yaml.parent / ".local_defs_state" / key / "state"
+
+
+# --- the project's component, for definitions.py and the CLI ----------------------------------------------
+
+
+# Where each views.toml setting went: the attributes of the component's defs.yaml.
+MOVED_SETTINGS = (
+    "sql_folder (was project_views), schemas, names, cadences, cadence, data_tests; "
+    "state_file is gone, the component keeps its discovery state"
+)
+
+
+def refuse_views_toml() -> None:
+    """One line when a views.toml would have been read: its settings are in the component's defs.yaml now."""
+    if (PROJECT_ROOT / "views.toml").exists():
+        raise AnalyticsViewsError(
+            f"views.toml is no longer read: move its settings to {DEFS_YAML} (attributes: {MOVED_SETTINGS}), "
+            f"then delete {PROJECT_ROOT / 'views.toml'}"
+        )
+    if old := os.environ.get(OLD_CONFIG_ENV):
+        raise AnalyticsViewsError(
+            f"{old} ({OLD_CONFIG_ENV}) is no longer read: move its settings to a defs.yaml like {DEFS_YAML} "
+            f"(attributes: {MOVED_SETTINGS}) and set {DEFS_ENV} to that file instead"
+        )
+
+
+@contextmanager
+def one_line_errors(defs_yaml: Path) -> Iterator[None]:
+    """Dagster reports a component's mistakes with the YAML around them; ours stay one line naming the file.
+
+    Loading the component tree, Dagster calls its own preview functions (dg.load_from_defs_folder hides their
+    warnings the same way) and pydantic's deprecated `parse_obj_as` (dagster-io/dagster#33880): those
+    warnings are not ours to fix, and would fail `python -W error`."""
+    try:
+        with warnings.catch_warnings():
+            for category in (dg.PreviewWarning, dg.BetaWarning, pydantic.warnings.PydanticDeprecatedSince20):
+                warnings.simplefilter("ignore", category)
+            yield
+    except AnalyticsViewsError:
+        raise
+    except Exception as error:  # noqa: BLE001 - Dagster wraps a component's errors in its own kinds
+        cause = error
+        while cause is not None and not isinstance(cause, (AnalyticsViewsError, pydantic.ValidationError)):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, AnalyticsViewsError):
+            raise cause from None
+        if isinstance(cause, pydantic.ValidationError):
+            first = cause.errors()[0]
+            # pydantic names the member of a union it tried (`CadenceSchedule`, `dict[str,...]`): not a key of the
+            # file. Dagster's loader adds " at <file>:<line>" to the last key and starts with "attributes".
+            models = {model.__name__ for model in (CadenceSchedule, ViewAttributes, DatabaseSettings, RefreshDefaults)}
+            path = ".".join(str(part) for part in first["loc"])
+            line = ""
+            if at := re.fullmatch(r"(.*) at .*:(\d+)", path):
+                path, line = at[1], f":{at[2]}"
+            keys = [key for key in path.split(".") if key not in models and "[" not in key]
+            where = ".".join(["attributes", *(keys[1:] if keys[:1] == ["attributes"] else keys)])
+            fix = "remove it or fix its name" if first["type"] == "extra_forbidden" else "fix it"
+            raise AnalyticsViewsError(f"{defs_yaml}{line}: {where}: {first['msg']}: {fix}") from None
+        raise
+
+
+def load_definitions() -> dg.Definitions:
+    """What Dagster loads: the project's defs folder, or the defs.yaml ANALYTICS_VIEWS_DEFS names."""
+    return load_views().defs
+
+
+@dataclass(frozen=True)
+class LoadedViews:
+    component: MaterializedViewsComponent
+    config: ManagedConfig  # with the discovery state the definitions were built from
+    defs: dg.Definitions
+
+
+def load_views() -> LoadedViews:
+    """The views component the definitions load, its settings and its definitions; a mistake is one line."""
+    refuse_views_toml()
+    if os.environ.get(DEFS_ENV):
+        component = MaterializedViewsComponent.from_defs_yaml(Path(os.environ[DEFS_ENV]))
+        state_file = component.beside_state_file()
+        with one_line_errors(component.defs_yaml):
+            defs = component.definitions(state_file if state_file.exists() else None)
+        return LoadedViews(component, component._built, defs)
+    tree = dg.ComponentTree.for_project(PROJECT_ROOT)
+    with one_line_errors(DEFS_YAML):
+        defs = tree.build_defs()
+        component = project_component(tree)
+    return LoadedViews(component, component._built, defs)
+
+
+def project_component(tree: dg.ComponentTree) -> MaterializedViewsComponent:
+    components = tree.get_all_components(MaterializedViewsComponent)
+    if len(components) != 1:
+        raise AnalyticsViewsError(
+            f"{tree.defs_module_path} holds {len(components)} MaterializedViewsComponent instances; the "
+            f"analytics-views command manages exactly one ({DEFS_YAML})"
+        )
+    return components[0]
+
+
+def discover_views() -> tuple[Path, dict, ManagedConfig, str]:
+    """Writes the discovery state of the component the definitions load; returns where, the state, the
+    settings and the name of the database URL's variable."""
+    refuse_views_toml()
+    with one_line_errors(Path(os.environ.get(DEFS_ENV) or DEFS_YAML)):
+        if os.environ.get(DEFS_ENV):
+            component = MaterializedViewsComponent.from_defs_yaml(Path(os.environ[DEFS_ENV]))
+            write = lambda: component.write_state_to_path(component.beside_state_file())  # noqa: E731
+        else:
+            component = project_component(dg.ComponentTree.for_project(PROJECT_ROOT))
+            # What `dg utils refresh-defs-state` runs: the state lands where Dagster reads it.
+            write = lambda: asyncio.run(component.refresh_state(PROJECT_ROOT))  # noqa: E731
+        config = component.managed_config()
+        if not config.discovers:
+            raise AnalyticsViewsError(
+                f"{config.where} selects no views made elsewhere: add attributes.schemas or attributes.names, "
+                "then discover again"
+            )
+        write()
+    state_file, state = component._written
+    return state_file, state, component.managed_config(state_file), component.database.url_env
