@@ -205,7 +205,7 @@ class ViewTranslator:
 
         Args:
             view: The view, from its SQL file (`view.path`) or discovered in the catalog (`view.path is None`).
-            cadence: The cadence it is refreshed on (views.toml, else its header's `-- Cadence:`).
+            cadence: The cadence it is refreshed on (the defs.yaml's `cadence:`, else its header's `-- Cadence:`).
 
         Returns:
             dg.AssetSpec: What Dagster shows and schedules; `assets.view_asset` adds the refresh and its checks.
