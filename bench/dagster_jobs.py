@@ -1,18 +1,28 @@
 """Job runs submitted through the webserver and launched as the daemon launches them: the variants, each
-run paired with the same run with nothing to refresh, and the Dagster processes' memory."""
+run paired with the same run with nothing to refresh, and the Dagster processes' memory.
+
+Each variant is a code location (bench/variants.py, or the project's own definitions) in a workspace.yaml
+written for the session, so that a run's executor is the one its definitions fix, not a run-config choice.
+"""
 
 import os
 import socket
 import statistics
 import subprocess
+import sys
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import psycopg
+import yaml
 
+from analytics_views.orchestration.dagster_storage import check_storage
+from analytics_views.operations.services import ensure_port_free, stop_processes, wait_for_webserver
+from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.database import libpq_url
 from analytics_views.postgres.refresh import SKIPPED
 from analytics_views.sql_files.views import load_views
@@ -31,16 +41,24 @@ def free_port() -> int:
 
 
 class MemorySampler:
-    """Peak of the summed RSS of the Dagster processes (and all their children), sampled every 50 ms."""
+    """Peak of the summed RSS of the Dagster processes (and all their children), sampled every 50 ms: over the
+    whole session (`peak`), and while each label was set (the variant whose runs were going on): of all of them
+    (`peaks`) and of the processes started after `idle()` (`run_peaks`: run workers, step processes,
+    forkservers), which the code servers of other variants' locations do not blur."""
 
     def __init__(self, processes: list[subprocess.Popen]):
         self.roots = [psutil.Process(p.pid) for p in processes]
         self.peak = 0
+        self.label: str | None = None
+        self.peaks: dict[str, int] = {}
+        self.run_peaks: dict[str, int] = {}
+        self._idle_pids: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def current(self) -> int:
-        total = 0
+    def sizes(self) -> dict[int, int]:
+        """RSS of each process of the trees, by pid."""
+        rss = {}
         for root in self.roots:
             try:
                 members = [root, *root.children(recursive=True)]
@@ -48,14 +66,29 @@ class MemorySampler:
                 continue
             for member in members:
                 try:
-                    total += member.memory_info().rss
+                    rss[member.pid] = member.memory_info().rss
                 except psutil.NoSuchProcess:
                     pass
-        return total
+        return rss
+
+    def current(self) -> int:
+        return sum(self.sizes().values())
+
+    def idle(self) -> int:
+        """The sum now, before any run; the processes alive now are not counted in `run_peaks`."""
+        sizes = self.sizes()
+        self._idle_pids = set(sizes)
+        return sum(sizes.values())
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            label, sizes = self.label, self.sizes()
+            total = sum(sizes.values())
+            self.peak = max(self.peak, total)
+            if label is not None:
+                self.peaks[label] = max(self.peaks.get(label, 0), total)
+                runs = sum(rss for pid, rss in sizes.items() if pid not in self._idle_pids)
+                self.run_peaks[label] = max(self.run_peaks.get(label, 0), runs)
             self._stop.wait(0.05)
 
     def __enter__(self) -> "MemorySampler":
@@ -83,16 +116,93 @@ def dagster_home(path: Path, tuned: bool) -> Path:
     return path
 
 
-def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler, force: bool = True) -> dict:
-    """Submit a run through the webserver and time it to SUCCESS. force: refresh every view (else a view whose
-    sources did not change since its last refresh skips, which leaves the run's own cost)."""
+# The code locations the variants run in: name -> (module, attribute, how its jobs run their steps).
+LOCATIONS = {
+    "in_process": ("bench.variants", "in_process_defs", "in_process"),
+    "multiprocess_spawn": ("bench.variants", "multiprocess_spawn_defs", "multiprocess (spawn, at most one per core)"),
+    "multiprocess_forkserver": (
+        "bench.variants",
+        "multiprocess_forkserver_defs",
+        "multiprocess (forkserver preloading bench.variants, max_concurrent 8)",
+    ),
+    "multi_asset": ("bench.variants", "multi_asset_defs", "in_process, one multi_asset step per cadence, 4 connections"),
+    # Whatever executor the project's own definitions fix (project_executor names it).
+    "project": ("analytics_views.definitions", "defs", None),
+}
+
+
+def write_workspace(path: Path, locations: list[str]) -> Path:
+    """A workspace.yaml loading each location from its module (bench/ is found from the project's root)."""
+    load_from = [
+        {
+            "python_module": {
+                "module_name": LOCATIONS[location][0],
+                "attribute": LOCATIONS[location][1],
+                "location_name": location,
+                "working_directory": str(PROJECT_ROOT),
+            }
+        }
+        for location in locations
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"load_from": load_from}, sort_keys=False))
+    return path
+
+
+@contextmanager
+def bench_services(
+    *, env: dict[str, str], port: int, log_dir: Path, workspace: Path, host: str = "127.0.0.1"
+) -> Iterator[list[subprocess.Popen]]:
+    """dagster-webserver and dagster-daemon on the benchmark's workspace.yaml, stopped with all their children
+    when the block ends: analytics_views.operations.services.dagster_services, which always loads the
+    project's own workspace.yaml."""
+    ensure_port_free(host, port)
+    check_storage(env["DAGSTER_HOME"], env)
+    binaries = Path(sys.executable).parent
+    commands = {
+        "webserver": [str(binaries / "dagster-webserver"), "-h", host, "-p", str(port), "-w", str(workspace)],
+        "daemon": [str(binaries / "dagster-daemon"), "run", "-w", str(workspace)],
+    }
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes: list[subprocess.Popen] = []
+    with ExitStack() as logs:
+        try:
+            for name, command in commands.items():
+                output = logs.enter_context(open(log_dir / f"{name}.log", "ab"))
+                processes.append(
+                    subprocess.Popen(
+                        command,
+                        env=env,
+                        cwd=PROJECT_ROOT,
+                        stdin=subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # stopped through stop_processes, children included
+                    )
+                )
+            wait_for_webserver(host, port, processes)
+            yield processes
+        finally:
+            stop_processes(processes)
+
+
+# The name of the repository a Definitions object becomes (Dagster's, not exported).
+DEFINITIONS_REPOSITORY = "__repository__"
+
+
+def run_job(client, location: str, job: str, force: bool = True) -> dict:
+    """Submit a run of the location's job through the webserver and time it to SUCCESS. force: refresh every
+    view (else a view whose sources did not change since its last refresh skips, which leaves the run's own
+    cost)."""
     import dagster as dg
 
-    from analytics_views.orchestration.jobs import executor_config
-
-    run_config = {**(run_config or executor_config()), **(FORCE_REFRESH if force else {})}
     started = time.perf_counter()
-    run_id = client.submit_job_execution(job, repository_location_name="analytics_views", run_config=run_config)
+    run_id = client.submit_job_execution(
+        job,
+        repository_location_name=location,
+        repository_name=DEFINITIONS_REPOSITORY,  # every location has jobs of the same names
+        run_config=FORCE_REFRESH if force else None,
+    )
     while (status := client.get_run_status(run_id)) not in (
         dg.DagsterRunStatus.SUCCESS,
         dg.DagsterRunStatus.FAILURE,
@@ -101,7 +211,7 @@ def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler, f
         time.sleep(0.05)
     wall = time.perf_counter() - started
     if status != dg.DagsterRunStatus.SUCCESS:
-        raise RuntimeError(f"{job} run {run_id} ended {status}")
+        raise RuntimeError(f"{job} run {run_id} in {location} ended {status}")
     with dg.DagsterInstance.get() as instance:
         records = instance.get_records_for_run(run_id).records
         run = instance.get_run_record_by_id(run_id)
@@ -124,33 +234,28 @@ def run_job(client, job: str, run_config: dict | None, sampler: MemorySampler, f
     }
 
 
-EXECUTORS = {
-    # Dagster's default: a new Python process per step, started with spawn, at most one per local core.
-    "multiprocess (spawn)": {"execution": {"config": {"multiprocess": {"start_method": {"spawn": {}}}}}},
-    # Dagster's in_process: the run's own process, steps one after another.
-    "in process (one after another)": "in_process",
-    # What the jobs run with (executor.py): steps in threads of the run's own process.
-    "threads (jobs' default)": "threads",
-}
+# Variants whose steps each start a Python process take several times longer: they get at most this many pairs.
+SPAWN_PAIRS = 3
 VARIANTS = [
-    # (label, tuned dagster.yaml, executor)
-    ("Dagster defaults (queue polled every 5 s, spawned step processes)", False, "multiprocess (spawn)"),
-    ("project settings, steps one after another in process", True, "in process (one after another)"),
-    ("project settings (runs start at once, steps in threads)", True, "threads (jobs' default)"),
+    # (label, tuned dagster.yaml, code location, most pairs)
+    ("Dagster defaults (queue polled every 5 s, spawned step processes)", False, "multiprocess_spawn", SPAWN_PAIRS),
+    ("project settings, multiprocess spawn (Dagster's default executor)", True, "multiprocess_spawn", SPAWN_PAIRS),
+    ("project settings, in_process (steps one after another)", True, "in_process", None),
+    ("project settings, multiprocess forkserver (preloaded, at most 8 at once)", True, "multiprocess_forkserver", None),
+    ("project settings, one multi_asset per cadence (a pool of connections in one step)", True, "multi_asset", None),
+    ("project settings, the project's definitions", True, "project", None),
 ]
 
 
-def executor_run_config(executor: str) -> dict:
-    from analytics_views.orchestration.jobs import executor_config
+def project_executor() -> str:
+    """The executor the project's own jobs run with (a label; the project fixes it, the benchmark does not)."""
+    from analytics_views.definitions import defs
 
-    config = EXECUTORS[executor]
-    return executor_config(config) if isinstance(config, str) else config
+    return defs.resolve_job_def("daily_refresh_job").executor_def.name
 
 
 def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dict:
     from dagster_graphql import DagsterGraphQLClient
-
-    from analytics_views.operations.services import dagster_services
 
     jobs = {cadence: [v.name for v in load_views() if v.cadence == cadence] for cadence in ("daily", "weekly")}
     results: dict = {"old_way": {}, "variants": {}}
@@ -163,52 +268,74 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
 
         results["old_way"][f"{cadence}_refresh_job"] = round(median_time(old_way, repeats), 3)
 
+    executors = {location: executor for location, (_, _, executor) in LOCATIONS.items()}
+    executors["project"] = project_executor()
     for tuned in (False, True):
+        session = [
+            (label + (f" (executor {executors['project']})" if location == "project" else ""), location, most_pairs)
+            for label, variant_tuned, location, most_pairs in VARIANTS
+            if variant_tuned == tuned
+        ]
+        locations = list(dict.fromkeys(location for _, location, _ in session))
+        name = "tuned" if tuned else "default"
         with bench_database(server_url, "dagster") as dagster_url, ExitStack() as stack:
-            home = dagster_home(work_dir / f"dagster_home_{'tuned' if tuned else 'default'}", tuned)
+            home = dagster_home(work_dir / f"dagster_home_{name}", tuned)
+            workspace = write_workspace(work_dir / f"workspace_{name}" / "workspace.yaml", locations)
             env = {
                 **os.environ,
                 "DATABASE_URL": url,
                 "DAGSTER_POSTGRES_URL": libpq_url(dagster_url),
                 "DAGSTER_HOME": str(home),
+                # Code servers, run workers and step processes import bench.variants from the project's root.
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
             }
             previous = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "DAGSTER_POSTGRES_URL")}
             os.environ.update({k: env[k] for k in previous})
             stack.callback(lambda: [os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
                                     for k, v in previous.items()])
             port = free_port()
-            log(f"starting dagster-webserver and dagster-daemon ({'project' if tuned else 'default'} settings)")
-            processes = stack.enter_context(dagster_services(env=env, port=port, log_dir=work_dir / "logs"))
+            log(
+                f"starting dagster-webserver and dagster-daemon ({'project' if tuned else 'default'} settings;"
+                f" code locations {', '.join(locations)})"
+            )
+            processes = stack.enter_context(
+                bench_services(env=env, port=port, log_dir=work_dir / f"logs_{name}", workspace=workspace)
+            )
             client = DagsterGraphQLClient("127.0.0.1", port_number=port)
             time.sleep(3)  # let the daemon start its loops
             sampler = stack.enter_context(MemorySampler(processes))
-            idle = sampler.current()
-            variants = [(label, executor) for label, variant_tuned, executor in VARIANTS if variant_tuned == tuned]
-            run_job(client, "weekly_refresh_job", None, sampler)  # warm up: code server, first imports
+            idle = sampler.idle()
+            for label, location, _ in session:  # warm up: each code location's first run and imports
+                sampler.label = label
+                run_job(client, location, "weekly_refresh_job")
             runs: dict = {}
             skipped: dict = {}
             # Variants interleaved, so that other load on the machine hits them alike. Each run is paired with
             # the same run with nothing to refresh (every view skips: sources unchanged), whose wall time is the
             # run's launch cost, what Dagster costs around the refreshes. The two runs of a pair go in turns
-            # (refresh first, then skip first), so that neither always follows the other. Runs under Dagster's
-            # defaults take several times longer: they get at most 3 pairs.
+            # (refresh first, then skip first), so that neither always follows the other.
             for repeat in range(repeats):
-                for label, executor in variants:
-                    if not tuned and repeat >= min(repeats, 3):
+                for label, location, most_pairs in session:
+                    if most_pairs is not None and repeat >= most_pairs:
                         continue
+                    sampler.label = label
                     for cadence in jobs:
                         job = f"{cadence}_refresh_job"
-                        config = executor_run_config(executor)
                         pair = {}
                         for force in (True, False) if repeat % 2 == 0 else (False, True):
-                            pair[force] = run_job(client, job, config, sampler, force=force)
+                            pair[force] = run_job(client, location, job, force=force)
                         if set(pair[False]["modes"].values()) != {SKIPPED}:
                             raise RuntimeError(f"{job} refreshed views with unchanged sources: {pair[False]['modes']}")
                         runs.setdefault((label, job), []).append(pair[True])
                         skipped.setdefault((label, job), []).append(pair[False])
                         log(f"{label}: {job} {pair[True]['wall_s']} s, nothing to refresh {pair[False]['wall_s']} s")
+            sampler.label = None
+            locations_of = {label: location for label, location, _ in session}
             for (label, job), job_runs in runs.items():
-                variant = results["variants"].setdefault(label, {"executor": dict(variants)[label], "jobs": {}})
+                variant = results["variants"].setdefault(
+                    label,
+                    {"executor": executors[locations_of[label]], "code_location": locations_of[label], "jobs": {}},
+                )
                 summary = {
                     key: round(statistics.median(r[key] for r in job_runs), 3)
                     for key in ("wall_s", "slowest_view_s", "sum_of_views_s", "submit_to_worker_start_s", "worker_s")
@@ -227,8 +354,13 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
                     "runs": job_runs,
                     "runs_with_nothing_to_refresh": skipped[label, job],
                 }
-            results.setdefault("memory_mb", {})["project settings" if tuned else "Dagster defaults"] = {
-                "idle": round(idle / 2**20),
-                "peak": round(sampler.peak / 2**20),
-            }
+            # Idle: the session's webserver, daemon and their code servers (each starts one per location) before
+            # any run; peak: the largest sum while the variant's runs (its warm-up included) were going on, code
+            # servers and all; runs: of that, the processes the runs started (run worker, step processes).
+            for label, _, _ in session:
+                results.setdefault("memory_mb", {})[label] = {
+                    "idle": round(idle / 2**20),
+                    "peak": round(sampler.peaks.get(label, 0) / 2**20),
+                    "runs_peak": round(sampler.run_peaks.get(label, 0) / 2**20),
+                }
     return results

@@ -11,6 +11,14 @@ def report(results: dict) -> str:
     lines = [
         f"size {results['size']}: {results['counts']}; PostgreSQL {results['server']['server_version']}, "
         f"{results['machine']['cpus']} cores, load average {results['machine'].get('load_average', '?')} at the start",
+    ]
+    if "views" in results:  # not with --jobs-only
+        lines += view_report(results)
+    return "\n".join(lines + job_report(results))
+
+
+def view_report(results: dict) -> list[str]:
+    lines = [
         "",
         "view                   rows     query  window  plain  concur  swap   asset  | x window: plain concur swap asset"
         " | readers p99/max ms: plain, concurrent, swap | 2x history plain",
@@ -52,6 +60,11 @@ def report(results: dict) -> str:
         )
     if len(skipped_lines) > 2:
         lines += skipped_lines
+    return lines
+
+
+def job_report(results: dict) -> list[str]:
+    lines = []
     jobs = results.get("jobs")
     if jobs:
         lines += ["", "job wall times (submit -> SUCCESS, median):"]
@@ -67,11 +80,17 @@ def report(results: dict) -> str:
                     f" queued {j['submit_to_worker_start_s']:.2f} s)"
                 )
         lines.append(f"  memory (sum of RSS of webserver, daemon and children, MB): {jobs['memory_mb']}")
-    return "\n".join(lines)
+    return lines
 
 
 def markdown(results: dict) -> str:
     """The figures as Markdown tables, for docs/benchmarks.md."""
+    out = view_tables(results) if "views" in results else []  # not with --jobs-only
+    jobs = job_tables(results)
+    return "\n".join(out + (jobs[1:] if jobs and not out else jobs))
+
+
+def view_tables(results: dict) -> list[str]:
     out = [
         "| view | rows | window read (floor) | query alone | plain REFRESH | CONCURRENTLY | build-and-swap "
         "| asset (mode) | x floor: plain / concurrent / swap / asset | readers p99 / max ms: none, plain, "
@@ -109,6 +128,11 @@ def markdown(results: dict) -> str:
         f"| {a['overhead_s']:+.3f} s | {a['allowed_overhead_s']:.3f} s |"
         for name, a in results["assets"].items()
     ]
+    return out
+
+
+def job_tables(results: dict) -> list[str]:
+    out = []
     jobs = results.get("jobs")
     if jobs:
         out += [
@@ -127,9 +151,21 @@ def markdown(results: dict) -> str:
                     f"| {j['beyond_launch_s']:.2f} s | {j['slowest_view_s']:.2f} s | {j['over_target_s']:+.2f} s "
                     f"| {j['sum_of_views_s']:.2f} s | {j['submit_to_worker_start_s']:.2f} s |"
                 )
-        out += ["", "| Dagster processes (sum of RSS, MB) | idle | peak during runs |", "|---|---:|---:|"]
-        out += [f"| {label} | {m['idle']} | {m['peak']} |" for label, m in jobs["memory_mb"].items()]
-    return "\n".join(out)
+        if any("runs_peak" in m for m in jobs["memory_mb"].values()):
+            out += [
+                "",
+                "| Dagster processes (sum of RSS, MB) | idle (webserver, daemon, their code servers) | peak during "
+                "the variant's runs | of which the runs' own processes (run worker, step processes), peak |",
+                "|---|---:|---:|---:|",
+            ]
+            out += [
+                f"| {label} | {m['idle']} | {m['peak']} | {m.get('runs_peak', '')} |"
+                for label, m in jobs["memory_mb"].items()
+            ]
+        else:
+            out += ["", "| Dagster processes (sum of RSS, MB) | idle | peak during runs |", "|---|---:|---:|"]
+            out += [f"| {label} | {m['idle']} | {m['peak']} |" for label, m in jobs["memory_mb"].items()]
+    return out
 
 
 def chart(results: dict, path: Path) -> None:
@@ -138,6 +174,11 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "views" not in results:  # --jobs-only: the jobs' panel alone
+        fig, right = plt.subplots(figsize=(9, 6))
+        job_chart(results, right)
+        finish_chart(fig, results, path)
+        return
     names = list(results["views"])
     kinds = [("window_read", "window read (floor)"), ("query", "query alone"), ("plain", "REFRESH"),
              ("concurrent", "REFRESH CONCURRENTLY"), ("swap", "build-and-swap"), ("asset", "asset (auto)")]
@@ -153,6 +194,11 @@ def chart(results: dict, path: Path) -> None:
     left.set_ylabel("seconds (median)")
     left.set_title(f"Refresh of each view, {results['size']} size")
     left.legend(fontsize=8)
+    job_chart(results, right)
+    finish_chart(fig, results, path)
+
+
+def job_chart(results: dict, right) -> None:
     jobs = results.get("jobs")
     if jobs:
         labels, walls = [], []
@@ -168,6 +214,11 @@ def chart(results: dict, path: Path) -> None:
         right.invert_yaxis()
         right.set_xlabel("seconds, submit -> SUCCESS (median)")
         right.set_title("Job runs launched by the daemon")
+
+
+def finish_chart(fig, results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.suptitle(f"PostgreSQL {results['server']['server_version']}, {results['machine']['cpus']} cores",
                  fontsize=9)
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.run --size small        # a quick look (under a minute or two)
     .venv/bin/python -m bench.run --size reference    # 200k users, ~10M events, 730 days (15 to 40 min)
+    .venv/bin/python -m bench.run --size small --jobs-only   # the job table alone (seeds the data, then jobs)
 
 It creates its own databases (on an embedded PostgreSQL 18 it starts, or on --server), generates the
 demo data with the project's generator plus one large users x days view of its own
@@ -12,18 +13,21 @@ demo data with the project's generator plus one large users x days view of its o
   materialization in process (strategy `auto`, as the jobs run it);
 - readers' latency (median, p99, max) of a query on the view while each kind of refresh runs;
 - plain refreshes on two fresh copies of the database, one with twice the history before every window, by turns;
-and for each job, the wall time of a run submitted through the webserver and launched by the daemon
-(Dagster's default settings against the project's), against the old service's way (one connection,
-views refreshed one after another), and the peak memory of the Dagster processes.
+and for each job, the wall time of a run submitted through the webserver and launched by the daemon, under
+Dagster's default settings and the project's dagster.yaml, for each way of running its steps (the variants:
+code locations from bench/variants.py, and the project's own definitions), against the old service's way (one
+connection, views refreshed one after another), and the peak memory of the Dagster processes.
 
-It prints a table, writes bench/results/<size>.json (.txt, .md) and docs/benchmark-<size>.png, drops its databases
-and stops every server and process it started.
+It prints a table, writes bench/results/<size>.json (.txt, .md) and docs/benchmark-<size>.png (with --jobs-only,
+bench/results/<size>.jobs.json, .txt, .md and .png instead), drops its databases and stops every server and
+process it started.
 
 Layout, by layer (each imports only the ones above it):
 - timing.py: log lines, timed actions, robust medians;
 - postgres_measures.py: the databases, floors, refreshes, readers and doubling (PostgreSQL only, no Dagster);
 - dagster_assets.py: each view's asset materialized in process (overhead, skips);
 - dagster_jobs.py: job runs through the webserver and daemon, their variants, the memory sampler;
+- variants.py: the variants' definitions, each loaded as a code location by the services dagster_jobs starts;
 - report.py: the printed table, the Markdown tables and the chart;
 - run.py (this file): the command line and the order of the run.
 """
@@ -78,10 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-jobs", action="store_true", help="do not start Dagster's services")
     parser.add_argument("--skip-doubling", action="store_true", help="do not measure twice the history")
     parser.add_argument("--job-repeats", type=int, help="runs per job and variant (default: by size)")
+    parser.add_argument(
+        "--jobs-only",
+        action="store_true",
+        help="seed the data, then only the job runs (no per-view refreshes, skips or doubling); "
+        "results in bench/results/<size>.jobs.*",
+    )
     args = parser.parse_args(argv)
+    if args.jobs_only and args.skip_jobs:
+        parser.error("--jobs-only and --skip-jobs leave nothing to measure")
+    name = f"{args.size}.jobs" if args.jobs_only else args.size
     size = SIZES[args.size]
     results: dict = {
         "size": args.size,
+        **({"jobs_only": True} if args.jobs_only else {}),
         "parameters": size,
         "machine": {
             "cpus": os.cpu_count(),
@@ -109,20 +123,21 @@ def main(argv: list[str] | None = None) -> int:
                 for view in views:
                     conn.execute(refresh_sql(view.name))
                 conn.execute("VACUUM ANALYZE")
-                results["views"] = {}
-                for view in views:
-                    log(f"measuring {view.name}")
-                    results["views"][view.name] = measure_refreshes(url, conn, view, size["repeats"])
-                    results["views"][view.name]["rows"] = conn.execute(
-                        sql.SQL("SELECT count(*) FROM {}").format(ident(view.name))
-                    ).fetchone()[0]
-                log("materializing each view's asset in process")
-                results["assets"] = measure_assets(url, views, size["repeats"])
-                log("materializing each view's asset with its sources unchanged, then after a source write")
-                results["skips"] = measure_skips(url, views)
+                if not args.jobs_only:
+                    results["views"] = {}
+                    for view in views:
+                        log(f"measuring {view.name}")
+                        results["views"][view.name] = measure_refreshes(url, conn, view, size["repeats"])
+                        results["views"][view.name]["rows"] = conn.execute(
+                            sql.SQL("SELECT count(*) FROM {}").format(ident(view.name))
+                        ).fetchone()[0]
+                    log("materializing each view's asset in process")
+                    results["assets"] = measure_assets(url, views, size["repeats"])
+                    log("materializing each view's asset with its sources unchanged, then after a source write")
+                    results["skips"] = measure_skips(url, views)
                 if not args.skip_jobs:
                     results["jobs"] = measure_jobs(url, server_url, work_dir, args.job_repeats or size["job_repeats"])
-            if not args.skip_doubling:  # the database is idle now, as copying it requires
+            if not args.skip_doubling and not args.jobs_only:  # the database is idle now, as copying it requires
                 log("copying the database, doubling the history before every window in the copy")
                 results["counts_doubled"], results["doubled_history"] = measure_doubling(
                     server_url, url, views, size["days"]
@@ -131,12 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results)
     print(text)
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"{args.size}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (RESULTS_DIR / f"{args.size}.txt").write_text(text + "\n")
-    (RESULTS_DIR / f"{args.size}.md").write_text(markdown(results) + "\n")
-    DOCS_DIR.mkdir(exist_ok=True)
-    chart(results, DOCS_DIR / f"benchmark-{args.size}.png")
-    log(f"wrote bench/results/{args.size}.{{json,txt,md}} and docs/benchmark-{args.size}.png")
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS_DIR / f"{name}.txt").write_text(text + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(markdown(results) + "\n")
+    if args.jobs_only:  # beside its figures: docs/ holds the full runs' charts
+        chart(results, RESULTS_DIR / f"{name}.png")
+        log(f"wrote bench/results/{name}.{{json,txt,md,png}}")
+    else:
+        DOCS_DIR.mkdir(exist_ok=True)
+        chart(results, DOCS_DIR / f"benchmark-{name}.png")
+        log(f"wrote bench/results/{name}.{{json,txt,md}} and docs/benchmark-{name}.png")
     return 0
 
 
