@@ -40,11 +40,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def is_code_server(process: psutil.Process) -> bool:
+    """A code server the webserver or the daemon started (`dagster api grpc` or `dagster code-server start`)."""
+    command = " ".join(process.cmdline())
+    return " api grpc" in command or " code-server start" in command
+
+
 class MemorySampler:
     """Peak of the summed RSS of the Dagster processes (and all their children), sampled every 50 ms: over the
     whole session (`peak`), and while each label was set (the variant whose runs were going on): of all of them
-    (`peaks`) and of the processes started after `idle()` (`run_peaks`: run workers, step processes,
-    forkservers), which the code servers of other variants' locations do not blur."""
+    (`peaks`) and of the code servers' children (`run_peaks`: run workers and their step processes or
+    forkserver), which other variants' code servers do not blur."""
 
     def __init__(self, processes: list[subprocess.Popen]):
         self.roots = [psutil.Process(p.pid) for p in processes]
@@ -52,42 +58,57 @@ class MemorySampler:
         self.label: str | None = None
         self.peaks: dict[str, int] = {}
         self.run_peaks: dict[str, int] = {}
-        self._idle_pids: set[int] = set()
+        self._code_servers: dict[tuple[int, float], bool] = {}  # by (pid, start time)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def sizes(self) -> dict[int, int]:
-        """RSS of each process of the trees, by pid."""
-        rss = {}
+    def _members(self) -> list[psutil.Process]:
+        members = []
         for root in self.roots:
             try:
-                members = [root, *root.children(recursive=True)]
+                members += [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
-            for member in members:
-                try:
-                    rss[member.pid] = member.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-        return rss
+        return members
+
+    def code_servers(self) -> list[psutil.Process]:
+        servers = []
+        for member in self._members():
+            try:
+                key = (member.pid, member.create_time())
+                if key not in self._code_servers:
+                    self._code_servers[key] = is_code_server(member)
+            except psutil.Error:
+                continue
+            if self._code_servers[key]:
+                servers.append(member)
+        return servers
+
+    def sizes(self) -> tuple[int, int]:
+        """RSS of all the processes, and of the code servers' descendants (the runs' processes)."""
+        rss: dict[int, int] = {}
+        for member in self._members():
+            try:
+                rss[member.pid] = member.memory_info().rss
+            except psutil.Error:
+                pass
+        runs: set[int] = set()
+        for server in self.code_servers():
+            try:
+                runs.update(child.pid for child in server.children(recursive=True))
+            except psutil.Error:
+                pass
+        return sum(rss.values()), sum(rss.get(pid, 0) for pid in runs)
 
     def current(self) -> int:
-        return sum(self.sizes().values())
-
-    def idle(self) -> int:
-        """The sum now, before any run; the processes alive now are not counted in `run_peaks`."""
-        sizes = self.sizes()
-        self._idle_pids = set(sizes)
-        return sum(sizes.values())
+        return self.sizes()[0]
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            label, sizes = self.label, self.sizes()
-            total = sum(sizes.values())
+            label, (total, runs) = self.label, self.sizes()
             self.peak = max(self.peak, total)
             if label is not None:
                 self.peaks[label] = max(self.peaks.get(label, 0), total)
-                runs = sum(rss for pid, rss in sizes.items() if pid not in self._idle_pids)
                 self.run_peaks[label] = max(self.run_peaks.get(label, 0), runs)
             self._stop.wait(0.05)
 
@@ -304,7 +325,12 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
             client = DagsterGraphQLClient("127.0.0.1", port_number=port)
             time.sleep(3)  # let the daemon start its loops
             sampler = stack.enter_context(MemorySampler(processes))
-            idle = sampler.idle()
+            # Idle once the webserver and the daemon have each started a code server per location.
+            deadline = time.monotonic() + 120
+            while len(sampler.code_servers()) < 2 * len(locations) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            idle = sampler.current()
+            log(f"idle: {len(sampler.code_servers())} code servers, {idle / 2**20:.0f} MB in all")
             for label, location, _ in session:  # warm up: each code location's first run and imports
                 sampler.label = label
                 run_job(client, location, "weekly_refresh_job")
@@ -356,7 +382,7 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
                 }
             # Idle: the session's webserver, daemon and their code servers (each starts one per location) before
             # any run; peak: the largest sum while the variant's runs (its warm-up included) were going on, code
-            # servers and all; runs: of that, the processes the runs started (run worker, step processes).
+            # servers and all; runs: of that, the code servers' children (run worker, its step processes).
             for label, _, _ in session:
                 results.setdefault("memory_mb", {})[label] = {
                     "idle": round(idle / 2**20),
