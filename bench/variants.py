@@ -18,6 +18,7 @@ selections and tags (`analytics_views.orchestration.jobs`), without the executor
 """
 
 import queue
+import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
@@ -211,16 +212,19 @@ def refresh_in_dependency_order(
     with ExitStack() as stack:
         workers = min(POOL_SIZE, len(by_key))
         connections: queue.SimpleQueue = queue.SimpleQueue()
-        in_use: list[psycopg.Connection] = []
+        opened: list[psycopg.Connection] = []
+        stopping = threading.Event()
         for _ in range(workers):  # one connection per worker thread: a task takes one, and gives it back
             try:
                 conn = stack.enter_context(analytics_db.connection(f"analytics-views bench run {context.run.run_id[:8]}"))
             except AnalyticsViewsError as error:
                 raise dg.Failure(str(error)) from error
             connections.put(conn)
-            in_use.append(conn)
+            opened.append(conn)
 
         def task(view: ViewDefinition) -> tuple[RefreshOutcome, list]:
+            if stopping.is_set():
+                raise dg.Failure(f"{view.label}: not refreshed, the run is stopping")
             conn = connections.get()
             try:
                 return refresh_one(conn, view, analytics_db, last_metadata[view_key(view)], tests[view_key(view)], checks)
@@ -249,8 +253,10 @@ def refresh_in_dependency_order(
                     yield from events
                     finished.add(key)
                     order.done(key)
-        except BaseException:  # the run was terminated (or the step broke): stop the queries still running
-            for conn in in_use:
+        except BaseException:  # the run was terminated (or the step broke): start nothing more, cancel the queries
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for conn in opened:
                 conn.cancel_safe(timeout=5)
             raise
     if failed:
