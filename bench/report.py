@@ -175,9 +175,9 @@ def chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     if "views" not in results:  # --jobs-only: the jobs' panel alone
-        fig, right = plt.subplots(figsize=(9, 6))
+        fig, right = plt.subplots(figsize=(12, 6))
         job_chart(results, right)
-        finish_chart(fig, results, path)
+        finish_chart(fig, results, path, whole_labels=True)
         return
     names = list(results["views"])
     kinds = [("window_read", "window read (floor)"), ("query", "query alone"), ("plain", "REFRESH"),
@@ -216,11 +216,12 @@ def job_chart(results: dict, right) -> None:
         right.set_title("Job runs launched by the daemon")
 
 
-def finish_chart(fig, results: dict, path: Path) -> None:
+def finish_chart(fig, results: dict, path: Path, whole_labels: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     fig.suptitle(f"PostgreSQL {results['server']['server_version']}, {results['machine']['cpus']} cores",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # whole_labels: the jobs' long labels alone on the left, which tight_layout cuts.
+    fig.savefig(path, dpi=110, bbox_inches="tight" if whole_labels else None)
     plt.close(fig)
