@@ -6,6 +6,7 @@ from contextlib import ExitStack
 
 import psycopg
 
+from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.sql_files.views import ViewDefinition
 from bench.postgres_measures import refresh_sql
 from bench.timing import enough, timed
@@ -27,7 +28,7 @@ def materialize_asset(url: str, view: ViewDefinition, instance=None) -> tuple[fl
         wall = time.perf_counter() - started
     [event] = result.asset_materializations_for_node(view.name)
     metadata = {key: value.value for key, value in event.metadata.items()}
-    return wall, {"mode": metadata["refresh_mode"], "refresh_s": metadata["refresh_duration_s"]}
+    return wall, {"mode": metadata[keys.REFRESH_MODE], "refresh_s": metadata[keys.REFRESH_DURATION_S]}
 
 
 def measure_assets(url: str, views: list[ViewDefinition], repeats: int) -> dict:

@@ -20,6 +20,7 @@ import psutil
 import psycopg
 import yaml
 
+from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration.dagster_storage import check_storage
 from analytics_views.operations.services import ensure_port_free, stop_processes, wait_for_webserver
 from analytics_views.paths import PROJECT_ROOT
@@ -241,8 +242,8 @@ def run_job(client, location: str, job: str, force: bool = True) -> dict:
         for record in records
         if (event := record.event_log_entry.dagster_event) and event.is_step_materialization
     ]
-    refreshes = {m.asset_key.to_user_string(): m.metadata["refresh_duration_s"].value for m in materializations}
-    modes = {m.asset_key.to_user_string(): m.metadata["refresh_mode"].value for m in materializations}
+    refreshes = {m.asset_key.to_user_string(): m.metadata[keys.REFRESH_DURATION_S].value for m in materializations}
+    modes = {m.asset_key.to_user_string(): m.metadata[keys.REFRESH_MODE].value for m in materializations}
     return {
         "wall_s": round(wall, 3),
         "slowest_view_s": round(max(refreshes.values()), 3),

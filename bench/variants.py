@@ -29,22 +29,15 @@ import psycopg
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration import view_checks
-from analytics_views.orchestration.assets import (
-    MATCHES_DISCOVERY_CHECK,
-    OWNERS,
-    UNIQUE_INDEX_CHECK,
-    VIEWS_GROUP,
-    as_markdown,
-    build_assets,
-    table_schema,
-    unique_index_fix,
-)
+from analytics_views.orchestration import metadata_keys as keys
+from analytics_views.orchestration.assets import MATCHES_DISCOVERY_CHECK, UNIQUE_INDEX_CHECK, build_assets, unique_index_fix
+from analytics_views.orchestration.translator import ViewTranslator, table_schema
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.postgres import database
 from analytics_views.postgres.refresh import SKIPPED, RefreshOutcome, refresh_view
 from analytics_views.sql_files.data_tests import DataTest
 from analytics_views.sql_files.discovery import current_fingerprint, managed_views
-from analytics_views.sql_files.managed import Cadence, ManagedConfig, load_config
+from analytics_views.sql_files.managed import Cadence, ManagedConfig
 from analytics_views.sql_files.views import ViewDefinition
 
 # Connections (and threads) of a multi_asset's step: our daily job has three views, and each refresh is
@@ -83,16 +76,8 @@ def cadence_jobs(by_cadence: dict[Cadence, list[ViewDefinition]]) -> list:
 
 
 def view_spec(view: ViewDefinition, cadence: Cadence) -> dg.AssetSpec:
-    """The view's asset as the project declares it (key, deps, group, kinds, owners, cadence tag)."""
-    return dg.AssetSpec(
-        key=view_key(view),
-        deps=[dg.AssetKey.from_user_string(dep) for dep in view.deps],
-        description=as_markdown(view.description),
-        group_name=VIEWS_GROUP,
-        kinds={"postgres"},
-        owners=OWNERS,
-        tags={"cadence": cadence.name},
-    )
+    """The view's asset as the project declares it (the translator's spec)."""
+    return ViewTranslator().get_asset_spec(view, cadence)
 
 
 def view_check_specs(view: ViewDefinition, tests: tuple[DataTest, ...]) -> list[dg.AssetCheckSpec]:
@@ -147,12 +132,12 @@ def refresh_one(
                 check_name=UNIQUE_INDEX_CHECK,
                 passed=state.unique_index is not None,
                 severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"index": state.unique_index or "none"},
+                metadata={keys.INDEX: state.unique_index or "none"},
             )
         )
     if state.unique_index is None:
         raise dg.Failure(f"{view.label} has no usable unique index: {unique_index_fix(view)}", allow_retries=False)
-    last_fingerprint = last_metadata.get("sources_fingerprint")
+    last_fingerprint = last_metadata.get(keys.SOURCES_FINGERPRINT)
     outcome = refresh_view(
         conn,
         view.name,
@@ -167,18 +152,18 @@ def refresh_one(
         dg.MaterializeResult(
             asset_key=key,
             metadata={
-                "dagster/row_count": last_metadata["dagster/row_count"].value
+                keys.ROW_COUNT: last_metadata[keys.ROW_COUNT].value
                 if skipped
                 else database.row_count(conn, view.name, view.schema),
-                "sources_fingerprint": outcome.sources_fingerprint or "",
-                "size_bytes": state.size_bytes,
-                "size": state.size_pretty,
-                "refresh_duration_s": dg.MetadataValue.float(round(outcome.duration_s, 4)),
-                "refresh_mode": outcome.mode,
-                **({"refresh_note": outcome.note} if outcome.note else {}),
-                "refresh_timezone": analytics_db.timezone,
-                "dagster/table_name": database.qualified_name(conn, view.name, view.schema),
-                "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
+                keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
+                keys.SIZE_BYTES: state.size_bytes,
+                keys.SIZE: state.size_pretty,
+                keys.REFRESH_DURATION_S: dg.MetadataValue.float(round(outcome.duration_s, 4)),
+                keys.REFRESH_MODE: outcome.mode,
+                **({keys.REFRESH_NOTE: outcome.note} if outcome.note else {}),
+                keys.REFRESH_TIMEZONE: analytics_db.timezone,
+                keys.TABLE_NAME: database.qualified_name(conn, view.name, view.schema),
+                keys.COLUMN_SCHEMA: table_schema(database.columns(conn, view.name, view.schema)),
             },
         )
     )
@@ -294,7 +279,7 @@ def cadence_multi_asset(cadence: Cadence, views: list[ViewDefinition], config: M
 
 # --- the variants -------------------------------------------------------------------------------------
 
-CONFIG = load_config()
+CONFIG = ManagedConfig()
 BY_CADENCE = views_by_cadence(CONFIG)
 PROJECT_ASSETS = build_assets(CONFIG)
 SOURCE_SPECS = [asset for asset in PROJECT_ASSETS if isinstance(asset, dg.AssetSpec)]
