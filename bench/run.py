@@ -149,13 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS_DIR / f"{name}.txt").write_text(text + "\n")
     (RESULTS_DIR / f"{name}.md").write_text(markdown(results) + "\n")
-    if args.jobs_only:  # beside its figures: docs/ holds the full runs' charts
-        chart(results, RESULTS_DIR / f"{name}.png")
-        log(f"wrote bench/results/{name}.{{json,txt,md,png}}")
-    else:
-        DOCS_DIR.mkdir(exist_ok=True)
-        chart(results, DOCS_DIR / f"benchmark-{name}.png")
-        log(f"wrote bench/results/{name}.{{json,txt,md}} and docs/benchmark-{name}.png")
+    # Beside a jobs-only run's figures; docs/ holds the full runs' charts.
+    chart_path = RESULTS_DIR / f"{name}.png" if args.jobs_only else DOCS_DIR / f"benchmark-{name}.png"
+    try:
+        import matplotlib  # noqa: F401 - the bench extra
+    except ImportError:
+        log(f"wrote bench/results/{name}.{{json,txt,md}}; no chart: matplotlib is missing (pip install -e '.[bench]')")
+        return 0
+    chart_path.parent.mkdir(exist_ok=True)
+    chart(results, chart_path)
+    log(f"wrote bench/results/{name}.{{json,txt,md}} and {chart_path.relative_to(PROJECT_ROOT)}")
     return 0
 
 
