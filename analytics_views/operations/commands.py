@@ -144,9 +144,12 @@ def refresh(
             launches.append(runs.Launch(job.name, None if every else list(chosen), run_config))
             chosen_steps.append(chosen)
             pools.append({node.name: node.definition.pool for node in job.graph.nodes if node.name in chosen})
-        run_ids = runs.launch(launches, env)
-        submitted = [runs.Submitted(*run) for run in zip(run_ids, [launch.job for launch in launches], pools)]
-        chosen_views = dict(zip(run_ids, chosen_steps))
+        launched = runs.launch(launches, env)
+        submitted = [
+            runs.Submitted(run_id, launch.job, run_pools, group)
+            for (run_id, group), launch, run_pools in zip(launched, launches, pools)
+        ]
+        chosen_views = {run.run_id: steps for run, steps in zip(submitted, chosen_steps)}
         with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
             told: set = set()
             runs.wait(

@@ -11,6 +11,7 @@ freed at once), or a lock held by another session. SIGINT or SIGTERM terminate t
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
+import psutil
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import PROJECT_ROOT
@@ -49,6 +51,7 @@ class Submitted:
     run_id: str
     job: str
     pools: dict[str, str | None]  # step key -> pool
+    process_group: int  # of its `dagster job launch`, whose code server serves the run until it ends
     waiting_since: dict[str, float] = field(default_factory=dict)  # steps waiting for their pool slot
     blocked: dict[str, str] = field(default_factory=dict)  # steps not run, with the one-line reason
 
@@ -62,8 +65,9 @@ class Launch:
     run_config: dict
 
 
-def launch(launches: list[Launch], env: dict[str, str]) -> list[str]:
-    """Submits the runs through the code location, all at once; returns their run ids, in order."""
+def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]:
+    """Submits the runs through the code location, all at once; returns each run's id and the process group
+    of its launcher (stop_launched stops what is left of it once the run has ended), in order."""
     with ExitStack() as stack:
         started = []
         for request in launches:
@@ -100,7 +104,7 @@ def launch(launches: list[Launch], env: dict[str, str]) -> list[str]:
             if returncode != 0:
                 output.seek(0)
                 raise AnalyticsViewsError(f"could not launch {job}: {_last_error(output.read().decode(errors='replace'))}")
-        return [run_id for _, run_id, _, _ in started]
+        return [(run_id, process.pid) for _, run_id, process, _ in started]
 
 
 def _stop_launcher(process: subprocess.Popen) -> None:
@@ -137,6 +141,26 @@ def wait(instance: dg.DagsterInstance, runs: list[Submitted], *, wait_s: float, 
     except BaseException:
         terminate(instance, [run.run_id for run in runs])
         raise
+    finally:
+        stop_launched([run.process_group for run in runs])
+
+
+def stop_launched(process_groups: list[int], grace_s: float = 5.0) -> None:
+    """Stops what the launchers left once their runs have ended: the code server `dagster job launch` started
+    serves its run until the run ends, and was seen to outlive it (after a terminated run), deaf to SIGTERM."""
+    left = [p for p in psutil.process_iter(["pid"]) if _process_group(p.pid) in process_groups]
+    for process in left:
+        process.terminate()
+    _, alive = psutil.wait_procs(left, timeout=grace_s)
+    for process in alive:
+        process.kill()
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def _finished(instance: dg.DagsterInstance, run_id: str) -> bool:

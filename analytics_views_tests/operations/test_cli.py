@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 import psycopg
+import psutil
 import pytest
 
 from analytics_views.postgres.refresh import ADVISORY_LOCK_NAMESPACE
@@ -30,6 +31,19 @@ def run(*args: str, env: dict[str, str] | None = None, **overrides: str | None) 
         else:
             environment[name] = value
     return subprocess.run([COMMAND, *args], env=environment, capture_output=True, text=True, timeout=300)
+
+
+def left_behind(dagster_home: dict[str, str]) -> list[str]:
+    """Dagster processes still running for this instance: the code servers and run workers `refresh`
+    launched must end with its runs."""
+    left = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "dagster" in " ".join(process.info["cmdline"] or []) and process.environ().get("DAGSTER_HOME") == dagster_home["DAGSTER_HOME"]:
+                left.append(" ".join(process.info["cmdline"])[:120])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return left
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -96,6 +110,7 @@ def test_refresh_runs_through_dagster_and_is_recorded_in_the_instance(seeded_db,
         assert all(run.remote_job_origin.location_name == "analytics_views" for run in runs)
         assert all(run.tags[LAUNCHED_BY_TAG] == "analytics-views refresh" for run in runs)
         assert len(runs) == len({instance.get_run_by_id(r.run_id).job_name for r in runs})  # one run per cadence
+    assert left_behind(dagster_home) == []
 
 
 def test_refresh_without_a_persistent_instance_is_one_line_naming_the_fix(seeded_db, tmp_path):
@@ -260,6 +275,7 @@ def test_refresh_waits_at_most_the_stated_time_for_a_view_another_run_holds_nami
         f"daily_aggregations: FAILED (not refreshed: its pool refresh_daily_aggregations stayed held by run {holder} "
     )
     assert weekly.startswith("weekly_aggregations: refreshed (")  # not held up by it
+    assert left_behind(dagster_home) == []  # the terminated run's code server too
 
 
 def test_a_slot_left_to_a_run_that_ended_is_freed_and_the_view_refreshed(seeded_db, dagster_home, monkeypatch):
@@ -330,3 +346,4 @@ def test_a_signal_stops_a_blocked_refresh_at_once_and_cancels_its_run(seeded_db,
         latest = instance.get_runs(limit=1)[0]
         assert latest.status == dg.DagsterRunStatus.CANCELED
         assert instance.event_log_storage.get_concurrency_info("refresh_daily_aggregations").claimed_slots == []
+    assert left_behind(dagster_home) == []
