@@ -70,6 +70,10 @@ class _Stop(Exception):
 
 
 def _raise_stop(signum, frame):
+    # A second Ctrl-C (or a SIGTERM on top) while everything stops would cut the stopping short and leave the
+    # webserver and daemon running: the first signal is the one that counts.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise _Stop(signal.Signals(signum).name)
 
 

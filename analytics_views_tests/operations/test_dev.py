@@ -82,6 +82,8 @@ def check_dev_starts_and_stops(state_dir: Path, port: int, tmp_path: Path) -> No
             if start == 0:
                 check_the_command_works_beside_dev(state_dir)
             dev.send_signal(stop)
+            time.sleep(0.5)
+            dev.send_signal(stop)  # pressed twice, or a supervisor's SIGTERM on top: the stop still completes
             assert dev.wait(timeout=60) == 0
             _, alive = psutil.wait_procs(started, timeout=15)
             assert alive == [], f"left behind: {[p.pid for p in alive]}"
