@@ -9,20 +9,17 @@ import os
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import psycopg
 import yaml
 
 from analytics_views.orchestration import metadata_keys as keys
-from analytics_views.orchestration.dagster_storage import check_storage
-from analytics_views.operations.services import ensure_port_free, stop_processes, wait_for_webserver
+from analytics_views.operations.services import dagster_services
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.database import libpq_url
 from analytics_views.postgres.refresh import SKIPPED
@@ -171,43 +168,6 @@ def write_workspace(path: Path, locations: list[str]) -> Path:
     return path
 
 
-@contextmanager
-def bench_services(
-    *, env: dict[str, str], port: int, log_dir: Path, workspace: Path, host: str = "127.0.0.1"
-) -> Iterator[list[subprocess.Popen]]:
-    """dagster-webserver and dagster-daemon on the benchmark's workspace.yaml, stopped with all their children
-    when the block ends: analytics_views.operations.services.dagster_services, which always loads the
-    project's own workspace.yaml."""
-    ensure_port_free(host, port)
-    check_storage(env["DAGSTER_HOME"], env)
-    binaries = Path(sys.executable).parent
-    commands = {
-        "webserver": [str(binaries / "dagster-webserver"), "-h", host, "-p", str(port), "-w", str(workspace)],
-        "daemon": [str(binaries / "dagster-daemon"), "run", "-w", str(workspace)],
-    }
-    log_dir.mkdir(parents=True, exist_ok=True)
-    processes: list[subprocess.Popen] = []
-    with ExitStack() as logs:
-        try:
-            for name, command in commands.items():
-                output = logs.enter_context(open(log_dir / f"{name}.log", "ab"))
-                processes.append(
-                    subprocess.Popen(
-                        command,
-                        env=env,
-                        cwd=PROJECT_ROOT,
-                        stdin=subprocess.DEVNULL,
-                        stdout=output,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,  # stopped through stop_processes, children included
-                    )
-                )
-            wait_for_webserver(host, port, processes)
-            yield processes
-        finally:
-            stop_processes(processes)
-
-
 # The name of the repository a Definitions object becomes (Dagster's, not exported).
 DEFINITIONS_REPOSITORY = "__repository__"
 
@@ -321,7 +281,7 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
                 f" code locations {', '.join(locations)})"
             )
             processes = stack.enter_context(
-                bench_services(env=env, port=port, log_dir=work_dir / f"logs_{name}", workspace=workspace)
+                dagster_services(env=env, port=port, log_dir=work_dir / f"logs_{name}", workspace=workspace)
             )
             client = DagsterGraphQLClient("127.0.0.1", port_number=port)
             time.sleep(3)  # let the daemon start its loops

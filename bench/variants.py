@@ -30,11 +30,17 @@ import psycopg
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration import view_checks
 from analytics_views.orchestration import metadata_keys as keys
-from analytics_views.orchestration.assets import MATCHES_DISCOVERY_CHECK, UNIQUE_INDEX_CHECK, build_assets, unique_index_fix
-from analytics_views.orchestration.translator import ViewTranslator, table_schema
+from analytics_views.orchestration.assets import (
+    MATCHES_DISCOVERY_CHECK,
+    UNIQUE_INDEX_CHECK,
+    build_assets,
+    refresh_metadata,
+    unique_index_fix,
+)
+from analytics_views.orchestration.translator import ViewTranslator
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.postgres import database
-from analytics_views.postgres.refresh import SKIPPED, RefreshOutcome, refresh_view
+from analytics_views.postgres.refresh import RefreshOutcome, refresh_view
 from analytics_views.sql_files.data_tests import DataTest
 from analytics_views.sql_files.discovery import current_fingerprint, managed_views
 from analytics_views.sql_files.managed import Cadence, ManagedConfig
@@ -147,26 +153,8 @@ def refresh_one(
         skip_if_unchanged_since=last_fingerprint.value if last_fingerprint and analytics_db.skip_unchanged else None,
     )
     state = database.view_state(conn, view.name, view.schema)
-    skipped = outcome.mode == SKIPPED
-    events.append(
-        dg.MaterializeResult(
-            asset_key=key,
-            metadata={
-                keys.ROW_COUNT: last_metadata[keys.ROW_COUNT].value
-                if skipped
-                else database.row_count(conn, view.name, view.schema),
-                keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
-                keys.SIZE_BYTES: state.size_bytes,
-                keys.SIZE: state.size_pretty,
-                keys.REFRESH_DURATION_S: dg.MetadataValue.float(round(outcome.duration_s, 4)),
-                keys.REFRESH_MODE: outcome.mode,
-                **({keys.REFRESH_NOTE: outcome.note} if outcome.note else {}),
-                keys.REFRESH_TIMEZONE: analytics_db.timezone,
-                keys.TABLE_NAME: database.qualified_name(conn, view.name, view.schema),
-                keys.COLUMN_SCHEMA: table_schema(database.columns(conn, view.name, view.schema)),
-            },
-        )
-    )
+    metadata = refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone)
+    events.append(dg.MaterializeResult(asset_key=key, metadata=metadata))
     for result in view_checks.results(conn, view, state.unique_index, tests, analytics_db.timezone):
         if dg.AssetCheckKey(key, result.check_name) in checks:
             events.append(for_asset(result, key))

@@ -111,15 +111,21 @@ def wait_for_webserver(host: str, port: int, processes: list[subprocess.Popen], 
 
 @contextmanager
 def dagster_services(
-    *, env: dict[str, str], host: str = "127.0.0.1", port: int = 3000, log_dir: Path | None = None
+    *,
+    env: dict[str, str],
+    host: str = "127.0.0.1",
+    port: int = 3000,
+    log_dir: Path | None = None,
+    workspace: Path = WORKSPACE,
 ) -> Iterator[list[subprocess.Popen]]:
-    """Run dagster-webserver and dagster-daemon until the block ends; output to log_dir when given."""
+    """Run dagster-webserver and dagster-daemon on `workspace` until the block ends; output to log_dir when
+    given."""
     ensure_port_free(host, port)
     if env.get("DAGSTER_HOME"):  # a wrong storage URL in one line here, not in pages of both services' logs
         check_storage(env["DAGSTER_HOME"], env)
     commands = {
-        "webserver": [_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", str(WORKSPACE)],
-        "daemon": [_bin("dagster-daemon"), "run", "-w", str(WORKSPACE)],
+        "webserver": [_bin("dagster-webserver"), "-h", host, "-p", str(port), "-w", str(workspace)],
+        "daemon": [_bin("dagster-daemon"), "run", "-w", str(workspace)],
     }
     processes: list[subprocess.Popen] = []
     logs = []

@@ -196,27 +196,30 @@ def view_asset(
             note = f"; {outcome.note}" if outcome.note else ""
             context.log.info(f"{view.label}: {outcome.mode}{note} in {outcome.duration_s:.3f} s")
             state = database.view_state(conn, view.name, view.schema)
-            skipped = outcome.mode == SKIPPED
-            yield dg.MaterializeResult(
-                metadata={
-                    # Unchanged sources mean unchanged rows: a skip costs catalog look-ups only.
-                    "dagster/row_count": last_metadata["dagster/row_count"].value
-                    if skipped
-                    else database.row_count(conn, view.name, view.schema),
-                    keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
-                    keys.SIZE_BYTES: state.size_bytes,
-                    keys.SIZE: state.size_pretty,
-                    keys.REFRESH_DURATION_S: dg.MetadataValue.float(round(outcome.duration_s, 4)),
-                    keys.REFRESH_MODE: outcome.mode,
-                    **({keys.REFRESH_NOTE: outcome.note} if outcome.note else {}),
-                    keys.REFRESH_TIMEZONE: analytics_db.timezone,
-                    "dagster/table_name": database.qualified_name(conn, view.name, view.schema),
-                    "dagster/column_schema": table_schema(database.columns(conn, view.name, view.schema)),
-                }
-            )
+            yield dg.MaterializeResult(metadata=refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone))
             yield from view_checks.results(conn, view, state.unique_index, tests, analytics_db.timezone)
 
     return refresh
+
+
+def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata, timezone: str) -> dict:
+    """What a refresh's materialization records: rows, size, mode and timing, the fingerprint the next refresh
+    compares (refresh.py), the table and its columns."""
+    return {
+        # Unchanged sources mean unchanged rows: a skip costs catalog look-ups only.
+        keys.ROW_COUNT: last_metadata[keys.ROW_COUNT].value
+        if outcome.mode == SKIPPED
+        else database.row_count(conn, view.name, view.schema),
+        keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
+        keys.SIZE_BYTES: state.size_bytes,
+        keys.SIZE: state.size_pretty,
+        keys.REFRESH_DURATION_S: dg.MetadataValue.float(round(outcome.duration_s, 4)),
+        keys.REFRESH_MODE: outcome.mode,
+        **({keys.REFRESH_NOTE: outcome.note} if outcome.note else {}),
+        keys.REFRESH_TIMEZONE: timezone,
+        keys.TABLE_NAME: database.qualified_name(conn, view.name, view.schema),
+        keys.COLUMN_SCHEMA: table_schema(database.columns(conn, view.name, view.schema)),
+    }
 
 
 def build_assets(
