@@ -35,6 +35,7 @@ from analytics_views.orchestration.assets import (
     UNIQUE_INDEX_CHECK,
     build_assets,
     refresh_metadata,
+    skip_if_unchanged_since,
     unique_index_fix,
 )
 from analytics_views.orchestration.translator import ViewTranslator
@@ -143,14 +144,13 @@ def refresh_one(
         )
     if state.unique_index is None:
         raise dg.Failure(f"{view.label} has no usable unique index: {unique_index_fix(view)}", allow_retries=False)
-    last_fingerprint = last_metadata.get(keys.SOURCES_FINGERPRINT)
     outcome = refresh_view(
         conn,
         view.name,
         analytics_db.refresh_settings,
         view.refresh_strategy,
         schema=view.schema,
-        skip_if_unchanged_since=last_fingerprint.value if last_fingerprint and analytics_db.skip_unchanged else None,
+        skip_if_unchanged_since=skip_if_unchanged_since(last_metadata, analytics_db),
     )
     state = database.view_state(conn, view.name, view.schema)
     metadata = refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone)

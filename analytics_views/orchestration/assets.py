@@ -174,9 +174,6 @@ def view_asset(
                 )
             last = context.instance.get_latest_materialization_event(context.asset_key)
             last_metadata = last.asset_materialization.metadata if last and last.asset_materialization else {}
-            # A materialization recorded before the key was namespaced (plain `sources_fingerprint`) is not read:
-            # the first refresh after the upgrade runs instead of being skipped, and records the new key.
-            last_fingerprint = last_metadata.get(keys.SOURCES_FINGERPRINT)
             try:
                 with cancel_on_interrupt(conn):
                     outcome = refresh_view(
@@ -185,9 +182,7 @@ def view_asset(
                         analytics_db.refresh_settings,
                         view.refresh_strategy,
                         schema=view.schema,
-                        skip_if_unchanged_since=last_fingerprint.value
-                        if last_fingerprint and analytics_db.skip_unchanged
-                        else None,
+                        skip_if_unchanged_since=skip_if_unchanged_since(last_metadata, analytics_db),
                     )
             except RefreshError as error:
                 if error.transient:
@@ -200,6 +195,14 @@ def view_asset(
             yield from view_checks.results(conn, view, state.unique_index, tests, analytics_db.timezone)
 
     return refresh
+
+
+def skip_if_unchanged_since(last_metadata, analytics_db: AnalyticsDatabase) -> str | None:
+    """The sources fingerprint the last materialization recorded, which a refresh may skip against; None when
+    skipping is off or none was recorded. A materialization recorded before the key was namespaced (plain
+    `sources_fingerprint`) is not read: the first refresh after the upgrade runs, and records the new key."""
+    last_fingerprint = last_metadata.get(keys.SOURCES_FINGERPRINT)
+    return last_fingerprint.value if last_fingerprint and analytics_db.skip_unchanged else None
 
 
 def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata, timezone: str) -> dict:
