@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import pydantic
@@ -35,6 +36,8 @@ from pydantic import Field, PrivateAttr
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.build import build_definitions
+from analytics_views.orchestration.destinations import Email, Slack, Webhook
+from analytics_views.orchestration.notifications import KINDS, NotificationSettings
 from analytics_views.orchestration.translator import ViewOverride, ViewTranslator, ViewTranslatorSettings
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.paths import DEFS_YAML, PROJECT_ROOT
@@ -80,6 +83,48 @@ class RefreshDefaults(dg.Model):
     timezone: str = Field(default=RefreshSettings.timezone, description="TimeZone every refresh and data test runs under.")
 
 
+class EmailSettings(dg.Model):
+    """Email through an SMTP server; its password only from the environment."""
+
+    smtp_host: str = Field(description="The SMTP server, e.g. smtp.example.com.")
+    smtp_port: int = Field(default=587, description="Its port: 587 for starttls, 465 for ssl, 25 for none.")
+    security: Literal["starttls", "ssl", "none"] = Field(
+        default="starttls", description="starttls (default), ssl, or none (a relay on a trusted network only)."
+    )
+    sender: str = Field(description="The From address, e.g. analytics-views@example.com.")
+    to: list[str] = Field(description="The addresses to tell (at least one).")
+    username: str | None = Field(default=None, description="The SMTP login; default the sender. Unused without password_env.")
+    password_env: str | None = Field(default=None, description="Environment variable holding the SMTP password; unset: no login.")
+
+
+class SlackSettings(dg.Model):
+    """A Slack channel, through a bot token (dagster-slack's client) from the environment."""
+
+    channel: str = Field(description='The channel, e.g. "#data-alerts" (the bot must be in it).')
+    token_env: str = Field(default="SLACK_BOT_TOKEN", description="Environment variable holding the bot token (xoxb-...).")
+    api_url: str | None = Field(default=None, description="Slack's API address; default https://slack.com/api/.")
+
+
+class WebhookSettings(dg.Model):
+    """A JSON POST to a URL from the environment (it often holds a token)."""
+
+    url_env: str = Field(default="ANALYTICS_VIEWS_WEBHOOK_URL", description="Environment variable holding the URL.")
+
+
+class NotificationsSettings(dg.Model):
+    """Who hears of a failed refresh run, a failed ERROR check or a late view; no destination, no sensor."""
+
+    ui_url: str = Field(
+        default="http://127.0.0.1:3000", description="The Dagster UI's address as the readers reach it: the links' base."
+    )
+    on: list[Literal["run_failure", "check_failure", "late"]] = Field(
+        default_factory=lambda: list(KINDS), description="What to tell: run_failure, check_failure, late (default all)."
+    )
+    email: EmailSettings | None = Field(default=None, description="Email, through SMTP.")
+    slack: SlackSettings | None = Field(default=None, description="A Slack channel.")
+    webhook: WebhookSettings | None = Field(default=None, description="A JSON webhook.")
+
+
 class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Model):
     """PostgreSQL materialized views as Dagster assets, refreshed on cron cadences, with checks.
 
@@ -115,6 +160,9 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
     translation: dict[str, ViewAttributes] = Field(
         default_factory=dict,
         description="Per-view asset attributes by pattern (as in `cadence`); every matching pattern applies, in order.",
+    )
+    notifications: NotificationsSettings | None = Field(
+        default=None, description="Email, Slack and webhook notices of failed runs and checks and late views."
     )
     # State in a file beside the defs folder, written only by discovery: never by a process loading definitions.
     defs_state: ResolvedDefsStateConfig = DefsStateConfigArgs.local_filesystem().model_copy(
@@ -202,6 +250,44 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             for pattern, attributes in self.translation.items()
         )
 
+    def notification_settings(self) -> NotificationSettings | None:
+        """The notifications' destinations, checked (one line naming the entry); None when none is configured."""
+        settings = self.notifications
+        if settings is None:
+            return None
+        for entry, variable in (
+            ("email.password_env", settings.email and settings.email.password_env),
+            ("slack.token_env", settings.slack and settings.slack.token_env),
+            ("webhook.url_env", settings.webhook and settings.webhook.url_env),
+        ):
+            if variable and not _ENV_NAME.fullmatch(variable):
+                raise AnalyticsViewsError(
+                    f"{self.defs_yaml}: attributes.notifications.{entry} names the environment variable holding the "
+                    "secret (like SMTP_PASSWORD), never the secret itself"
+                )
+        if not settings.ui_url.startswith(("http://", "https://")):
+            raise AnalyticsViewsError(
+                f"{self.defs_yaml}: attributes.notifications.ui_url is not an http(s) address: set it to the "
+                "Dagster UI's address as the readers of the notices reach it, e.g. https://dagster.example.com"
+            )
+        if settings.email and not settings.email.to:
+            raise AnalyticsViewsError(f"{self.defs_yaml}: attributes.notifications.email.to is empty: name an address to tell")
+        destinations = []
+        if email := settings.email:
+            destinations.append(
+                Email(email.smtp_host, email.smtp_port, email.sender, tuple(email.to), email.security, email.username, email.password_env)
+            )
+        if slack := settings.slack:
+            destinations.append(Slack(slack.channel, slack.token_env, slack.api_url))
+        if webhook := settings.webhook:
+            destinations.append(Webhook(webhook.url_env))
+        return NotificationSettings(
+            ui_url=settings.ui_url,
+            destinations=tuple(destinations),
+            kinds=frozenset(settings.on),
+            url_envs=(self.database.url_env, "DAGSTER_POSTGRES_URL"),
+        )
+
     @property
     def analytics_db(self) -> AnalyticsDatabase:
         return AnalyticsDatabase(url=dg.EnvVar(self.database.url_env), **self.refresh.model_dump())
@@ -229,7 +315,9 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
         """The definitions of the settings, with the views made elsewhere as the state at `state_file` has them."""
         config = self.managed_config(state_file)
         translator = ViewTranslator(ViewTranslatorSettings.from_env(overrides=self.overrides))
-        defs = build_definitions(config, translator=translator, database=self.analytics_db)
+        defs = build_definitions(
+            config, translator=translator, database=self.analytics_db, notifications=self.notification_settings()
+        )
         self._built = config
         return defs
 
@@ -287,7 +375,13 @@ def one_line_errors(defs_yaml: Path) -> Iterator[None]:
             first = cause.errors()[0]
             # pydantic names the member of a union it tried (`CadenceSchedule`, `dict[str,...]`): not a key of the
             # file. Dagster's loader adds " at <file>:<line>" to the last key and starts with "attributes".
-            models = {model.__name__ for model in (CadenceSchedule, ViewAttributes, DatabaseSettings, RefreshDefaults)}
+            models = {
+                model.__name__
+                for model in (
+                    CadenceSchedule, ViewAttributes, DatabaseSettings, RefreshDefaults,
+                    NotificationsSettings, EmailSettings, SlackSettings, WebhookSettings,
+                )
+            }
             path = ".".join(str(part) for part in first["loc"])
             line = ""
             if at := re.fullmatch(r"(.*) at .*:(\d+)", path):
@@ -295,6 +389,8 @@ def one_line_errors(defs_yaml: Path) -> Iterator[None]:
             keys = [key for key in path.split(".") if key not in models and "[" not in key]
             where = ".".join(["attributes", *(keys[1:] if keys[:1] == ["attributes"] else keys)])
             fix = "remove it or fix its name" if first["type"] == "extra_forbidden" else "fix it"
+            if first["type"] == "extra_forbidden" and re.search(r"(password|token|url|secret)$", keys[-1] if keys else ""):
+                fix = f"secrets come only from the environment: name the variable holding it in {keys[-1]}_env"
             raise AnalyticsViewsError(f"{defs_yaml}{line}: {where}: {first['msg']}: {fix}") from None
         raise
 

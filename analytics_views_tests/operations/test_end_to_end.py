@@ -15,7 +15,10 @@ from dagster_graphql import DagsterGraphQLClient
 from analytics_views.postgres.refresh import ADVISORY_LOCK_NAMESPACE, refresh_view
 from analytics_views.operations.services import DAGSTER_YAML, dagster_services
 from analytics_views.orchestration.view_checks import STATIC_CHECKS
+from analytics_views.paths import SQL_DIR
 from analytics_views_tests.conftest import DEPLOYMENT_PASSWORD, free_port
+from analytics_views_tests.orchestration.test_component import write_defs_yaml
+from analytics_views_tests.orchestration.test_notifications import mailbox, receiver  # noqa: F401 - fixtures
 from analytics_views_tests.postgres.test_reliability import ADVISORY_LOCKS_HERE, contents, wait_for_activity
 
 DAILY_VIEWS = {"daily_aggregations", "cohort_aggregations", "campaign_aggregations"}
@@ -216,3 +219,57 @@ def test_a_run_terminated_while_its_step_waits_to_retry_ends_canceled_without_an
 
 def failures_of(run_id: str) -> list[str]:
     return [event.message for event in events_of(run_id, dg.DagsterEventType.STEP_FAILURE)]
+
+
+def test_a_failing_scheduled_refresh_sends_one_email_and_one_webhook_notice_from_the_daemon(
+    dagster_env, seeded_db, tmp_path, mailbox, receiver
+):
+    """The whole way: the daemon's schedule launches the run, the run fails, the daemon's sensors tell the SMTP
+    server and the webhook started here, once each."""
+    from analytics_views_tests.orchestration.test_notifications import DAILY_FIX, SMTP_PASSWORD, SMTP_USER, drop_unique_index
+
+    box, smtp_port = mailbox
+    port = free_port()
+    defs_yaml = write_defs_yaml(
+        tmp_path / "defs" / "defs.yaml",
+        f"""
+        sql_folder: {SQL_DIR}
+        cadences: {{daily: "* * * * *"}}  # a tick every minute, the first within a minute of the daemon's start
+        notifications:
+          ui_url: http://127.0.0.1:{port}
+          email: {{smtp_host: 127.0.0.1, smtp_port: {smtp_port}, security: none, sender: {SMTP_USER},
+                   to: [data-team@example.com], password_env: SMTP_PASSWORD}}
+          webhook: {{url_env: ALERTS_WEBHOOK}}
+        """,
+    )
+    drop_unique_index(seeded_db, "daily_aggregations")
+    env = {
+        **dagster_env,
+        "ANALYTICS_VIEWS_DEFS": str(defs_yaml),
+        "SMTP_PASSWORD": SMTP_PASSWORD,
+        "ALERTS_WEBHOOK": f"http://127.0.0.1:{receiver.server_port}/hooks/alerts",
+    }
+    with dagster_services(env=env, port=port, log_dir=tmp_path / "logs") as processes:
+        wait_until(lambda: box.messages and receiver.posted("/hooks/"), 240, "the first notices")
+        time.sleep(35)  # one more sensor tick: it must not tell the same run again
+    for process in processes:
+        assert process.poll() is not None, "a Dagster process outlived the test"
+
+    with dg.DagsterInstance.get() as instance:
+        failed = {
+            record.dagster_run.run_id: record.dagster_run
+            for record in instance.get_run_records(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+        }
+    hooks = receiver.posted("/hooks/")
+    hook_runs = [hook["run_id"] for hook in hooks]
+    email_runs = [re.search(r"/runs/([0-9a-f-]+)", email.get_content())[1] for email in box.messages]
+    assert len(set(hook_runs)) == len(hook_runs) and len(set(email_runs)) == len(email_runs)  # once per run
+    assert set(hook_runs) <= set(failed) and set(email_runs) <= set(failed)
+    first = hooks[0]
+    assert failed[first["run_id"]].tags["dagster/schedule_name"] == "daily_refresh_schedule"
+    assert first["views"] == ["daily_aggregations"] and DAILY_FIX in first["reasons"][0]["reason"]
+    assert first["url"] == f"http://127.0.0.1:{port}/runs/{first['run_id']}"
+    assert first["run_id"] in email_runs
+    email = box.messages[email_runs.index(first["run_id"])]
+    assert email["Subject"].strip() == "analytics-views: daily_refresh_job failed: daily_aggregations"
+    assert DAILY_FIX in email.get_content() and "Launched by: schedule daily_refresh_schedule" in email.get_content()
