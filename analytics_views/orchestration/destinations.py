@@ -2,7 +2,7 @@
 DeliveryError with one line saying why (never a secret), and the sensor keeps the notice to try again.
 
 Secrets (the SMTP password, the Slack token, the webhook URL, which often carries a token) are read from the
-environment when a notice is sent, in the daemon that runs the sensors: never from the defs.yaml, never into a
+environment when a notice is sent, where the sensors are evaluated (the code location's server): never from the defs.yaml, never into a
 message, a log line or the sensor's cursor.
 """
 
@@ -37,7 +37,9 @@ class Notice(Protocol):
 def secret_from_env(variable: str, what: str) -> str:
     value = os.environ.get(variable, "")
     if not value:
-        raise DeliveryError(f"{variable} is not set: set it to {what} in the environment of the Dagster daemon")
+        raise DeliveryError(
+            f"{variable} is not set: set it to {what} where the code location runs (its code server evaluates the sensors)"
+        )
     return value
 
 

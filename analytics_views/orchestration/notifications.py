@@ -383,7 +383,7 @@ def deliver(
     if failure is not None:
         summary = (
             f"{destination.name} notification not delivered: {failure}; {len(cursor.waiting)} notice(s) wait for "
-            f"the next tick, in {TICK_INTERVAL_S} s: check that it is up and reachable from the Dagster daemon"
+            f"the next tick, in {TICK_INTERVAL_S} s: check that it is up and reachable from the code location"
         ) + (f" ({dropped} dropped after a day of tries)" if dropped else "")
         context.log.warning(summary)
     return dg.SensorResult(cursor=cursor.text(), skip_reason=summary)

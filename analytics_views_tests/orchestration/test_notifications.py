@@ -310,7 +310,7 @@ def test_an_unreachable_destination_is_logged_as_one_line_and_retried_until_it_t
     assert (
         f"WARNING - webhook notification not delivered: webhook at http://127.0.0.1:{hook_port} (ALERTS_WEBHOOK): "
         "ConnectionRefusedError: Connection refused; 1 notice(s) wait for the next tick, in 30 s: check that it is "
-        "up and reachable from the Dagster daemon"
+        "up and reachable from the code location"
     ) in warnings[0]
     assert "1 notice(s) wait for the next tick" in first.skip_reason.skip_message
     assert WEBHOOK_SECRET not in warnings[0]
