@@ -209,12 +209,15 @@ class NoticeBuilder:
             has_more = True
             while has_more:
                 result = self.instance.fetch_run_status_changes(records_filter, limit=100, cursor=previous, ascending=True)
-                previous, has_more = result.cursor, result.has_more
+                has_more = result.has_more
+                # With nothing found and no cursor given, Dagster's cursor points before the first event ever:
+                # the next tick would tell all of history. Without one, the next tick looks back again.
+                if result.records or previous:
+                    previous = cursor.runs[event_type.value] = result.cursor
                 for record in result.records:
                     notice = self.run_notice(record)
                     if notice is not None:
                         yield notice
-            cursor.runs[event_type.value] = previous
 
     def _run_views(self, run: dg.DagsterRun) -> list[WatchedView]:
         selected = set(run.asset_selection or ()) | {check.asset_key for check in run.asset_check_selection or ()}

@@ -10,6 +10,7 @@ daemon evaluates them, tick after tick, each tick carrying the previous one's cu
 import json
 import shutil
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from email import message_from_bytes, policy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,8 @@ from aiosmtpd.smtp import AuthResult
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.component import MaterializedViewsComponent
+from analytics_views.orchestration.destinations import Webhook
+from analytics_views.orchestration.notifications import RUN_LOOK_BACK_S, NotificationSettings, deliver, watched_views
 from analytics_views.paths import SQL_DIR
 from analytics_views_tests.conftest import DEPLOYMENT_PASSWORD, free_port, with_password
 from analytics_views_tests.orchestration.test_component import write_defs_yaml
@@ -419,3 +422,19 @@ def test_a_view_turning_late_gives_one_notice_per_late_period(empty_db, instance
         webhook.tick()
         webhook.tick()
         assert [hook["kind"] for hook in receiver.posted("/hooks/")] == ["late", "late"]
+
+
+def test_a_new_sensor_never_tells_of_runs_that_ended_before_it_looked(seeded_db, instance, receiver, tmp_path, monkeypatch):
+    defs = notifying_defs(tmp_path, monkeypatch, seeded_db, free_port(), receiver.server_port)
+    drop_unique_index(seeded_db, "daily_aggregations")
+    assert not run_job(defs, instance, "daily_refresh_job", SCHEDULED).success
+    component = MaterializedViewsComponent.from_defs_yaml(tmp_path / "defs.yaml")
+    views = watched_views(component.managed_config())
+    settings = NotificationSettings(ui_url=UI, destinations=(Webhook("ALERTS_WEBHOOK"),))
+    later = time.time() + 2 * RUN_LOOK_BACK_S  # the run ended before the sensor's look-back
+
+    cursor = None
+    for _ in range(3):  # its first tick finds nothing; neither do the next ones
+        context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
+        cursor = deliver(context, Webhook("ALERTS_WEBHOOK"), settings, views, now=later).cursor
+    assert receiver.requests == []
