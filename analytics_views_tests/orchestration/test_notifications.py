@@ -438,3 +438,36 @@ def test_a_new_sensor_never_tells_of_runs_that_ended_before_it_looked(seeded_db,
         context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
         cursor = deliver(context, Webhook("ALERTS_WEBHOOK"), settings, views, now=later).cursor
     assert receiver.requests == []
+
+
+def test_a_view_made_elsewhere_that_fails_is_named_schema_qualified_with_the_index_discovery_recorded(
+    product_db, instance, receiver, tmp_path, monkeypatch
+):
+    # Another team's schema: weekly partitions, a plain view over them, views over views, inheritance.
+    monkeypatch.setenv("DATABASE_URL", product_db)
+    monkeypatch.setenv("ALERTS_WEBHOOK", f"http://127.0.0.1:{receiver.server_port}/hooks/{WEBHOOK_SECRET}")
+    path = write_defs_yaml(
+        tmp_path / "defs.yaml",
+        f"schemas: [product]\ncadence: {{'product.weekly_*': weekly}}\n"
+        f"notifications: {{ui_url: {UI}, webhook: {{url_env: ALERTS_WEBHOOK}}}}",
+    )
+    component = MaterializedViewsComponent.from_defs_yaml(path)
+    component.write_state_to_path(component.beside_state_file())
+    defs = component.definitions(component.beside_state_file())
+    webhook = Ticks(defs, instance, "webhook_notifications")
+    webhook.tick()
+    with psycopg.connect(product_db, autocommit=True) as conn:
+        conn.execute("DROP INDEX product.weekly_purchases_week")
+
+    run = run_job(defs, instance, "weekly_refresh_job", {"dagster/schedule_name": "weekly_refresh_schedule"})
+    assert run_job(defs, instance, "daily_refresh_job", {"dagster/schedule_name": "daily_refresh_schedule"}).success
+    webhook.tick()
+
+    assert not run.success
+    [hook] = receiver.posted("/hooks/")
+    assert hook["views"] == ["product.weekly_purchases"] and hook["launched_by"] == "schedule weekly_refresh_schedule"
+    assert hook["reasons"][0]["reason"] == (
+        "product.weekly_purchases has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY; recreate the "
+        "unique index `analytics-views discover` recorded: `CREATE UNIQUE INDEX weekly_purchases_week ON "
+        "product.weekly_purchases USING btree (week);`, then materialize again (failed checks: unique_index)"
+    )
