@@ -117,7 +117,8 @@ class NotificationsSettings(dg.Model):
     ui_url: str = Field(
         default="http://127.0.0.1:3000", description="The Dagster UI's address as the readers reach it: the links' base."
     )
-    on: list[Literal["run_failure", "check_failure", "late"]] = Field(
+    # Not `on:`, which YAML reads as the boolean true.
+    events: list[Literal["run_failure", "check_failure", "late"]] = Field(
         default_factory=lambda: list(KINDS), description="What to tell: run_failure, check_failure, late (default all)."
     )
     email: EmailSettings | None = Field(default=None, description="Email, through SMTP.")
@@ -284,7 +285,7 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
         return NotificationSettings(
             ui_url=settings.ui_url,
             destinations=tuple(destinations),
-            kinds=frozenset(settings.on),
+            kinds=frozenset(settings.events),
             url_envs=(self.database.url_env, "DAGSTER_POSTGRES_URL"),
         )
 

@@ -194,7 +194,6 @@ class NoticeBuilder:
         self.instance = instance
         self.views = views
         self.by_step = {key.to_python_identifier(): view for key, view in views.items()}
-        self.jobs = {view.job for view in views.values()}
         self.ui_url = settings.ui_url.rstrip("/")
         self.kinds = settings.kinds
 
@@ -250,10 +249,10 @@ class NoticeBuilder:
                         (evaluation.check_name, _first_line(evaluation.description or "failed"))
                     )
         run_failed = record.event_log_entry.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
-        if run_failed and "run_failure" not in self.kinds or not run_failed and "check_failure" not in self.kinds:
+        if ("run_failure" if run_failed else "check_failure") not in self.kinds:
             return None
         if not run_failed and not failed_checks:
-            return None
+            return None  # a run that succeeded with its ERROR checks passing
         reasons: list[tuple[str, str]] = []
         for label, reason in failed.items():
             checks = [name for name, _ in failed_checks.pop(label, [])]

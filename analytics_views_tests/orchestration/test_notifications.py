@@ -471,3 +471,20 @@ def test_a_view_made_elsewhere_that_fails_is_named_schema_qualified_with_the_ind
         "unique index `analytics-views discover` recorded: `CREATE UNIQUE INDEX weekly_purchases_week ON "
         "product.weekly_purchases USING btree (week);`, then materialize again (failed checks: unique_index)"
     )
+
+
+def test_a_destination_told_only_of_late_views_hears_nothing_of_a_failed_run(seeded_db, instance, receiver, tmp_path, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", seeded_db)
+    monkeypatch.setenv("ALERTS_WEBHOOK", f"http://127.0.0.1:{receiver.server_port}/hooks/")
+    path = write_defs_yaml(
+        tmp_path / "defs.yaml", f"sql_folder: {SQL_DIR}\nnotifications: {{events: [late], webhook: {{url_env: ALERTS_WEBHOOK}}}}"
+    )
+    defs = MaterializedViewsComponent.from_defs_yaml(path).definitions(None)
+    webhook = Ticks(defs, instance, "webhook_notifications")
+    webhook.tick()
+    drop_unique_index(seeded_db, "daily_aggregations")
+
+    assert not run_job(defs, instance, "daily_refresh_job", SCHEDULED).success
+    webhook.tick()
+
+    assert receiver.requests == []
