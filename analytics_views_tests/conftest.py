@@ -5,6 +5,7 @@ otherwise an embedded PostgreSQL started once for the session and stopped at its
 """
 
 import os
+import signal
 import socket
 import tempfile
 import uuid
@@ -23,6 +24,12 @@ from analytics_views.operations.migrate import migrate
 from analytics_views.postgres.refresh import refresh_view
 from analytics_views.operations.seed import seed
 from analytics_views.operations.services import prepare_dagster_home
+
+# A test run started as a background job of a script (`nohup ... &`, some CI runners) inherits SIGINT ignored,
+# and so would every process it starts: Dagster stops a run's steps, and its log-capturing `tail`s, with SIGINT.
+# The tests start from what a terminal gives.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextmanager
