@@ -26,8 +26,8 @@ from analytics_views.operations.seed import seed
 from analytics_views.operations.services import prepare_dagster_home
 
 # A test run started as a background job of a script (`nohup ... &`, some CI runners) inherits SIGINT ignored,
-# and so would every process it starts: Dagster stops a run's steps, and its log-capturing `tail`s, with SIGINT.
-# The tests start from what a terminal gives.
+# and so would every process it starts, where Dagster points SIGTERM at SIGINT's handler: runs, code servers and
+# their log-capturing `tail`s would ignore both. The tests start from what a terminal gives.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_stopped)
         # Started as a shell's background job (`nohup ... &`), we inherit SIGINT ignored, and so would the runs we
-        # launch: Dagster stops a run's steps with SIGINT, so they could not be terminated.
+        # launch, where Dagster points SIGTERM at SIGINT's handler too: they could not be terminated.
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

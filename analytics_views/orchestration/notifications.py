@@ -219,9 +219,14 @@ class NoticeBuilder:
                         yield notice
 
     def _run_views(self, run: dg.DagsterRun) -> list[WatchedView]:
+        """The views the run was to refresh: its asset (or check) selection, else its op selection (the CLI's
+        `dagster job launch -o`, a step re-executed from the UI), else every view of its job."""
         selected = set(run.asset_selection or ()) | {check.asset_key for check in run.asset_check_selection or ()}
         if selected:
             return [view for key, view in self.views.items() if key in selected]
+        steps = set(run.resolved_op_selection or run.op_selection or run.step_keys_to_execute or ())
+        if steps:
+            return [view for step, view in self.by_step.items() if step in steps]
         return [view for view in self.views.values() if view.job == run.job_name]
 
     def run_notice(self, record) -> ViewNotice | None:
@@ -381,7 +386,7 @@ def deliver(
             dropped += 1
     dropped += max(0, len(waiting) - MAX_WAITING)
     cursor.waiting = waiting[-MAX_WAITING:]
-    summary = f"{sent} notice(s) sent to {destination.where}"
+    summary = f"{sent} notice(s) sent to {destination.where}" if sent else "nothing new to tell"
     if failure is not None:
         summary = (
             f"{destination.name} notification not delivered: {failure}; {len(cursor.waiting)} notice(s) wait for "

@@ -488,3 +488,21 @@ def test_a_destination_told_only_of_late_views_hears_nothing_of_a_failed_run(see
     webhook.tick()
 
     assert receiver.requests == []
+
+
+def test_a_run_of_some_views_of_a_job_names_only_those(seeded_db, instance, receiver, tmp_path, monkeypatch):
+    defs = notifying_defs(tmp_path, monkeypatch, seeded_db, free_port(), receiver.server_port)
+    webhook = Ticks(defs, instance, "webhook_notifications")
+    webhook.tick()
+    drop_unique_index(seeded_db, "daily_aggregations")
+
+    # What `analytics-views refresh daily_aggregations` launches: the daily job, that view's step only.
+    run = defs.resolve_job_def("daily_refresh_job").execute_in_process(
+        instance=instance, op_selection=["daily_aggregations"], raise_on_error=False,
+        tags={"analytics_views/launched_by": "analytics-views refresh"},
+    )
+    webhook.tick()
+
+    assert not run.success
+    [hook] = receiver.posted("/hooks/")
+    assert hook["views"] == ["daily_aggregations"] and hook["launched_by"] == "analytics-views refresh"
