@@ -19,7 +19,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -344,15 +344,7 @@ def _scrubbed(notice: ViewNotice, secrets: tuple[str, ...], urls: tuple[str, ...
             text = text.replace(secret, "***")
         return redact(text, *urls)
 
-    return ViewNotice(
-        kind=notice.kind,
-        subject=clean(notice.subject),
-        reasons=tuple((view, clean(reason)) for view, reason in notice.reasons),
-        launched_by=notice.launched_by,
-        url=notice.url,
-        run_id=notice.run_id,
-        job=notice.job,
-    )
+    return replace(notice, subject=clean(notice.subject), reasons=tuple((view, clean(reason)) for view, reason in notice.reasons))
 
 
 def deliver(
