@@ -135,11 +135,11 @@ def refresh(
     env = {**os.environ, url_env: url}
     with instance() as dagster_instance:
         launches, chosen_steps, pools = [], [], []
-        for cadence in config.cadence_names:
-            chosen = {_step(view): view for view in managed if view.cadence == cadence and view.label in views}
+        for cadence in config.cadences:
+            chosen = {_step(view): view for view in managed if view.cadence == cadence.name and view.label in views}
             if not chosen:
                 continue
-            job = defs.resolve_job_def(f"{cadence}_refresh_job")
+            job = defs.resolve_job_def(cadence.job_name)
             every = len(chosen) == len(job.asset_layer.executable_asset_keys)
             launches.append(runs.Launch(job.name, None if every else list(chosen), run_config))
             chosen_steps.append(chosen)

@@ -34,9 +34,9 @@ def check_cadence(cadence: Cadence) -> None:
     """One line naming the entry when Dagster would refuse the cadence's schedule (cron or time zone)."""
     try:
         dg.ScheduleDefinition(
-            name=f"{cadence.name}_refresh_schedule",
+            name=cadence.schedule_name,
             cron_schedule=cadence.cron,
-            job_name=f"{cadence.name}_refresh_job",
+            job_name=cadence.job_name,
             execution_timezone=cadence.timezone,
         )
     except dg.DagsterInvalidDefinitionError:

@@ -217,13 +217,16 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
     def _path(self, value: str | None) -> Path | None:
         return (self.defs_yaml.parent / value).resolve() if value is not None else None
 
+    def _check_env_name(self, entry: str, variable: str, what: str, example: str) -> None:
+        if not _ENV_NAME.fullmatch(variable):
+            raise AnalyticsViewsError(
+                f"{self.defs_yaml}: attributes.{entry} names the environment variable holding the {what} "
+                f"(like {example}), never the {what} itself"
+            )
+
     def managed_config(self, state_file: Path | None = None) -> ManagedConfig:
         """The settings, checked (one line naming the defs.yaml and the entry for a mistake)."""
-        if not _ENV_NAME.fullmatch(self.database.url_env):
-            raise AnalyticsViewsError(
-                f"{self.defs_yaml}: attributes.database.url_env names the environment variable holding the URL "
-                "(like DATABASE_URL), never the URL itself"
-            )
+        self._check_env_name("database.url_env", self.database.url_env, "URL", "DATABASE_URL")
         return managed_config(
             self.defs_yaml,
             sql_dir=self._path(self.sql_folder),
@@ -261,11 +264,8 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             ("slack.token_env", settings.slack and settings.slack.token_env),
             ("webhook.url_env", settings.webhook and settings.webhook.url_env),
         ):
-            if variable and not _ENV_NAME.fullmatch(variable):
-                raise AnalyticsViewsError(
-                    f"{self.defs_yaml}: attributes.notifications.{entry} names the environment variable holding the "
-                    "secret (like SMTP_PASSWORD), never the secret itself"
-                )
+            if variable:
+                self._check_env_name(f"notifications.{entry}", variable, "secret", "SMTP_PASSWORD")
         if not settings.ui_url.startswith(("http://", "https://")):
             raise AnalyticsViewsError(
                 f"{self.defs_yaml}: attributes.notifications.ui_url is not an http(s) address: set it to the "

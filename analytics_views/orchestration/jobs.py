@@ -31,7 +31,7 @@ REFRESH_EXECUTOR = dg.multiprocess_executor.configured(
 def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
     keys = [dg.AssetKey(list(view.asset_key_path)) for view in views if view.cadence == cadence.name]
     return dg.define_asset_job(
-        name=f"{cadence.name}_refresh_job",
+        name=cadence.job_name,
         selection=dg.AssetSelection.assets(*keys),
         description=f"Refreshes the {cadence.name} materialized views ({cadence.cron}, {cadence.timezone}), "
         "each in its own step.",
@@ -42,7 +42,7 @@ def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
 
 def refresh_schedule(job, cadence: Cadence) -> dg.ScheduleDefinition:
     return dg.ScheduleDefinition(
-        name=f"{cadence.name}_refresh_schedule",
+        name=cadence.schedule_name,
         job=job,
         cron_schedule=cadence.cron,
         execution_timezone=cadence.timezone,

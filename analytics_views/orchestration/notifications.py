@@ -28,7 +28,7 @@ from analytics_views.orchestration.cadences import freshness_window
 from analytics_views.orchestration.destinations import DeliveryError, Destination
 from analytics_views.postgres.database import redact
 from analytics_views.sql_files.discovery import managed_views
-from analytics_views.sql_files.managed import ManagedConfig
+from analytics_views.sql_files.managed import Cadence, ManagedConfig
 
 RUN_LOOK_BACK_S = 600  # a new sensor's first tick reports runs that ended in the last 10 minutes
 RETRY_FOR_S = 24 * 3600  # an undelivered notice is tried at every tick for a day, then dropped saying so
@@ -48,17 +48,13 @@ KINDS = ("run_failure", "check_failure", "late")  # what a destination may be to
 class WatchedView:
     key: dg.AssetKey
     label: str  # as the CLI names it: name, or schema.name for a view made elsewhere
-    cadence: str
-    window: timedelta  # late once its last refresh is older than this
+    cadence: Cadence
     reads: frozenset[dg.AssetKey]  # the views and tables it reads
 
     @property
-    def job(self) -> str:
-        return f"{self.cadence}_refresh_job"
-
-    @property
-    def schedule(self) -> str:
-        return f"{self.cadence}_refresh_schedule"
+    def window(self) -> timedelta:
+        """Late once its last refresh is older than this."""
+        return freshness_window(self.cadence)
 
 
 def watched_views(config: ManagedConfig) -> dict[dg.AssetKey, WatchedView]:
@@ -69,8 +65,7 @@ def watched_views(config: ManagedConfig) -> dict[dg.AssetKey, WatchedView]:
         views[key] = WatchedView(
             key=key,
             label=view.label,
-            cadence=view.cadence,
-            window=freshness_window(cadences[view.cadence]),
+            cadence=cadences[view.cadence],
             reads=frozenset(dg.AssetKey.from_user_string(dep) for dep in view.deps),
         )
     return views
@@ -227,7 +222,7 @@ class NoticeBuilder:
         steps = set(run.resolved_op_selection or run.op_selection or run.step_keys_to_execute or ())
         if steps:
             return [view for step, view in self.by_step.items() if step in steps]
-        return [view for view in self.views.values() if view.job == run.job_name]
+        return [view for view in self.views.values() if view.cadence.job_name == run.job_name]
 
     def run_notice(self, record) -> ViewNotice | None:
         run = self.instance.get_run_by_id(record.run_id)
@@ -315,9 +310,9 @@ class NoticeBuilder:
             reasons.append(
                 (
                     view.label,
-                    f"late: last refreshed {when}, more than {_duration(view.window)} ago ({view.cadence} cadence): "
-                    f"look at {view.schedule}'s ticks and {view.job}'s latest runs, then refresh it "
-                    f"(`analytics-views refresh {view.label}`)",
+                    f"late: last refreshed {when}, more than {_duration(view.window)} ago ({view.cadence.name} "
+                    f"cadence): look at {view.cadence.schedule_name}'s ticks and {view.cadence.job_name}'s latest "
+                    f"runs, then refresh it (`analytics-views refresh {view.label}`)",
                 )
             )
         url = f"{self.ui_url}/assets/{'/'.join(late[0].key.path)}" if len(late) == 1 else f"{self.ui_url}/assets"
@@ -325,7 +320,7 @@ class NoticeBuilder:
             kind="late",
             subject=f"analytics-views: late: {', '.join(view.label for view in late)}",
             reasons=tuple(reasons),
-            launched_by=", ".join(dict.fromkeys(f"schedule {view.schedule}" for view in late)),
+            launched_by=", ".join(dict.fromkeys(f"schedule {view.cadence.schedule_name}" for view in late)),
             url=url,
         )
 

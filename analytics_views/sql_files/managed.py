@@ -33,6 +33,14 @@ class Cadence:
     timezone: str = "UTC"
     where: str = field(default="", compare=False)  # the entry that defines it, for messages
 
+    @property
+    def job_name(self) -> str:
+        return f"{self.name}_refresh_job"
+
+    @property
+    def schedule_name(self) -> str:
+        return f"{self.name}_refresh_schedule"
+
 
 DEFAULT_CADENCES = {
     "daily": Cadence("daily", "0 3 * * *", where="the default cadence daily"),
