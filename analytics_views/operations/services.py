@@ -64,17 +64,22 @@ def _process_tree(processes: list[subprocess.Popen]) -> list[psutil.Process]:
 
 
 def stop_processes(processes: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every process in the trees (and their sessions), SIGKILL the ones still alive after grace_s."""
+    """SIGTERM every process in the trees (and their sessions) once, SIGKILL the ones still alive after grace_s.
+
+    Once: Dagster's processes turn SIGTERM into KeyboardInterrupt, and a second one landing while the first
+    is handled ends a code server with a traceback ("release unlocked lock") instead of a clean stop."""
     tree = _process_tree(processes)
-    for process in processes:
+    groups = {process.pid for process in processes}  # each child leads its own session and process group
+    for group in groups:
         try:
-            os.killpg(process.pid, signal.SIGTERM)  # each child leads its own session and process group
+            os.killpg(group, signal.SIGTERM)
         except ProcessLookupError:
             pass
     for member in tree:
         try:
-            member.terminate()
-        except psutil.NoSuchProcess:
+            if os.getpgid(member.pid) not in groups:  # one that left its group: not reached by killpg
+                member.terminate()
+        except (ProcessLookupError, psutil.NoSuchProcess):
             pass
     _, alive = psutil.wait_procs(tree, timeout=grace_s)
     for member in alive:

@@ -185,8 +185,15 @@ def step_failure_reason(event: dg.DagsterEvent) -> str:
 class NoticeBuilder:
     """Turns what the instance recorded into notices about the watched views."""
 
-    def __init__(self, instance: dg.DagsterInstance, views: dict[dg.AssetKey, WatchedView], settings: NotificationSettings):
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        views: dict[dg.AssetKey, WatchedView],
+        settings: NotificationSettings,
+        code_location: tuple[str, str | None] | None = None,
+    ):
         self.instance = instance
+        self.code_location = code_location  # (location, repository) the sensor runs in; None outside the daemon
         self.views = views
         self.by_step = {key.to_python_identifier(): view for key, view in views.items()}
         self.ui_url = settings.ui_url.rstrip("/")
@@ -224,9 +231,19 @@ class NoticeBuilder:
             return [view for step, view in self.by_step.items() if step in steps]
         return [view for view in self.views.values() if view.cadence.job_name == run.job_name]
 
+    def of_another_code_location(self, run: dg.DagsterRun) -> bool:
+        """A run launched from another code location of the instance (another team's defs.yaml may name its
+        jobs and views as ours do): its own location's sensors tell of it. Compared as Dagster's run status
+        sensors compare them, when both are known."""
+        origin = run.remote_job_origin
+        if origin is None or self.code_location is None:
+            return False
+        repository = origin.repository_origin
+        return (repository.code_location_origin.location_name, repository.repository_name) != self.code_location
+
     def run_notice(self, record) -> ViewNotice | None:
         run = self.instance.get_run_by_id(record.run_id)
-        if run is None:
+        if run is None or self.of_another_code_location(run):
             return None
         views = self._run_views(run)
         if not views:
@@ -352,7 +369,10 @@ def deliver(
     """One tick of a destination's sensor: new notices, and the ones still waiting, sent in order."""
     now = time.time() if now is None else now
     cursor = Cursor.parse(context.cursor)
-    builder = NoticeBuilder(context.instance, views, settings)
+    location = context.code_location_origin
+    builder = NoticeBuilder(
+        context.instance, views, settings, (location.location_name, context.repository_name) if location else None
+    )
     new = [*builder.run_notices(cursor, now), *filter(None, [builder.late_notice(cursor)])]
     secrets = tuple(secret for dest in settings.destinations for secret in dest.secrets)
     urls = tuple(filter(None, (os.environ.get(name) for name in settings.url_envs)))

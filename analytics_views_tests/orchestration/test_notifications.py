@@ -506,3 +506,42 @@ def test_a_run_of_some_views_of_a_job_names_only_those(seeded_db, instance, rece
     assert not run.success
     [hook] = receiver.posted("/hooks/")
     assert hook["views"] == ["daily_aggregations"] and hook["launched_by"] == "analytics-views refresh"
+
+
+def test_a_failed_run_of_another_code_location_is_told_by_its_own_sensors_only(empty_db, instance, receiver, tmp_path, monkeypatch):
+    # Two teams' code locations in one instance, each from its own defs.yaml, name their jobs and views alike.
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    notifying_defs(tmp_path, monkeypatch, empty_db, free_port(), receiver.server_port)
+    views = watched_views(MaterializedViewsComponent.from_defs_yaml(tmp_path / "defs.yaml").managed_config())
+    settings = NotificationSettings(ui_url=UI, destinations=(Webhook("ALERTS_WEBHOOK"),))
+
+    def location(name: str) -> InProcessCodeLocationOrigin:
+        return InProcessCodeLocationOrigin(LoadableTargetOrigin(module_name="analytics_views.definitions"), location_name=name)
+
+    def failed_run(name: str) -> str:
+        origin = RemoteJobOrigin(RemoteRepositoryOrigin(location(name), "__repository__"), "daily_refresh_job")
+        run = instance.add_run(
+            dg.DagsterRun("daily_refresh_job", status=dg.DagsterRunStatus.STARTED, remote_job_origin=origin, tags=SCHEDULED)
+        )
+        instance.report_run_failed(run, message=f"{name}'s run failed")
+        return run.run_id
+
+    cursors = {"team_a": None, "team_b": None}
+
+    def tick(name: str) -> None:
+        context = dg.SensorEvaluationContext(
+            instance_ref=None, cursor=cursors[name], repository_name="__repository__", instance=instance, code_location_origin=location(name)
+        )
+        cursors[name] = deliver(context, Webhook("ALERTS_WEBHOOK"), settings, views).cursor
+
+    for name in cursors:
+        tick(name)
+    team_a_run = failed_run("team_a")
+    for name in cursors:
+        tick(name)
+        tick(name)
+
+    [hook] = receiver.posted("/hooks/")
+    assert hook["run_id"] == team_a_run and "team_a's run failed" in hook["text"]
