@@ -1,16 +1,13 @@
-"""One Dagster asset per managed materialized view, and one per source table they read.
+"""One Dagster asset per managed materialized view, and one per source table they read; a cadence's views are
+refreshed by one step (a subsettable multi-asset), over a pool of connections.
 
 What an asset is called and shows (key, group, description, owners, tags, kinds, metadata, freshness, code
-references) is the translator's (translator.py); here the spec gets its refresh, its pool and its checks
-(`unique_index`, `matches_discovery`, the static checks and data tests of view_checks.py).
+references) is the translator's (translator.py); here the specs get their refresh, its pool and the checks that
+follow each refresh (`unique_index` and the data tests). The checks that follow a view's definition (the static
+checks, `matches_discovery`) are definition_checks.py's.
 """
 
-import multiprocessing
-import os
 import re
-import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -18,61 +15,17 @@ import dagster as dg
 from analytics_views.postgres import database
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration import view_checks
+from analytics_views.orchestration.definition_checks import MATCHES_DISCOVERY_CHECK
+from analytics_views.orchestration.refresh_step import ViewFailed, ViewRefresh, refresh_in_dependency_order
 from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, table_schema
-from analytics_views.sql_files.discovery import current_fingerprint, managed_views
-from analytics_views.errors import AnalyticsViewsError
+from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig
-from analytics_views.postgres.refresh import SKIPPED, RefreshError, refresh_view
+from analytics_views.postgres.refresh import SKIPPED, refresh_view
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.sql_files.source_tables import load_source_tables
 from analytics_views.sql_files.views import ViewDefinition, source_tables
 
 UNIQUE_INDEX_CHECK = "unique_index"
-MATCHES_DISCOVERY_CHECK = "matches_discovery"
-
-# Transient failures (lost connection, lock timeout, deadlock, ...) are retried with this policy's backoff;
-# permanent ones raise Failure(allow_retries=False) and fail at once. The step asks for the retry itself
-# (RetryRequested) rather than carrying the policy: with a retry policy, Dagster also retries a step whose
-# run was terminated while the step ran in the run's own process (dagster-io/dagster#15026), as the CLI's
-# runs and `in_process` runs do.
-TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
-
-
-def retry_later(context: dg.AssetExecutionContext) -> dg.RetryRequested:
-    """Ask Dagster to run the step again after TRANSIENT_RETRY's backoff (it fails after its max_retries)."""
-    return dg.RetryRequested(
-        max_retries=TRANSIENT_RETRY.max_retries,
-        seconds_to_wait=TRANSIENT_RETRY.calculate_delay(context.retry_number + 1),
-    )
-
-
-@contextmanager
-def cancel_on_interrupt(conn) -> Iterator[None]:
-    """The refresh stops with its run. A terminated run interrupts its steps (DagsterExecutionInterruptedError,
-    raised by Dagster's SIGINT handler in the step's process): cancel the query in the server too, so the view
-    keeps its contents and its lock is freed at once (psycopg cancels by itself on KeyboardInterrupt only). And
-    a step in a process of its own outlives a run worker killed with SIGKILL (out of memory, `kill -9`): when
-    the worker that started it dies, the step cancels its query and exits, as it would have died with it."""
-    worker = multiprocessing.parent_process()  # None when the step runs in the run worker itself
-    done = threading.Event()
-
-    def follow_the_worker() -> None:
-        while not done.is_set():
-            worker.join(0.5)
-            if not worker.is_alive() and not done.is_set():
-                conn.cancel_safe(timeout=5)
-                os._exit(1)
-
-    if worker is not None:
-        threading.Thread(target=follow_the_worker, name="follow the run worker", daemon=True).start()
-    try:
-        yield
-    except dg.DagsterExecutionInterruptedError:
-        conn.cancel_safe(timeout=5)
-        raise
-    finally:
-        done.set()
-
 
 _UNIQUE_INDEX_DDL = re.compile(r"CREATE\s+UNIQUE\s+INDEX\s+[^;]+;", re.IGNORECASE)
 
@@ -95,67 +48,100 @@ def view_asset(
     data_tests_dir: Path | None = None,
     translator: ViewTranslator = ViewTranslator(),
 ) -> dg.AssetsDefinition:
-    """The view's asset: the translator's spec, refreshed by one step with the view's checks.
-
-    `cadence` (default: the default cadence the view names) is passed to the translator (tag, freshness);
-    `data_tests_dir` is where discovered views' data tests live (the defs.yaml's `data_tests`).
-    """
+    """One view's asset alone, refreshed by a step of its own named after its key, in its own pool (as the
+    views were before they shared their cadence's step); the definitions use `views_asset`."""
     cadence = cadence or DEFAULT_CADENCES[view.cadence]
-    spec = translator.get_asset_spec(view, cadence)
-    key = spec.key
-    tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
-    check_specs = [
-        dg.AssetCheckSpec(
-            UNIQUE_INDEX_CHECK,
-            asset=key,
-            description="The view has a unique index that REFRESH MATERIALIZED VIEW CONCURRENTLY can use "
-            "(unique, valid, no WHERE clause, plain columns).",
-        )
-    ]
-    if view.fingerprint:
+    key = dg.AssetKey(list(view.asset_key_path))
+    return views_asset(
+        cadence, [view], data_tests_dir, translator, name=key.to_python_identifier(), pool=f"refresh_{'_'.join(key.path)}"
+    )
+
+
+def refresh_step_name(cadence: Cadence) -> str:
+    """The step (and op) refreshing the cadence's views: the CLI and the notices find it by this name."""
+    return f"refresh_{cadence.name}_views"
+
+
+def views_asset(
+    cadence: Cadence,
+    views: list[ViewDefinition],
+    data_tests_dir: Path | None = None,
+    translator: ViewTranslator = ViewTranslator(),
+    *,
+    name: str | None = None,
+    pool: str | None = None,
+) -> dg.AssetsDefinition:
+    """The cadence's views as one subsettable multi-asset: each view its own asset (the translator's spec) with
+    its `unique_index` check and data tests, all refreshed by one step over a pool of connections
+    (refresh_step.py), which yields each view's materialization and checks as it is done. Materializing one
+    view or a selection (the UI, the CLI) runs the step for those views only.
+
+    `data_tests_dir` is where discovered views' data tests live (the defs.yaml's `data_tests`). The static
+    checks and `matches_discovery` are definition_checks.py's: they follow the views' definitions, not their rows.
+    """
+    specs, check_specs, tests, by_key = [], [], {}, {}
+    for view in views:
+        spec = translator.get_asset_spec(view, cadence)
+        key = spec.key
+        by_key[key] = view
+        specs.append(spec)
+        tests[key] = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
         check_specs.append(
             dg.AssetCheckSpec(
-                MATCHES_DISCOVERY_CHECK,
+                UNIQUE_INDEX_CHECK,
                 asset=key,
-                description="The view's definition and columns in the database are still the ones "
-                "`analytics-views discover` recorded.",
+                description="The view has a unique index that REFRESH MATERIALIZED VIEW CONCURRENTLY can use "
+                "(unique, valid, no WHERE clause, plain columns).",
             )
         )
-    check_specs.extend(view_checks.specs(key, tests))
+        check_specs.extend(view_checks.data_test_specs(key, tests[key]))
+    key_of = {view.label: key for key, view in by_key.items()}
 
     @dg.multi_asset(
-        specs=[spec],
-        # The step and its pool are named as @dg.asset(key=...) named them: the CLI and the pool slots find a
-        # view's step by its key.
-        name=key.to_python_identifier(),
-        description=spec.description,
+        name=name or refresh_step_name(cadence),
+        description=f"Refreshes the {cadence.name} materialized views, each once the views it reads are done.",
+        specs=specs,
         check_specs=check_specs,
-        # One refresh of a view at a time across all runs (dagster.yaml: pools default_limit 1).
-        pool=f"refresh_{'_'.join(key.path)}",
+        can_subset=True,
+        # One run of a cadence's step at a time across all runs (dagster.yaml: pools default_limit 1); within
+        # and across steps, one refresh of a view at a time is the refresh's advisory lock (postgres/refresh.py),
+        # whoever runs it (a run, the CLI, psql).
+        pool=pool or f"refresh_{cadence.name}_views",
     )
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
-        with ExitStack() as stack:
-            try:
-                conn = stack.enter_context(
-                    analytics_db.connection(f"analytics-views {view.label} run {context.run.run_id[:8]}")
-                )
-            except AnalyticsViewsError as error:  # the server may be restarting: like any transient failure
-                raise retry_later(context) from error
-            state = database.view_state(conn, view.name, view.schema)
-            if not state.exists:
-                fix = "run `analytics-views migrate`" if view.path else "run `analytics-views discover` and reload"
-                raise dg.Failure(f"materialized view {view.label!r} does not exist: {fix}", allow_retries=False)
-            if view.fingerprint:
-                now = current_fingerprint(conn, view.schema, view.name)
-                yield dg.AssetCheckResult(
-                    check_name=MATCHES_DISCOVERY_CHECK,
-                    passed=now == view.fingerprint,
-                    severity=dg.AssetCheckSeverity.WARN,
-                    description="matches the discovered definition"
-                    if now == view.fingerprint
-                    else f"{view.label} was redefined since discovery: run `analytics-views discover`",
-                )
-            yield dg.AssetCheckResult(
+        selected = [view for key, view in by_key.items() if key in context.selected_asset_keys]
+        checks = set(context.selected_asset_check_keys)
+
+        def refresh_one(conn, view: ViewDefinition, last_metadata: dict, options: dict) -> ViewRefresh:
+            key = key_of[view.label]
+            return refresh_and_check(conn, view, key, analytics_db, last_metadata, options, tests[key], checks)
+
+        yield from refresh_in_dependency_order(context, analytics_db, selected, refresh_one, lambda view: key_of[view.label])
+
+    return refresh
+
+
+def refresh_and_check(
+    conn,
+    view: ViewDefinition,
+    key: dg.AssetKey,
+    analytics_db: AnalyticsDatabase,
+    last_metadata: dict,
+    options: dict,
+    tests: tuple,
+    checks: set[dg.AssetCheckKey],
+) -> ViewRefresh:
+    """One view's refresh on a pool thread: its `unique_index` check, the refresh, its materialization's
+    metadata and its data tests, as events for the step to yield. A permanent failure raises dg.Failure."""
+    events: list = []
+    state = database.view_state(conn, view.name, view.schema)
+    if not state.exists:
+        fix = "run `analytics-views migrate`" if view.path else "run `analytics-views discover` and reload"
+        raise ViewFailed(f"materialized view {view.label!r} does not exist: {fix}")
+    if dg.AssetCheckKey(key, UNIQUE_INDEX_CHECK) in checks:
+        events.append(
+            dg.AssetCheckResult(
+                asset_key=key,
                 check_name=UNIQUE_INDEX_CHECK,
                 passed=state.unique_index is not None,
                 severity=dg.AssetCheckSeverity.ERROR,
@@ -166,52 +152,33 @@ def view_asset(
                     else f"{view.label} has no usable unique index: {unique_index_fix(view)}"
                 ),
             )
-            if state.unique_index is None:
-                raise dg.Failure(
-                    f"{view.label} has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY; "
-                    f"{unique_index_fix(view)}, then materialize again",
-                    allow_retries=False,
-                )
-            last = context.instance.get_latest_materialization_event(context.asset_key)
-            last_metadata = last.asset_materialization.metadata if last and last.asset_materialization else {}
-            try:
-                with cancel_on_interrupt(conn):
-                    outcome = refresh_view(
-                        conn,
-                        view.name,
-                        analytics_db.refresh_settings,
-                        view.refresh_strategy,
-                        schema=view.schema,
-                        skip_if_unchanged_since=skip_if_unchanged_since(last_metadata, analytics_db),
-                    )
-            except RefreshError as error:
-                if error.transient:
-                    raise retry_later(context) from error
-                raise dg.Failure(str(error), allow_retries=False) from None
-            note = f"; {outcome.note}" if outcome.note else ""
-            context.log.info(f"{view.label}: {outcome.mode}{note} in {outcome.duration_s:.3f} s")
-            state = database.view_state(conn, view.name, view.schema)
-            yield dg.MaterializeResult(metadata=refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone))
-            yield from view_checks.results(conn, view, state.unique_index, tests, analytics_db.timezone)
-
-    return refresh
+        )
+    if state.unique_index is None:
+        raise ViewFailed(
+            f"{view.label} has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY; "
+            f"{unique_index_fix(view)}, then materialize again",
+            events,
+        )
+    outcome = refresh_view(conn, view.name, analytics_db.refresh_settings, view.refresh_strategy, schema=view.schema, **options)
+    state = database.view_state(conn, view.name, view.schema)
+    events.append(
+        dg.MaterializeResult(
+            asset_key=key, metadata=refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone)
+        )
+    )
+    for test in tests:
+        if dg.AssetCheckKey(key, test.name) in checks:
+            events.append(view_checks.data_test_check_result(conn, key, test, analytics_db.timezone))
+    return ViewRefresh(outcome, events)
 
 
-def skip_if_unchanged_since(last_metadata, analytics_db: AnalyticsDatabase) -> str | None:
-    """The sources fingerprint the last materialization recorded, which a refresh may skip against; None when
-    skipping is off or none was recorded. A materialization recorded before the key was namespaced (plain
-    `sources_fingerprint`) is not read: the first refresh after the upgrade runs, and records the new key."""
-    last_fingerprint = last_metadata.get(keys.SOURCES_FINGERPRINT)
-    return last_fingerprint.value if last_fingerprint and analytics_db.skip_unchanged else None
-
-
-def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata, timezone: str) -> dict:
+def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata: dict, timezone: str) -> dict:
     """What a refresh's materialization records: rows, size, mode and timing, the fingerprint the next refresh
-    compares (refresh.py), the table and its columns."""
+    compares (refresh.py), the table and its columns. `last_metadata`: the last materialization's, as values."""
     return {
         # Unchanged sources mean unchanged rows: a skip costs catalog look-ups only.
-        keys.ROW_COUNT: last_metadata[keys.ROW_COUNT].value
-        if outcome.mode == SKIPPED
+        keys.ROW_COUNT: last_metadata[keys.ROW_COUNT]
+        if outcome.mode == SKIPPED and keys.ROW_COUNT in last_metadata
         else database.row_count(conn, view.name, view.schema),
         keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
         keys.SIZE_BYTES: state.size_bytes,
@@ -232,7 +199,6 @@ def build_assets(
     from the state file only."""
     config = config or ManagedConfig()
     managed = managed_views(config)
-    cadences = {cadence.name: cadence for cadence in config.cadences}
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
     declared = load_source_tables(config.migrations_dir) if config.migrations_dir else {}
@@ -243,5 +209,9 @@ def build_assets(
             if (table,) not in discovered_keys
         ),
         *map(translator.get_source_spec, managed.sources),
-        *(view_asset(view, cadences[view.cadence], config.data_tests, translator) for view in managed.views),
+        *(
+            views_asset(cadence, on_it, config.data_tests, translator)
+            for cadence in config.cadences
+            if (on_it := [view for view in managed.views if view.cadence == cadence.name])
+        ),
     ]

@@ -6,11 +6,13 @@ reads a file of settings or the database.
 
 import dagster as dg
 
+from analytics_views.orchestration import definition_checks
 from analytics_views.orchestration.assets import build_assets
 from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, build_jobs, build_schedules
 from analytics_views.orchestration.notifications import NotificationSettings, notification_sensors
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.orchestration.translator import ViewTranslator
+from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import ManagedConfig
 
 DATABASE_RESOURCE = "analytics_db"
@@ -29,11 +31,16 @@ def build_definitions(
     DATABASE_URL, default refresh settings); with `notifications`, a sensor per destination (notifications.py)."""
     config = config or ManagedConfig()
     jobs = build_jobs(config)
+    views = list(managed_views(config).views)
     return dg.Definitions(
         assets=build_assets(config, translator or ViewTranslator()),
-        jobs=list(jobs.values()),
+        asset_checks=[definition_checks.definition_checks(views)] if views else [],
+        jobs=[*jobs.values(), *([definition_checks.definition_checks_job(views)] if views else [])],
         schedules=build_schedules(jobs),
-        sensors=notification_sensors(notifications, config) if notifications else [],
+        sensors=[
+            *([definition_checks.definition_checks_sensor(views)] if views else []),
+            *(notification_sensors(notifications, config) if notifications else []),
+        ],
         resources={DATABASE_RESOURCE: database or AnalyticsDatabase(url=dg.EnvVar("DATABASE_URL"))},
         # Also for views materialized by hand in the UI (Dagster's implicit asset job).
         executor=REFRESH_EXECUTOR,

@@ -81,6 +81,7 @@ class RefreshDefaults(dg.Model):
     skip_unchanged: bool = Field(default=True, description="Skip a view none of whose sources changed since its last refresh.")
     work_mem_mb: int | None = Field(default=RefreshSettings.work_mem_mb, description="work_mem of refreshes, MB; unset: the server's.")
     timezone: str = Field(default=RefreshSettings.timezone, description="TimeZone every refresh and data test runs under.")
+    refresh_connections: int = Field(default=4, description="Views of a run refreshed at the same time, each on a connection (at least 1).")
 
 
 class EmailSettings(dg.Model):

@@ -1,7 +1,7 @@
 """The refresh jobs and the cron schedules the daemon runs them on, one of each configured cadence.
 
-A job holds its cadence's managed views; within it a view is refreshed after every view it reads (asset
-deps order the steps). A view reading a view of another cadence reads that view's latest contents: with the
+A job holds its cadence's managed views, refreshed by one step (assets.views_asset); within it a view is
+refreshed after every view it reads in the run. A view reading a view of another cadence reads that view's latest contents: with the
 default cadences the daily run (03:00 UTC) comes before Monday's weekly run (04:00), so a weekly view sees
 that morning's daily data, and a daily view sees a weekly view's new week from Tuesday. A cadence without
 views gets no job and no schedule: Dagster accepts an empty job, but its schedule would record a run that
@@ -10,31 +10,31 @@ does nothing at every tick.
 
 import dagster as dg
 
+from analytics_views.orchestration import definition_checks
 from analytics_views.orchestration.cadences import check_cadence
 from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import Cadence, ManagedConfig
 from analytics_views.sql_files.views import ViewDefinition
 
-# Each view is its own step, and a run's independent views refresh at the same time, each in a process of its
-# own forked from a server that has already imported the definitions (Dagster's multiprocess executor with
-# `forkserver`), each once the views it reads are refreshed. Every run the daemon or the UI launches uses it
-# (a view materialized by hand too). Pools, retries and termination are Dagster's own. Dagster has no
-# thread-based executor (dagster-io/dagster#4041); bench/ compares this with `in_process` (one step after
-# another) and spawned processes.
-MAX_CONCURRENT_REFRESHES = 8  # the refreshes run in PostgreSQL, not on the local cores
-REFRESH_EXECUTOR = dg.multiprocess_executor.configured(
-    {"max_concurrent": MAX_CONCURRENT_REFRESHES, "start_method": {"forkserver": {}}},
-    name="refresh_executor",
-)
+# A cadence's views are one step (assets.views_asset) that refreshes them over a pool of connections in
+# threads, as dagster-dbt runs dbt's threads in one step: a run is one step in the run worker's own process,
+# which has already loaded the definitions, so its cost does not grow with the number of views. A step per
+# view, each in a process of its own, cost seconds per view (docs/benchmarks.md); Dagster has no thread-based
+# executor (dagster-io/dagster#4041). Every run the daemon or the UI launches uses it (a view materialized by
+# hand too, and the definition checks).
+REFRESH_EXECUTOR = dg.in_process_executor
 
 
 def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
-    keys = [dg.AssetKey(list(view.asset_key_path)) for view in views if view.cadence == cadence.name]
+    on_it = [view for view in views if view.cadence == cadence.name]
+    keys = [dg.AssetKey(list(view.asset_key_path)) for view in on_it]
     return dg.define_asset_job(
         name=cadence.job_name,
-        selection=dg.AssetSelection.assets(*keys),
-        description=f"Refreshes the {cadence.name} materialized views ({cadence.cron}, {cadence.timezone}), "
-        "each in its own step.",
+        # With the checks that follow each refresh (unique_index, data tests), not the definition checks:
+        # those have a job of their own (definition_checks.py).
+        selection=dg.AssetSelection.assets(*keys) - dg.AssetSelection.checks(*definition_checks.check_keys(on_it)),
+        description=f"Refreshes the {cadence.name} materialized views ({cadence.cron}, {cadence.timezone}) "
+        "in one step, each once the views it reads are done.",
         tags={"cadence": cadence.name},
         executor_def=REFRESH_EXECUTOR,
     )

@@ -35,6 +35,13 @@ class AnalyticsDatabase(dg.ConfigurableResource):
         "unset keeps the server's work_mem.",
     )
 
+    refresh_connections: int = Field(
+        default=4,
+        ge=1,
+        description="Connections (each on a thread of the run's step) refreshing a run's views at the same time; "
+        "each view waits for the views it reads.",
+    )
+
     timezone: str = Field(
         default=RefreshSettings.timezone,
         description="TimeZone every refresh runs under (SET LOCAL), whatever the connection's, role's or "

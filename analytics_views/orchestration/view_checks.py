@@ -1,4 +1,5 @@
-"""The checks of a view's SQL as Dagster asset checks: the static checks (sql_checks.py) and its data tests
+"""The checks of a view's SQL as Dagster asset checks: the static checks (sql_checks.py), evaluated when the
+view's definition or the catalog facts they read change (definition_checks.py), and its data tests
 (data_tests.py), declared on the view's asset and evaluated after each refresh in the same step.
 
 sql_checks (and so sqlglot) is imported only when a step evaluates the checks: loading definitions stays
@@ -33,11 +34,14 @@ def data_tests(view: ViewDefinition, discovered_tests_dir: Path | None, reserved
     return load_tests(tests_folder(view.path, view.name, view.schema, discovered_tests_dir), (*reserved, *STATIC_CHECKS))
 
 
-def specs(key: dg.AssetKey, tests: tuple[DataTest, ...]) -> list[dg.AssetCheckSpec]:
+def static_specs(key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    return [dg.AssetCheckSpec(name, asset=key, description=description) for name, description in STATIC_CHECKS.items()]
+
+
+def data_test_specs(key: dg.AssetKey, tests: tuple[DataTest, ...]) -> list[dg.AssetCheckSpec]:
     return [
-        *(dg.AssetCheckSpec(name, asset=key, description=description) for name, description in STATIC_CHECKS.items()),
-        *(dg.AssetCheckSpec(test.name, asset=key, description=f"{test.asserts} (data test {_relative(test.path)})")
-          for test in tests),
+        dg.AssetCheckSpec(test.name, asset=key, description=f"{test.asserts} (data test {_relative(test.path)})")
+        for test in tests
     ]
 
 
@@ -49,7 +53,9 @@ def _metadata_value(value):
     return dg.MetadataValue.json(value) if isinstance(value, (list, dict)) else value
 
 
-def static_results(conn: psycopg.Connection, view: ViewDefinition, unique_index: str | None) -> Iterator[dg.AssetCheckResult]:
+def static_results(
+    conn: psycopg.Connection, view: ViewDefinition, unique_index: str | None, key: dg.AssetKey | None = None
+) -> Iterator[dg.AssetCheckResult]:
     from analytics_views.sql_files import sql_checks
 
     try:
@@ -59,6 +65,7 @@ def static_results(conn: psycopg.Connection, view: ViewDefinition, unique_index:
         outcomes = [sql_checks.CheckOutcome(name, False, reason, undecided=(reason,)) for name in STATIC_CHECKS]
     for outcome in outcomes:
         yield dg.AssetCheckResult(
+            asset_key=key,
             check_name=outcome.name,
             passed=outcome.passed,
             severity=dg.AssetCheckSeverity.WARN,
@@ -73,7 +80,7 @@ def static_results(conn: psycopg.Connection, view: ViewDefinition, unique_index:
         )
 
 
-def data_test_result(result: DataTestResult) -> dg.AssetCheckResult:
+def data_test_result(result: DataTestResult, key: dg.AssetKey | None = None) -> dg.AssetCheckResult:
     test = result.test
     if result.error is not None:
         description = f"{test.name} could not run: {result.error}"
@@ -87,6 +94,7 @@ def data_test_result(result: DataTestResult) -> dg.AssetCheckResult:
     if result.error is not None:
         metadata[keys.ERROR] = result.error
     return dg.AssetCheckResult(
+        asset_key=key,
         check_name=test.name,
         passed=result.passed,
         severity=_SEVERITY[test.severity],
@@ -95,15 +103,9 @@ def data_test_result(result: DataTestResult) -> dg.AssetCheckResult:
     )
 
 
-def results(
-    conn: psycopg.Connection,
-    view: ViewDefinition,
-    unique_index: str | None,
-    tests: tuple[DataTest, ...],
-    timezone: str = "UTC",
-) -> Iterator[dg.AssetCheckResult]:
-    """Every check of `specs`, evaluated over the step's connection after the refresh; the data tests run in
-    the refresh's time zone, so they bucket as the view did."""
-    yield from static_results(conn, view, unique_index)
-    for test in tests:
-        yield data_test_result(run_test(conn, test, timezone=timezone))
+def data_test_check_result(
+    conn: psycopg.Connection, key: dg.AssetKey, test: DataTest, timezone: str = "UTC"
+) -> dg.AssetCheckResult:
+    """A data test, run over the refresh's connection after the refresh, in the refresh's time zone, so it
+    buckets as the view did."""
+    return data_test_result(run_test(conn, test, timezone=timezone), key)

@@ -1,0 +1,278 @@
+"""How one step refreshes many views: in dependency order, over a bounded pool of connections in threads, as
+dagster-dbt runs dbt's threads inside one step.
+
+Each view is refreshed on a pool thread with its own connection; the step (the main thread) yields each
+view's materialization and check results as soon as it is done, so the UI shows a view refreshed while the
+others go on. A view is started once every view it reads in the selection is done; a failed view fails alone:
+the views reading it are not started, and the step fails at the end naming every failed view, why, and the
+views left out because of them. A transient failure (lost connection, lock timeout, deadlock, ...) is retried
+with TRANSIENT_RETRY's backoff, for that view only. Terminating the run cancels every query in flight at once.
+"""
+
+import inspect
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from graphlib import TopologicalSorter
+
+import dagster as dg
+import psycopg
+
+from analytics_views.errors import AnalyticsViewsError
+from analytics_views.orchestration import metadata_keys as keys
+from analytics_views.orchestration.resources import AnalyticsDatabase
+from analytics_views.postgres.refresh import SKIPPED, RefreshError, RefreshOutcome, refresh_view
+from analytics_views.sql_files.views import ViewDefinition
+
+# Transient failures are retried with this policy's backoff, inside the step, per view.
+TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+# Metadata of the step's failure: {view label: reason} for every view the step did not refresh.
+NOT_REFRESHED = keys.ours("not_refreshed")
+_POLL_S = 0.5
+
+# refresh_view gains `own_sessions` (the pids of the run's other connections, which its skip decision may
+# ignore) in the skip-decision work on postgres/refresh.py; until then it is not passed.
+_TAKES_OWN_SESSIONS = "own_sessions" in inspect.signature(refresh_view).parameters
+
+
+class ViewFailed(Exception):
+    """A view's refresh failed for good: its one-line reason, and the events to yield all the same (a failed
+    `unique_index` check)."""
+
+    def __init__(self, reason: str, events: list | tuple = ()):
+        super().__init__(reason)
+        self.events = list(events)
+
+
+@dataclass
+class ViewRefresh:
+    """What a pool thread hands the step for one view: its refresh's outcome and the events to yield."""
+
+    outcome: RefreshOutcome
+    events: list = field(default_factory=list)
+
+
+class Sessions:
+    """The step's connections, one per pool thread, opened when first needed and reopened when lost; every
+    query in flight on them is cancelled by `cancel_all`."""
+
+    def __init__(self, analytics_db: AnalyticsDatabase, run_id: str, stack: ExitStack):
+        self._db, self._run_id, self._stack = analytics_db, run_id[:8], stack
+        self._lock = threading.Lock()
+        self._by_thread: dict[int, psycopg.Connection] = {}
+
+    def connection(self, label: str) -> psycopg.Connection:
+        """This thread's connection, named for the DBA after the view it refreshes (`analytics-views <view> run
+        <run id>`, as pg_stat_activity and PostgreSQL's log show it)."""
+        name = f"analytics-views {label} run {self._run_id}"
+        thread = threading.get_ident()
+        conn = self._by_thread.get(thread)
+        if conn is None or conn.closed or conn.broken:
+            opening = self._db.connection(name)
+            conn = opening.__enter__()
+            with self._lock:  # closed with the step
+                self._stack.push(opening.__exit__)
+                self._by_thread[thread] = conn
+        else:
+            conn.execute("SELECT set_config('application_name', %s, false)", [name])
+        return conn
+
+    def others(self, conn: psycopg.Connection) -> frozenset[int]:
+        """The backend pids of the step's other connections."""
+        with self._lock:
+            return frozenset(c.info.backend_pid for c in self._by_thread.values() if c is not conn and not c.closed)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            connections = list(self._by_thread.values())
+        for conn in connections:
+            if not conn.closed:
+                conn.cancel_safe(timeout=5)
+
+
+# refresh_one(conn, view, last_metadata, options): refreshes one view; `last_metadata` is its last
+# materialization's (for a skip: the rows did not change), `options` the keyword arguments of refresh_view that
+# the run decides (skip_if_unchanged_since, own_sessions).
+RefreshOne = Callable[[psycopg.Connection, ViewDefinition, dict, dict], ViewRefresh]
+
+
+def refresh_in_dependency_order(
+    context: dg.AssetExecutionContext,
+    analytics_db: AnalyticsDatabase,
+    views: list[ViewDefinition],
+    refresh_one: RefreshOne,
+    key_of: Callable[[ViewDefinition], dg.AssetKey],
+) -> Iterator:
+    """Refreshes `views` over at most `analytics_db.refresh_connections` connections, each once the views it
+    reads among them are done; yields each view's events as it finishes, then fails naming the views that
+    failed or were left out."""
+    by_key = {key_of(view): view for view in views}
+    reads = {
+        key: [dep for dep in map(dg.AssetKey.from_user_string, view.deps) if dep in by_key and dep != key]
+        for key, view in by_key.items()
+    }
+    order = TopologicalSorter(reads)
+    order.prepare()
+    # Only a skip reads the last materialization (its fingerprint and row count): read in one query for all.
+    last_metadata = _last_metadata(context, list(by_key)) if analytics_db.skip_unchanged else {}
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    stopping = threading.Event()
+    refreshed: set[dg.AssetKey] = set()  # refreshed, not skipped
+    done: set[dg.AssetKey] = set()
+    failed: dict[dg.AssetKey, str] = {}
+
+    with ExitStack() as stack:
+        sessions = Sessions(analytics_db, context.run.run_id, stack)
+
+        def task(key: dg.AssetKey, skip_since: str | None) -> None:
+            view = by_key[key]
+            try:
+                outcome = _with_retries(view, sessions, refresh_one, last_metadata.get(key, {}), skip_since, stopping, results, key)
+                results.put((key, "done", outcome))
+            except ViewFailed as error:
+                results.put((key, "failed", error))
+            except BaseException as error:  # noqa: BLE001 - one view's bug must not hang the step
+                results.put((key, "failed", ViewFailed(f"{type(error).__name__}: {' '.join(str(error).split())}")))
+
+        workers = max(1, min(analytics_db.refresh_connections, len(by_key)))
+        threads: list[threading.Thread] = []
+        ready: list[dg.AssetKey] = []
+        running = 0
+        try:
+            while True:
+                ready.extend(order.get_ready())
+                while ready and running < workers:
+                    key = ready.pop(0)
+                    # A view reading a view this run refreshed must be refreshed: its sources just changed.
+                    fingerprint = last_metadata.get(key, {}).get(keys.SOURCES_FINGERPRINT)
+                    skip_since = None if any(dep in refreshed for dep in reads[key]) else fingerprint or None
+                    thread = threading.Thread(target=task, args=(key, skip_since), name=f"refresh {by_key[key].label}")
+                    thread.start()
+                    threads.append(thread)
+                    running += 1
+                if not running:
+                    break
+                try:
+                    key, kind, payload = results.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if kind == "retry":
+                    context.log.warning(payload)
+                    continue
+                running -= 1
+                if kind == "failed":
+                    failed[key] = str(payload)
+                    context.log.error(f"{by_key[key].label}: {payload}")
+                    yield from payload.events
+                    continue  # the views reading it never become ready
+                if payload.outcome.mode != SKIPPED:
+                    refreshed.add(key)
+                done.add(key)
+                yield from payload.events
+                order.done(key)
+        except BaseException:  # the run was terminated (or the step broke): start nothing more, cancel the queries
+            stopping.set()
+            sessions.cancel_all()
+            raise
+        finally:
+            stopping.set()
+            for thread in threads:
+                thread.join()
+
+    left_out = _left_out(by_key, reads, failed, done)
+    for key, reason in left_out.items():
+        context.log.error(f"{by_key[key].label}: {reason}")
+    context.log.info(
+        f"{len(done)} of {len(by_key)} views done ({len(refreshed)} refreshed, {len(done) - len(refreshed)} skipped) "
+        f"over {workers} connections"
+    )
+    if failed or left_out:
+        reasons = {by_key[key].label: reason for key, reason in {**failed, **left_out}.items()}
+        raise dg.Failure(
+            description="; ".join(f"{label}: {reason}" for label, reason in reasons.items()),
+            metadata={NOT_REFRESHED: dg.MetadataValue.json(reasons)},
+            allow_retries=False,
+        )
+
+
+def _with_retries(
+    view: ViewDefinition,
+    sessions: Sessions,
+    refresh_one: RefreshOne,
+    last_metadata: dict,
+    skip_since: str | None,
+    stopping: threading.Event,
+    results: queue.SimpleQueue,
+    key: dg.AssetKey,
+) -> ViewRefresh:
+    """One view's refresh on this thread's connection, a transient failure retried after TRANSIENT_RETRY's
+    backoff (a lost connection is reopened)."""
+    attempt = 0
+    while True:
+        if stopping.is_set():
+            raise ViewFailed("not refreshed: the run is stopping")
+        try:
+            conn = sessions.connection(view.label)
+            options: dict = {"skip_if_unchanged_since": skip_since}
+            if _TAKES_OWN_SESSIONS:
+                options["own_sessions"] = sessions.others(conn)
+            return refresh_one(conn, view, last_metadata, options)
+        except ViewFailed:
+            raise
+        except dg.Failure as error:
+            raise ViewFailed(error.description or str(error)) from None
+        except (RefreshError, AnalyticsViewsError, psycopg.OperationalError) as error:
+            transient = getattr(error, "transient", isinstance(error, psycopg.OperationalError))
+            message = " ".join(str(error).split())
+            if not transient or attempt >= TRANSIENT_RETRY.max_retries:
+                tries = f" (after {attempt + 1} attempts)" if transient else ""
+                raise ViewFailed(f"{message}{tries}") from None
+            attempt += 1
+            delay = TRANSIENT_RETRY.calculate_delay(attempt)
+            results.put((key, "retry", f"{view.label}: {message}; retry {attempt} of {TRANSIENT_RETRY.max_retries} in {delay:.1f} s"))
+            if stopping.wait(delay):
+                raise ViewFailed("not refreshed: the run is stopping") from None
+
+
+def _last_metadata(context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> dict[dg.AssetKey, dict]:
+    """Each view's last materialization's metadata, as plain values, read in one query for all the views. A
+    materialization recorded before the fingerprint's key was namespaced (plain `sources_fingerprint`) gives
+    none: the first refresh after the upgrade runs, and records the new key."""
+    last = {}
+    for record in context.instance.get_asset_records(asset_keys):
+        entry = record.asset_entry.last_materialization
+        materialization = entry.asset_materialization if entry else None
+        if materialization is not None:
+            last[record.asset_entry.asset_key] = {name: value.value for name, value in materialization.metadata.items()}
+    return last
+
+
+def _left_out(
+    by_key: dict[dg.AssetKey, ViewDefinition],
+    reads: dict[dg.AssetKey, list[dg.AssetKey]],
+    failed: dict[dg.AssetKey, str],
+    done: set[dg.AssetKey],
+) -> dict[dg.AssetKey, str]:
+    """Why each view neither done nor failed was left out: the failed views it reads, directly or not."""
+    reasons: dict[dg.AssetKey, str] = {}
+
+    def failed_below(key: dg.AssetKey, seen: set) -> set[dg.AssetKey]:
+        below: set[dg.AssetKey] = set()
+        for dep in reads[key]:
+            if dep in failed:
+                below.add(dep)
+            elif dep not in done and dep not in seen:
+                seen.add(dep)
+                below |= failed_below(dep, seen)
+        return below
+
+    for key in by_key:
+        if key in done or key in failed:
+            continue
+        culprits = sorted(by_key[dep].label for dep in failed_below(key, set()))
+        reasons[key] = (
+            f"not refreshed: it reads {', '.join(culprits)}, which failed" if culprits else "not refreshed: the run stopped"
+        )
+    return reasons
