@@ -15,6 +15,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.component import LoadedViews, load_views
 from analytics_views.operations import runs
 from analytics_views.orchestration import metadata_keys as keys
+from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.operations.migrate import LEDGER
 from analytics_views.postgres.refresh import SKIPPED, RefreshSettings
 from analytics_views.sql_files.views import ViewDefinition
@@ -134,22 +135,21 @@ def refresh(
     run_config = {"resources": {"analytics_db": {"config": settings}}}
     env = {**os.environ, url_env: url}
     with instance() as dagster_instance:
-        launches, chosen_steps, pools = [], [], []
+        launches, chosen_views, pools = [], [], []
         for cadence in config.cadences:
-            chosen = {_step(view): view for view in managed if view.cadence == cadence.name and view.label in views}
+            chosen = {_key(view): view for view in managed if view.cadence == cadence.name and view.label in views}
             if not chosen:
                 continue
             job = defs.resolve_job_def(cadence.job_name)
             every = len(chosen) == len(job.asset_layer.executable_asset_keys)
-            launches.append(runs.Launch(job.name, None if every else list(chosen), run_config))
-            chosen_steps.append(chosen)
-            pools.append({node.name: node.definition.pool for node in job.graph.nodes if node.name in chosen})
+            launches.append(runs.Launch(job.name, None if every else [list(key.path) for key in chosen], run_config))
+            chosen_views.append(chosen)
+            pools.append({node.name: node.definition.pool for node in job.graph.nodes})
         launched = runs.launch(launches, env)
         submitted = [
             runs.Submitted(run_id, launch.job, run_pools, group)
             for (run_id, group), launch, run_pools in zip(launched, launches, pools)
         ]
-        chosen_views = {run.run_id: steps for run, steps in zip(submitted, chosen_steps)}
         with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
             told: set = set()
             runs.wait(
@@ -159,13 +159,13 @@ def refresh(
                 watch=lambda: [_say_lock_waits(conn, run.run_id, told) for run in submitted],
             )
         reports = []
-        for run in submitted:
-            reports += _reports(dagster_instance, run, chosen_views[run.run_id])
+        for run, chosen in zip(submitted, chosen_views):
+            reports += _reports(dagster_instance, run, chosen)
     return reports
 
 
-def _step(view: ViewDefinition) -> str:
-    return dg.AssetKey(list(view.asset_key_path)).to_python_identifier()
+def _key(view: ViewDefinition) -> dg.AssetKey:
+    return dg.AssetKey(list(view.asset_key_path))
 
 
 # Sessions of the run's refreshes (application_name 'analytics-views <view> run <run id>', assets.py) waiting
@@ -197,33 +197,48 @@ def _say_lock_waits(conn, run_id: str, told: set) -> None:
             )
 
 
-def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, steps: dict[str, ViewDefinition]) -> list[RefreshReport]:
-    """One report per view, from the run's event log: its materialization's metadata, or its failure."""
-    failures, materialized = {}, {}
-    for entry in dagster_instance.all_logs(run.run_id):
-        event = entry.dagster_event
-        if event is None or event.step_key not in steps:
-            continue
+def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, views: dict[dg.AssetKey, ViewDefinition]) -> list[RefreshReport]:
+    """One report per view, from the run's event log: its materialization's metadata, or why it was not
+    refreshed (the step's failure names each such view, refresh_step.NOT_REFRESHED)."""
+    failures: dict[dg.AssetKey, str] = {}
+    materialized: dict[dg.AssetKey, dict] = {}
+    step_failures: list[str] = []
+    by_label = {view.label: key for key, view in views.items()}
+    records = dagster_instance.get_records_for_run(
+        run.run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.ASSET_MATERIALIZATION}
+    ).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
         if event.is_step_failure:
             error = event.step_failure_data.error
-            message = (error.message if error else event.message or "failed").strip().splitlines()[0]
-            failures[event.step_key] = re.sub(r"^[\w.]+(Error|Failure): ", "", message)
-        elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            user_data = event.step_failure_data.user_failure_data
+            not_refreshed = user_data.metadata.get(NOT_REFRESHED) if user_data else None
+            if not_refreshed is not None:
+                for label, reason in not_refreshed.value.items():
+                    if label in by_label:
+                        failures[by_label[label]] = reason
+            else:
+                message = (error.message if error else event.message or "failed").strip().splitlines()[0]
+                step_failures.append(re.sub(r"^[\w.]+(Error|Failure): ", "", message))
+        elif event.asset_key in views:
             metadata = event.step_materialization_data.materialization.metadata
-            materialized[event.step_key] = {key: value.value for key, value in metadata.items()}
+            materialized[event.asset_key] = {name: value.value for name, value in metadata.items()}
     status = dagster_instance.get_run_by_id(run.run_id).status
+    blocked = next(iter(run.blocked.values()), None)
     reports = []
-    for step, view in steps.items():
-        metadata = materialized.get(step)
-        if step in run.blocked:
-            reports.append(RefreshReport(view.label, "FAILED", run.blocked[step]))
-        elif step in failures:
-            reports.append(RefreshReport(view.label, "FAILED", failures[step]))
+    for key, view in views.items():
+        metadata = materialized.get(key)
+        if key in failures:
+            reports.append(RefreshReport(view.label, "FAILED", failures[key]))
+        elif not metadata and blocked:
+            reports.append(RefreshReport(view.label, "FAILED", blocked))
         elif not metadata:  # neither failed nor materialized
             reason = (
                 "not refreshed: the run was terminated"
                 if status == dg.DagsterRunStatus.CANCELED
-                else "not refreshed: a view it reads failed"
+                else f"not refreshed: {step_failures[0]}"
+                if step_failures
+                else "not refreshed"
             )
             reports.append(RefreshReport(view.label, "FAILED", f"{reason}, run {run.run_id[:8]}"))
         else:

@@ -1,13 +1,15 @@
 """The runs `analytics-views refresh` submits: real runs, launched through the code location.
 
-Each is launched as the daemon launches a scheduled run: `dagster job launch` (Dagster's own command) loads
-the workspace's code location and submits the run to the instance's run launcher, which starts a run worker
-with the jobs' executor. So the run carries its code-location origin (the UI's Overview timeline shows it,
-"Re-execute" runs the same job) and a tag naming who launched it. The command then waits for the run in the
-instance, saying on stderr what it waits for: a view's pool slot held by another run (at most `wait_s`,
-after which the run is terminated and the view reported not refreshed; a slot left to a run that ended is
-freed at once), or a lock held by another session. SIGINT or SIGTERM terminate the run as the UI's
-"Terminate" does: the run worker cancels its queries, and the views keep their previous contents.
+Each is launched as the daemon launches a scheduled run: Dagster's own GraphQL `launchRun` (run in process by
+`dagster-graphql -w workspace.yaml`, no webserver needed) loads the workspace's code location and submits the
+run, for the chosen views (an asset selection of the cadence's job), to the instance's run launcher, which
+starts a run worker with the jobs' executor. So the run carries its code-location origin (the UI's Overview
+timeline shows it, "Re-execute" runs the same job) and a tag naming who launched it. (`dagster job launch`
+selects ops, not assets: a cadence's views are one op.) The command then follows the run's events with a
+cursor, saying on stderr what it waits for: its step's pool slot held by another run (asked only while the step
+waits; at most `wait_s`, after which the run is terminated and its views reported not refreshed; a slot left to
+a run that ended is freed at once), or a lock held by another session. SIGINT or SIGTERM terminate the run as
+the UI's "Terminate" does: the run worker cancels its queries, and the views keep their previous contents.
 """
 
 import json
@@ -16,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -46,44 +47,88 @@ def say(line: str) -> None:
 
 @dataclass
 class Submitted:
-    """A launched run, and what the command learned while it waited for it."""
+    """A launched run, and what the command learned, following its events, while it waited for it."""
 
     run_id: str
     job: str
     pools: dict[str, str | None]  # step key -> pool
-    process_group: int  # of its `dagster job launch`, whose code server serves the run until it ends
+    process_group: int  # of its launcher, whose code server serves the run until it ends
     waiting_since: dict[str, float] = field(default_factory=dict)  # steps waiting for their pool slot
     blocked: dict[str, str] = field(default_factory=dict)  # steps not run, with the one-line reason
+    cursor: str | None = None  # of its event log, read so far
+    started: bool = False
+    started_steps: set[str] = field(default_factory=set)
+    ended: bool = False
 
 
 @dataclass(frozen=True)
 class Launch:
-    """A run to submit: `job`, only `steps` when given, with `run_config`."""
+    """A run to submit: `job`, only the assets `assets` (key paths) when given, with `run_config`."""
 
     job: str
-    steps: list[str] | None
+    assets: list[list[str]] | None
     run_config: dict
+
+
+LOCATION_NAME = "analytics_views"  # workspace.yaml's
+REPOSITORY_NAME = "__repository__"  # Dagster's name for a Definitions object's repository
+_LAUNCH_RUN = """
+mutation LaunchRun($executionParams: ExecutionParams!) {
+  launchRun(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on PythonError { message }
+    ... on Error { message }
+  }
+}
+"""
+
+
+def _launch_command(request: Launch, output: Path) -> list[str]:
+    selector: dict = {"repositoryLocationName": LOCATION_NAME, "repositoryName": REPOSITORY_NAME, "jobName": request.job}
+    if request.assets is not None:
+        selector["assetSelection"] = [{"path": path} for path in request.assets]
+    variables = {
+        "executionParams": {
+            "selector": selector,
+            "runConfigData": request.run_config,
+            "executionMetadata": {"tags": [{"key": LAUNCHED_BY_TAG, "value": LAUNCHED_BY}]},
+        }
+    }
+    return [
+        str(Path(sys.executable).parent / "dagster-graphql"),
+        *("-w", str(WORKSPACE), "-t", _LAUNCH_RUN, "-v", json.dumps(variables), "-o", str(output)),
+    ]
+
+
+def _launched_run_id(job: str, output: Path, log: str) -> str:
+    """The run id of `launchRun`'s answer, or one line saying why it launched nothing."""
+    try:
+        answer = json.loads(output.read_text())
+    except (OSError, ValueError):
+        raise AnalyticsViewsError(f"could not launch {job}: {_last_error(log)}") from None
+    result = (answer.get("data") or {}).get("launchRun") or {}
+    if result.get("__typename") == "LaunchRunSuccess":
+        return result["run"]["runId"]
+    reason = result.get("message") or "; ".join(e["message"] for e in result.get("errors", [])) or json.dumps(answer)[:500]
+    raise AnalyticsViewsError(f"could not launch {job}: {' '.join(reason.split())[:500]}")
 
 
 def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]:
     """Submits the runs through the code location, all at once; returns each run's id and the process group
     of its launcher (stop_launched stops what is left of it once the run has ended), in order."""
     with ExitStack() as stack:
+        answers = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="analytics-views-launch-")))
         started = []
-        for request in launches:
-            run_id = str(uuid.uuid4())
-            command = [
-                str(Path(sys.executable).parent / "dagster"),
-                *("job", "launch", "-w", str(WORKSPACE), "-j", request.job, "--run-id", run_id),
-                *("--tags", json.dumps({LAUNCHED_BY_TAG: LAUNCHED_BY}), "--config-json", json.dumps(request.run_config)),
-                *(("-o", ",".join(request.steps)) if request.steps else ()),
-            ]
-            # The run worker inherits this output and writes its log there after `dagster job launch` has
-            # returned: a file, not a pipe that would close under it. Its own session: a Ctrl-C in the
-            # terminal reaches this command only, which terminates the run through the instance.
+        for number, request in enumerate(launches):
+            answer = answers / f"{number}.json"
+            # The run worker inherits this output and writes its log there after the launcher has returned: a
+            # file, not a pipe that would close under it. Its own session: a Ctrl-C in the terminal reaches
+            # this command only, which terminates the run through the instance.
             output = stack.enter_context(tempfile.TemporaryFile())
             process = subprocess.Popen(
-                command,
+                _launch_command(request, answer),
                 env=env,
                 cwd=PROJECT_ROOT,
                 stdin=subprocess.DEVNULL,
@@ -92,19 +137,19 @@ def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]
                 start_new_session=True,
             )
             stack.callback(_stop_launcher, process)
-            started.append((request.job, run_id, process, output))
-        for job, _, process, output in started:
+            started.append((request.job, answer, process, output))
+        launched = []
+        for job, answer, process, output in started:
             try:
-                returncode = process.wait(timeout=LAUNCH_TIMEOUT_S)
+                process.wait(timeout=LAUNCH_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise AnalyticsViewsError(
                     f"launching {job} took over {LAUNCH_TIMEOUT_S:g} s: check that the code location loads "
                     "(`dg check defs`) and that Dagster's storage answers"
                 ) from None
-            if returncode != 0:
-                output.seek(0)
-                raise AnalyticsViewsError(f"could not launch {job}: {_last_error(output.read().decode(errors='replace'))}")
-        return [(run_id, process.pid) for _, run_id, process, _ in started]
+            output.seek(0)
+            launched.append((_launched_run_id(job, answer, output.read().decode(errors="replace")), process.pid))
+        return launched
 
 
 def _stop_launcher(process: subprocess.Popen) -> None:
@@ -124,25 +169,60 @@ def _last_error(text: str) -> str:
     return (errors or lines or ["no output"])[-1][:500]
 
 
+# What the command follows in a run's event log: its start, its steps' starts and its end.
+_FOLLOWED = {
+    dg.DagsterEventType.RUN_START,
+    dg.DagsterEventType.STEP_START,
+    dg.DagsterEventType.RUN_SUCCESS,
+    dg.DagsterEventType.RUN_FAILURE,
+    dg.DagsterEventType.RUN_CANCELED,
+}
+_RUN_ENDS = {dg.DagsterEventType.RUN_SUCCESS, dg.DagsterEventType.RUN_FAILURE, dg.DagsterEventType.RUN_CANCELED}
+
+
 def wait(instance: dg.DagsterInstance, runs: list[Submitted], *, wait_s: float, watch=lambda: None) -> None:
     """Until every run has ended: calls `watch()` every second, says which run holds a pool slot one of the
     runs waits for, frees the slots of runs that ended, and terminates a run whose step waited `wait_s` for
-    its slot. A signal (KeyboardInterrupt) terminates every run still going, then is raised again."""
+    its slot. Each poll reads the runs' new events (a cursor each) and asks about the pools of the steps that
+    are waiting only. A signal (KeyboardInterrupt) terminates every run still going, then is raised again."""
     try:
         last_watch = 0.0
         told: set[tuple[str, str]] = set()
-        while pending := [run for run in runs if not _finished(instance, run.run_id)]:
+        while pending := [run for run in runs if not run.ended]:
             for run in pending:
-                _watch_pools(instance, run, wait_s, told)
+                follow(instance, run)
+                if not run.ended and run.started:
+                    _watch_pools(instance, run, wait_s, told)
             if time.monotonic() - last_watch >= 1.0:
                 watch()
                 last_watch = time.monotonic()
-            time.sleep(_POLL_S)
+            if any(not run.ended for run in runs):
+                time.sleep(_POLL_S)
     except BaseException:
         terminate(instance, [run.run_id for run in runs])
         raise
     finally:
         stop_launched([run.process_group for run in runs])
+
+
+def follow(instance: dg.DagsterInstance, run: Submitted) -> None:
+    """Reads the run's events since the last call: whether it started, which steps started, whether it ended."""
+    has_more = True
+    while has_more:
+        result = instance.get_records_for_run(run.run_id, cursor=run.cursor, of_type=_FOLLOWED, limit=1000)
+        run.cursor, has_more = result.cursor, result.has_more
+        for record in result.records:
+            event = record.event_log_entry.dagster_event
+            if event.event_type == dg.DagsterEventType.RUN_START:
+                run.started = True
+            elif event.event_type == dg.DagsterEventType.STEP_START:
+                run.started_steps.add(event.step_key)
+            elif event.event_type in _RUN_ENDS:
+                run.ended = True
+    if not run.ended and not run.started:
+        # A run that ended before it started (its worker failed to start) records only its status.
+        record = instance.get_run_by_id(run.run_id)
+        run.ended = record is not None and record.is_finished
 
 
 def stop_launched(process_groups: list[int], grace_s: float = 5.0) -> None:
@@ -192,7 +272,8 @@ def _watch_pools(instance: dg.DagsterInstance, run: Submitted, wait_s: float, to
     if not storage.supports_global_concurrency_limits:
         return
     for step, pool in run.pools.items():
-        if not pool or step in run.blocked:
+        if not pool or step in run.blocked or step in run.started_steps:
+            run.waiting_since.pop(step, None)
             continue
         info = storage.get_concurrency_info(pool)
         if not any(s.run_id == run.run_id and s.step_key == step and s.assigned_timestamp is None for s in info.pending_steps):

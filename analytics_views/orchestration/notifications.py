@@ -26,6 +26,7 @@ import dagster as dg
 
 from analytics_views.orchestration.cadences import freshness_window
 from analytics_views.orchestration.destinations import DeliveryError, Destination
+from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.postgres.database import redact
 from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import Cadence, ManagedConfig
@@ -195,7 +196,12 @@ class NoticeBuilder:
         self.instance = instance
         self.code_location = code_location  # (location, repository) the sensor runs in; None outside the daemon
         self.views = views
-        self.by_step = {key.to_python_identifier(): view for key, view in views.items()}
+        # A view's step: its cadence's (assets.refresh_step_name), or, in runs recorded before the views of a
+        # cadence shared one step, a step of its own named after its key.
+        self.by_step: dict[str, list[WatchedView]] = {}
+        for key, view in views.items():
+            self.by_step.setdefault(key.to_python_identifier(), []).append(view)
+            self.by_step.setdefault(f"refresh_{view.cadence.name}_views", []).append(view)
         self.ui_url = settings.ui_url.rstrip("/")
         self.kinds = settings.kinds
 
@@ -228,7 +234,7 @@ class NoticeBuilder:
             return [view for key, view in self.views.items() if key in selected]
         steps = set(run.resolved_op_selection or run.op_selection or run.step_keys_to_execute or ())
         if steps:
-            return [view for step, view in self.by_step.items() if step in steps]
+            return list({view.key: view for step in steps for view in self.by_step.get(step, [])}.values())
         return [view for view in self.views.values() if view.cadence.job_name == run.job_name]
 
     def of_another_code_location(self, run: dg.DagsterRun) -> bool:
@@ -254,8 +260,13 @@ class NoticeBuilder:
         for event_record in self.instance.get_records_for_run(run.run_id, of_type=_RUN_EVENTS).records:
             event = event_record.event_log_entry.dagster_event
             if event.event_type == dg.DagsterEventType.STEP_FAILURE:
-                view = self.by_step.get(event.step_key)
-                failed[view.label if view else event.step_key] = step_failure_reason(event)
+                data = event.step_failure_data.user_failure_data
+                not_refreshed = data.metadata.get(NOT_REFRESHED) if data is not None else None
+                if not_refreshed is not None:  # the cadence's step names each view it did not refresh, and why
+                    failed.update(not_refreshed.value)
+                else:
+                    [view, *others] = self.by_step.get(event.step_key) or [None]
+                    failed[view.label if view and not others else event.step_key] = step_failure_reason(event)
             elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
                 refreshed.add(event.asset_key)
             else:

@@ -273,12 +273,12 @@ def test_refresh_waits_at_most_the_stated_time_for_a_view_another_run_holds_nami
     assert result.returncode == 1
     [waiting] = result.stderr.splitlines()
     assert waiting.startswith(
-        "analytics-views refresh: waiting up to 2 s for pool refresh_daily_aggregations, "
+        "analytics-views refresh: waiting up to 2 s for pool refresh_daily_views, "
         f"held by run {holder} (daily_refresh_job, STARTED since "
     )
     daily, weekly = result.stdout.splitlines()
     assert daily.startswith(
-        f"daily_aggregations: FAILED (not refreshed: its pool refresh_daily_aggregations stayed held by run {holder} "
+        f"daily_aggregations: FAILED (not refreshed: its pool refresh_daily_views stayed held by run {holder} "
     )
     assert weekly.startswith("weekly_aggregations: refreshed (")  # not held up by it
     assert left_behind(dagster_home) == []  # the terminated run's code server too
@@ -291,11 +291,11 @@ def test_a_slot_left_to_a_run_that_ended_is_freed_and_the_view_refreshed(seeded_
         [ended] = instance.get_runs()
         # What a killed run leaves: a slot still claimed by a run that has ended.
         storage = instance.event_log_storage
-        storage.claim_concurrency_slot("refresh_daily_aggregations", ended.run_id, "daily_aggregations")
+        storage.claim_concurrency_slot("refresh_daily_views", ended.run_id, "refresh_daily_views")
     result = run("refresh", "daily_aggregations", "--force", "--wait", "5", env=dagster_home, DATABASE_URL=seeded_db)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
-        "analytics-views refresh: freed pool refresh_daily_aggregations's slot held by run "
+        "analytics-views refresh: freed pool refresh_daily_views's slot held by run "
         f"{ended.run_id[:8]}, which ended SUCCESS"
     ]
     assert result.stdout.startswith("daily_aggregations: refreshed (")
@@ -351,5 +351,5 @@ def test_a_signal_stops_a_blocked_refresh_at_once_and_cancels_its_run(seeded_db,
     with dg.DagsterInstance.get() as instance:
         latest = instance.get_runs(limit=1)[0]
         assert latest.status == dg.DagsterRunStatus.CANCELED
-        assert instance.event_log_storage.get_concurrency_info("refresh_daily_aggregations").claimed_slots == []
+        assert instance.event_log_storage.get_concurrency_info("refresh_daily_views").claimed_slots == []
     assert left_behind(dagster_home) == []

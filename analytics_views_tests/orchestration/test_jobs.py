@@ -50,14 +50,31 @@ def test_dagster_definitions_validate_passes_without_the_analytics_database(empt
     assert "Validation successful" in result.stdout + result.stderr
 
 
-def test_every_run_refreshes_its_views_in_forked_processes_at_most_8_at_once(monkeypatch):
-    from analytics_views.orchestration.jobs import MAX_CONCURRENT_REFRESHES, REFRESH_EXECUTOR
+def test_every_run_refreshes_a_cadences_views_in_one_step_in_the_run_workers_process():
+    from analytics_views.orchestration.jobs import REFRESH_EXECUTOR
 
-    assert MAX_CONCURRENT_REFRESHES >= len(job_views("daily_refresh_job"))
-    for job in ("daily_refresh_job", "weekly_refresh_job"):
+    assert REFRESH_EXECUTOR is dg.in_process_executor
+    for job, step in (("daily_refresh_job", "refresh_daily_views"), ("weekly_refresh_job", "refresh_weekly_views")):
         assert defs.resolve_job_def(job).executor_def is REFRESH_EXECUTOR
+        assert [node.name for node in defs.resolve_job_def(job).graph.nodes] == [step]
     # A view materialized by hand in the UI runs in Dagster's implicit asset job.
     assert defs.resolve_implicit_global_asset_job_def().executor_def is REFRESH_EXECUTOR
+
+
+def test_refresh_jobs_hold_the_checks_that_follow_a_refresh_and_not_the_definition_checks():
+    checks = {
+        key.to_user_string()
+        for key in defs.resolve_job_def("daily_refresh_job").asset_layer.asset_graph.asset_check_keys
+    }
+    assert checks == {
+        "daily_aggregations:unique_index",
+        "daily_aggregations:revenue_matches_payments",
+        "daily_aggregations:window_has_every_day",
+        "cohort_aggregations:unique_index",
+        "cohort_aggregations:retained_within_cohort",
+        "campaign_aggregations:unique_index",
+        "campaign_aggregations:spend_matches_campaign_spend",
+    }
 
 
 # A run's steps run with the job's own executor, as a run the daemon launches does (dg.execute_job), not
@@ -96,6 +113,8 @@ def test_a_failing_view_leaves_the_others_refreshed(refreshed_db):
         conn.execute("DROP MATERIALIZED VIEW cohort_aggregations")
     with dg.instance_for_test() as instance:
         success, events = run_daily_job(instance, refreshed_db)
-        failures = {event.step_key for event in events if event.is_step_failure}
-        assert not success and failures == {"cohort_aggregations"}
+        [failure] = [event for event in events if event.is_step_failure]
+        assert not success and failure.step_key == "refresh_daily_views"
+        not_refreshed = failure.step_failure_data.user_failure_data.metadata["analytics_views/not_refreshed"].value
+        assert list(not_refreshed) == ["cohort_aggregations"]
         assert materialized(instance, "campaign_aggregations") and materialized(instance, "daily_aggregations")

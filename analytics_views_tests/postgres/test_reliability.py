@@ -94,10 +94,8 @@ def daily_refresh_job() -> dg.JobDefinition:
 
 
 def run_daily_job(instance: dg.DagsterInstance, url: str, **kwargs) -> tuple[bool, list[dg.DagsterEvent]]:
-    """A daily_refresh_job run on the database at `url` with the job's own executor (a process per step,
-    forked), as the daemon's runs execute; execute_in_process would run the steps one after another.
-    `instance` must persist its runs (dg.instance_for_test): step processes read the run from it. The URL goes
-    in the run config: the fork server, started once per test session, keeps the environment it started with."""
+    """A daily_refresh_job run on the database at `url` with the job's own executor, as the daemon's runs
+    execute. `instance` must persist its runs (dg.instance_for_test). The URL goes in the run config."""
     run_config = {"resources": {"analytics_db": {"config": {"url": url}}}}
     with dg.execute_job(dg.reconstructable(daily_refresh_job), instance=instance, run_config=run_config, **kwargs) as result:
         return result.success, result.all_events
@@ -149,14 +147,16 @@ def test_the_advisory_lock_is_released_when_a_refresh_fails(refreshed_db):
         assert locks == 0
 
 
-def test_each_view_is_its_own_pool_limited_to_one_refresh_at_a_time(empty_db, tmp_path, monkeypatch):
+def test_each_cadences_step_is_its_own_pool_limited_to_one_run_at_a_time(empty_db, tmp_path, monkeypatch):
+    # Within and across steps, one refresh of a view at a time is the view's advisory lock (tests above).
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", empty_db)
     with dg.DagsterInstance.from_config(str(prepare_dagster_home(tmp_path / "home"))) as instance:
         config = instance.get_concurrency_config()
         assert config.pool_config.default_pool_limit == 1
-    job = defs.resolve_job_def("daily_refresh_job")
-    pools = {node.name: node.definition.pool for node in job.graph.nodes}
-    assert pools == {view: f"refresh_{view}" for view in ("daily_aggregations", "cohort_aggregations", "campaign_aggregations")}
+    for cadence in ("daily", "weekly"):
+        job = defs.resolve_job_def(f"{cadence}_refresh_job")
+        pools = {node.name: node.definition.pool for node in job.graph.nodes}
+        assert pools == {f"refresh_{cadence}_views": f"refresh_{cadence}_views"}
 
 
 # --- timeouts, cancellation and retries -------------------------------------------------------------------
@@ -189,6 +189,8 @@ def daily_refresh_waiting_on_a_lock(url: str):
         yield wait_for_activity(url, "query LIKE 'REFRESH%daily_aggregations%'"), outcome
         blocker.rollback()  # the refresh, or its retry, can now go through
         thread.join(120)
+        [run] = instance.get_runs()
+        outcome["retries"] = [e.user_message for e in instance.all_logs(run.run_id) if "; retry " in e.user_message]
 
 
 def test_a_refresh_is_labelled_for_the_dba(refreshed_db, monkeypatch):
@@ -208,8 +210,8 @@ def test_a_refresh_killed_half_way_keeps_the_old_contents_and_the_retry_succeeds
             assert admin.execute("SELECT * FROM daily_aggregations ORDER BY 1").fetchall() == before
     success, events = outcome["result"]
     assert success
-    restarts = [event for event in events if event.event_type == dg.DagsterEventType.STEP_RESTARTED]
-    assert len(restarts) == 1
+    # The step retried the view on a new connection, once.
+    assert len(outcome["retries"]) == 1 and "retry 1 of 3" in outcome["retries"][0]
     assert contents(refreshed_db, "daily_aggregations") == before  # same data, refreshed again
 
 
@@ -218,10 +220,12 @@ def test_a_missing_view_fails_at_once_naming_the_fix(refreshed_db, monkeypatch):
     with psycopg.connect(refreshed_db, autocommit=True) as conn:
         conn.execute("DROP MATERIALIZED VIEW campaign_aggregations")
     result = defs.resolve_job_def("daily_refresh_job").execute_in_process(raise_on_error=False)
-    failures = {event.step_key: event for event in result.all_events if event.is_step_failure}
-    assert set(failures) == {"campaign_aggregations"}
-    assert "does not exist: run `analytics-views migrate`" in failures["campaign_aggregations"].step_failure_data.error.message
-    assert not [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_RESTARTED]
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    not_refreshed = failure.step_failure_data.user_failure_data.metadata["analytics_views/not_refreshed"].value
+    assert list(not_refreshed) == ["campaign_aggregations"]
+    assert "does not exist: run `analytics-views migrate`" in not_refreshed["campaign_aggregations"]
+    assert {e.asset_key.path[-1] for e in result.get_asset_materialization_events()} == {"daily_aggregations", "cohort_aggregations"}
+    assert "attempts" not in not_refreshed["campaign_aggregations"]  # failed at once, not retried
 
 
 def test_statement_timeout_from_run_config_fails_the_step_at_once(refreshed_db, monkeypatch):
@@ -235,7 +239,7 @@ def test_statement_timeout_from_run_config_fails_the_step_at_once(refreshed_db, 
     [failure] = [event for event in result.all_events if event.is_step_failure]
     assert "refresh of daily_aggregations was cancelled" in failure.step_failure_data.error.message
     assert "raise statement_timeout_s" in failure.step_failure_data.error.message
-    assert not [event for event in result.all_events if event.event_type == dg.DagsterEventType.STEP_RESTARTED]
+    assert "attempts" not in failure.step_failure_data.error.message  # failed at once, not retried
 
 
 # --- nothing lost -----------------------------------------------------------------------------------------
