@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run --size small        # a quick look (under a minute or two)
     .venv/bin/python -m bench.run --size reference    # 200k users, ~10M events, 730 days (15 to 40 min)
     .venv/bin/python -m bench.run --size small --jobs-only   # the job table alone (seeds the data, then jobs)
+    .venv/bin/python -m bench.run --views 10 100 500        # scale mode: N synthetic views against the floor (scale.py)
 
 It creates its own databases (on an embedded PostgreSQL 18 it starts, or on --server), generates the
 demo data with the project's generator plus one large users x days view of its own
@@ -78,6 +79,9 @@ SIZES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--views", type=int, nargs="+", help="scale mode: N synthetic views for each N given (scale.py)")
+    parser.add_argument("--repeats", type=int, default=3, help="scale mode: floor and tool runs per N, alternated")
+    parser.add_argument("--project", type=Path, help="scale mode: run the tool from this checkout (before/after)")
     parser.add_argument("--server", help="a PostgreSQL URL whose role may CREATE DATABASE (default: embedded 18)")
     parser.add_argument("--skip-jobs", action="store_true", help="do not start Dagster's services")
     parser.add_argument("--skip-doubling", action="store_true", help="do not measure twice the history")
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "results in bench/results/<size>.jobs.*",
     )
     args = parser.parse_args(argv)
+    if args.views:
+        return scale_mode(args)
     if args.jobs_only and args.skip_jobs:
         parser.error("--jobs-only and --skip-jobs leave nothing to measure")
     name = f"{args.size}.jobs" if args.jobs_only else args.size
@@ -159,6 +165,28 @@ def main(argv: list[str] | None = None) -> int:
     chart_path.parent.mkdir(exist_ok=True)
     chart(results, chart_path)
     log(f"wrote bench/results/{name}.{{json,txt,md}} and {chart_path.relative_to(PROJECT_ROOT)}")
+    return 0
+
+
+def scale_mode(args) -> int:
+    from bench import scale
+
+    label = "scale" if args.project is None else f"scale.{args.project.name}"
+    results = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": round(os.getloadavg()[0], 2)},
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "project": str(args.project or PROJECT_ROOT),
+        "sizes": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="av-bench-") as tmp, bench_server(args.server, Path(tmp)) as server_url:
+        for views in args.views:
+            results["sizes"].append(scale.measure(server_url, views, args.repeats, args.project))
+            RESULTS_DIR.mkdir(exist_ok=True)
+            (RESULTS_DIR / f"{label}.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(scale.report(results["sizes"]), flush=True)
+    results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    (RESULTS_DIR / f"{label}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS_DIR / f"{label}.md").write_text(scale.report(results["sizes"]) + "\n")
     return 0
 
 

@@ -142,7 +142,13 @@ def refresh(
                 continue
             job = defs.resolve_job_def(cadence.job_name)
             every = len(chosen) == len(job.asset_layer.executable_asset_keys)
-            launches.append(runs.Launch(job.name, None if every else [list(key.path) for key in chosen], run_config))
+            checks = [
+                (list(check.asset_key.path), check.name)
+                for check in job.asset_layer.asset_graph.asset_check_keys
+                if check.asset_key in chosen
+            ]
+            assets = None if every else [list(key.path) for key in chosen]
+            launches.append(runs.Launch(job.name, assets, run_config, checks))
             chosen_views.append(chosen)
             pools.append({node.name: node.definition.pool for node in job.graph.nodes})
         launched = runs.launch(launches, env)

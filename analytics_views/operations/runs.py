@@ -63,11 +63,13 @@ class Submitted:
 
 @dataclass(frozen=True)
 class Launch:
-    """A run to submit: `job`, only the assets `assets` (key paths) when given, with `run_config`."""
+    """A run to submit: `job`, only the assets `assets` (key paths) and their `checks` when given, with
+    `run_config`."""
 
     job: str
     assets: list[list[str]] | None
     run_config: dict
+    checks: list[tuple[list[str], str]] = field(default_factory=list)  # with `assets`: (asset key path, check name)
 
 
 LOCATION_NAME = "analytics_views"  # workspace.yaml's
@@ -88,7 +90,12 @@ mutation LaunchRun($executionParams: ExecutionParams!) {
 def _launch_command(request: Launch, output: Path) -> list[str]:
     selector: dict = {"repositoryLocationName": LOCATION_NAME, "repositoryName": REPOSITORY_NAME, "jobName": request.job}
     if request.assets is not None:
+        # With the checks the job holds for those assets only: left out, Dagster would add every check of the
+        # assets, the definition checks too (definition_checks.py), which have a job of their own.
         selector["assetSelection"] = [{"path": path} for path in request.assets]
+        selector["assetCheckSelection"] = [
+            {"assetKey": {"path": path}, "name": name} for path, name in request.checks
+        ]
     variables = {
         "executionParams": {
             "selector": selector,
@@ -104,10 +111,9 @@ def _launch_command(request: Launch, output: Path) -> list[str]:
 
 def _launched_run_id(job: str, output: Path, log: str) -> str:
     """The run id of `launchRun`'s answer, or one line saying why it launched nothing."""
-    try:
-        answer = json.loads(output.read_text())
-    except (OSError, ValueError):
-        raise AnalyticsViewsError(f"could not launch {job}: {_last_error(log)}") from None
+    answer = _answer(output)
+    if answer is None:
+        raise AnalyticsViewsError(f"could not launch {job}: {_last_error(log)}")
     result = (answer.get("data") or {}).get("launchRun") or {}
     if result.get("__typename") == "LaunchRunSuccess":
         return result["run"]["runId"]
@@ -140,16 +146,27 @@ def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]
             started.append((request.job, answer, process, output))
         launched = []
         for job, answer, process, output in started:
-            try:
-                process.wait(timeout=LAUNCH_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                raise AnalyticsViewsError(
-                    f"launching {job} took over {LAUNCH_TIMEOUT_S:g} s: check that the code location loads "
-                    "(`dg check defs`) and that Dagster's storage answers"
-                ) from None
+            # The launcher writes its answer once the run is submitted, then waits for its code server, which
+            # serves the run until it ends: the answer, not the launcher's exit, says the run is launched.
+            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+            while _answer(answer) is None and process.poll() is None:
+                if time.monotonic() > deadline:
+                    raise AnalyticsViewsError(
+                        f"launching {job} took over {LAUNCH_TIMEOUT_S:g} s: check that the code location loads "
+                        "(`dg check defs`) and that Dagster's storage answers"
+                    )
+                time.sleep(0.05)
             output.seek(0)
             launched.append((_launched_run_id(job, answer, output.read().decode(errors="replace")), process.pid))
         return launched
+
+
+def _answer(path: Path) -> dict | None:
+    """The launcher's whole answer, once written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _stop_launcher(process: subprocess.Popen) -> None:

@@ -1,0 +1,212 @@
+"""Scale mode: what a run costs at N views, against the floor (`python -m bench.run --views 10 100 500`).
+
+For each N, on its own database: a source table of 200,000 rows and N small materialized views in schema `mv`
+(each reads every source row and holds 1,000 rows, with a unique index; every fifth view reads the view
+before it), adopted as a new user
+would (a defs.yaml of `schemas: [mv]`, `analytics-views discover`), with Dagster's storage in PostgreSQL
+(the project's dagster.yaml). Then, alternated, `repeats` times each:
+- the floor: the same views refreshed one after another with REFRESH MATERIALIZED VIEW CONCURRENTLY over one
+  psycopg connection, in dependency order;
+- the tool: `analytics-views refresh --all --force`, timed from the command's start to its exit;
+and, after them, the tool with every view skipped (`analytics-views refresh --all`, sources unchanged).
+For each tool run it reads from Dagster's storage: launch to first refresh (the command's start to its run's
+first STEP_START), event-log rows per view, and storage sessions (pg_stat_database.sessions of the storage
+database, before and after the command: every process counts, the command's own too).
+
+`--project DIR` runs the tool from another checkout of the project (its package first on PYTHONPATH, the
+same virtualenv): the before/after figures of docs/benchmarks.md compare two trees this way.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+
+from analytics_views.operations.services import prepare_dagster_home
+from analytics_views.postgres.database import libpq_url
+from bench.postgres_measures import bench_database
+from bench.timing import log
+
+SOURCE_ROWS = 200_000
+SCHEMA = "mv"
+READS_ANOTHER_EVERY = 5
+COMMAND = Path(sys.executable).parent / "analytics-views"
+
+
+def view_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def build_schema(url: str, views: int) -> None:
+    """The source table and `views` populated materialized views, each with its unique index."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE public.scale_source (id bigint PRIMARY KEY, k integer NOT NULL, v numeric NOT NULL);"
+            f"INSERT INTO public.scale_source SELECT g, g % 1000, g % 97 FROM generate_series(1, {SOURCE_ROWS}) AS g;"
+            f"CREATE SCHEMA {SCHEMA}"
+        )
+        for number in range(views):
+            name = sql.Identifier(SCHEMA, view_name(number))
+            if number % READS_ANOTHER_EVERY == READS_ANOTHER_EVERY - 1:
+                query = sql.SQL("SELECT k, n + {} AS n, total FROM {}").format(
+                    sql.Literal(number), sql.Identifier(SCHEMA, view_name(number - 1))
+                )
+            else:
+                # Every source row read, 1,000 rows written: about 0.1 s a refresh, as in issue 27's schema.
+                query = sql.SQL(
+                    "SELECT k, count(*) AS n, sum(v * {}) AS total FROM public.scale_source GROUP BY k"
+                ).format(sql.Literal(number % 7 + 1))
+            conn.execute(sql.SQL("CREATE MATERIALIZED VIEW {} AS {}").format(name, query))
+            conn.execute(sql.SQL("CREATE UNIQUE INDEX ON {} (k)").format(name))
+        conn.execute("VACUUM ANALYZE")
+
+
+def floor(url: str, views: int) -> float:
+    """The views refreshed one after another, CONCURRENTLY, over one connection (in dependency order)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        started = time.perf_counter()
+        for number in range(views):
+            conn.execute(
+                sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(sql.Identifier(SCHEMA, view_name(number)))
+            )
+        return time.perf_counter() - started
+
+
+def storage_sessions(storage_url: str) -> int:
+    with psycopg.connect(storage_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        return conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+class Tool:
+    """`analytics-views refresh` against one N's database, instance and defs.yaml."""
+
+    def __init__(self, url: str, storage_url: str, work_dir: Path, project: Path | None):
+        self.url, self.storage_url = url, storage_url
+        self.home = prepare_dagster_home(work_dir / "dagster_home")
+        defs_yaml = work_dir / "defs" / "defs.yaml"
+        defs_yaml.parent.mkdir(parents=True)
+        defs_yaml.write_text(f"type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: [{SCHEMA}]\n")
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "DAGSTER_HOME": str(self.home),
+            "DAGSTER_POSTGRES_URL": storage_url,
+            "ANALYTICS_VIEWS_DEFS": str(defs_yaml),
+        }
+        os.environ["DAGSTER_POSTGRES_URL"] = storage_url  # what the instance's dagster.yaml reads, here too
+        if project is not None:
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
+
+    def command(self, *args: str, timeout_s: float = 7200) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", "from analytics_views.operations.cli import main; raise SystemExit(main())", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+    def refresh(self, *args: str) -> dict:
+        """One `refresh --all` (plus `args`), timed, with what Dagster's storage recorded of its run."""
+        sessions_before = storage_sessions(self.storage_url)
+        started_at = time.time()
+        started = time.perf_counter()
+        result = self.command("refresh", "--all", *args)
+        wall = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"refresh failed ({result.returncode}): {result.stderr[-2000:]} {result.stdout[-2000:]}")
+        time.sleep(1.5)  # ended sessions report to the statistics when they exit
+        outcomes = [line.split(": ", 1)[1].split(" ", 1)[0] for line in result.stdout.splitlines() if ": " in line]
+        with dg.DagsterInstance.from_config(str(self.home)) as instance:
+            runs = [
+                record.dagster_run
+                for record in instance.get_run_records(limit=20)
+                if record.create_timestamp.timestamp() >= started_at - 1
+            ]
+            first_step = min(
+                (
+                    record.timestamp
+                    for run in runs
+                    for record in instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_START).records
+                ),
+                default=None,
+            )
+        with psycopg.connect(self.storage_url) as conn:
+            rows = conn.execute(
+                "SELECT count(*) FROM event_logs WHERE run_id = ANY(%s)", [[run.run_id for run in runs]]
+            ).fetchone()[0]
+        return {
+            "wall_s": round(wall, 2),
+            "first_refresh_s": round(first_step - started_at, 2) if first_step else None,
+            "event_rows": rows,
+            "storage_sessions": storage_sessions(self.storage_url) - sessions_before,
+            "runs": len(runs),
+            "refreshed": outcomes.count("refreshed"),
+            "skipped": outcomes.count("skipped"),
+            "load_average": round(os.getloadavg()[0], 2),
+        }
+
+
+def measure(server_url: str, views: int, repeats: int, project: Path | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"av-scale-{views}-") as tmp, bench_database(
+        server_url, f"scale{views}"
+    ) as url, bench_database(server_url, f"scale{views}_dagster") as storage_url:
+        log(f"N={views}: building {views} views over {SOURCE_ROWS} source rows")
+        build_schema(url, views)
+        tool = Tool(url, libpq_url(storage_url), Path(tmp), project)
+        discovered = tool.command("discover")
+        if discovered.returncode != 0:
+            raise RuntimeError(f"discover failed: {discovered.stderr[-2000:]}")
+        floors, runs = [], []
+        for turn in range(repeats):
+            # Alternated, floor first then tool first, so that the machine's other load hits both alike.
+            order = ("floor", "tool") if turn % 2 == 0 else ("tool", "floor")
+            for which in order:
+                if which == "floor":
+                    floors.append(round(floor(url, views), 2))
+                    log(f"N={views}: floor {floors[-1]} s (load {os.getloadavg()[0]:.2f})")
+                else:
+                    runs.append(tool.refresh("--force"))
+                    log(f"N={views}: refresh --all --force {runs[-1]}")
+        skipped = tool.refresh()
+        log(f"N={views}: refresh --all, sources unchanged: {skipped}")
+    floor_s = statistics.median(floors)
+    wall_s = statistics.median(run["wall_s"] for run in runs)
+    return {
+        "views": views,
+        "floor_s": floors,
+        "forced": runs,
+        "skipped": skipped,
+        "floor_median_s": floor_s,
+        "forced_median_s": wall_s,
+        "target_s": round(floor_s * 1.2 + 10, 2),
+        "overhead_per_view_s": round((wall_s - floor_s) / views, 3),
+        "first_refresh_median_s": statistics.median(run["first_refresh_s"] or 0 for run in runs),
+        "event_rows_per_view": round(statistics.median(run["event_rows"] for run in runs) / views, 1),
+        "storage_sessions_median": statistics.median(run["storage_sessions"] for run in runs),
+        "skipped_target_s": round(10 + 0.02 * views, 2),
+    }
+
+
+def report(results: list[dict]) -> str:
+    lines = [
+        "| N views | floor (one connection, sequential) | `refresh --all --force` | per view over the floor | target (floor x 1.2 + 10 s) "
+        "| launch to first refresh | all skipped (target) | event-log rows per view | storage sessions per run | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        loads = [run["load_average"] for run in r["forced"]] + [r["skipped"]["load_average"]]
+        lines.append(
+            f"| {r['views']} | {r['floor_median_s']:.1f} s | {r['forced_median_s']:.1f} s | {r['overhead_per_view_s'] * 1000:.0f} ms "
+            f"| {r['target_s']:.1f} s | {r['first_refresh_median_s']:.1f} s | {r['skipped']['wall_s']:.1f} s ({r['skipped_target_s']:.1f} s) "
+            f"| {r['event_rows_per_view']} | {r['storage_sessions_median']:.0f} | {min(loads):.1f}-{max(loads):.1f} |"
+        )
+    return "\n".join(lines)
