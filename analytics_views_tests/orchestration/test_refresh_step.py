@@ -1,0 +1,180 @@
+"""A cadence's one step over many views (refresh_step.py): dependency order, a failed view failing alone and
+naming the views it held back, skips, retries, and the definition checks' own job and sensor."""
+
+import json
+
+import dagster as dg
+import psycopg
+import pytest
+
+from analytics_views.orchestration.component import DEFS_ENV, discover_views, load_definitions
+from analytics_views.orchestration.definition_checks import SENSOR_NAME
+from analytics_views.orchestration.refresh_step import NOT_REFRESHED
+from analytics_views.orchestration.resources import AnalyticsDatabase
+from analytics_views.orchestration.view_checks import STATIC_CHECKS
+from analytics_views.postgres.refresh import SKIPPED
+
+# A chain a -> b -> c (each reads the one before) and two views reading the source alone.
+CHAIN = """
+CREATE TABLE public.source (id bigint PRIMARY KEY, k integer NOT NULL);
+INSERT INTO public.source SELECT g, g % 10 FROM generate_series(1, 1000) AS g;
+CREATE SCHEMA mv;
+CREATE MATERIALIZED VIEW mv.a AS SELECT k, count(*) AS n FROM public.source GROUP BY k;
+CREATE UNIQUE INDEX ON mv.a (k);
+CREATE MATERIALIZED VIEW mv.b AS SELECT k, n * 2 AS n FROM mv.a;
+CREATE UNIQUE INDEX ON mv.b (k);
+CREATE MATERIALIZED VIEW mv.c AS SELECT k, n + 1 AS n FROM mv.b;
+CREATE UNIQUE INDEX ON mv.c (k);
+CREATE MATERIALIZED VIEW mv.d AS SELECT k, max(id) AS top FROM public.source GROUP BY k;
+CREATE UNIQUE INDEX ON mv.d (k);
+CREATE MATERIALIZED VIEW mv.e AS SELECT k, min(id) AS bottom FROM public.source GROUP BY k;
+CREATE UNIQUE INDEX ON mv.e (k);
+"""
+VIEWS = ["mv/a", "mv/b", "mv/c", "mv/d", "mv/e"]
+
+
+@pytest.fixture
+def chain(empty_db, tmp_path, monkeypatch) -> tuple[dg.Definitions, str]:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(CHAIN)
+    config = tmp_path / "defs.yaml"
+    config.write_text("type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: [mv]\n")
+    monkeypatch.setenv(DEFS_ENV, str(config))
+    monkeypatch.setenv("DATABASE_URL", empty_db)
+    discover_views()
+    return load_definitions(), empty_db
+
+
+def run_daily(defs: dg.Definitions, instance: dg.DagsterInstance, **kwargs) -> dg.ExecuteInProcessResult:
+    return defs.resolve_job_def("daily_refresh_job").execute_in_process(instance=instance, raise_on_error=False, **kwargs)
+
+
+def materialized(result: dg.ExecuteInProcessResult) -> list[str]:
+    return [event.asset_key.to_user_string() for event in result.get_asset_materialization_events()]
+
+
+def modes(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    return {
+        event.asset_key.to_user_string(): event.materialization.metadata["analytics_views/refresh_mode"].value
+        for event in result.get_asset_materialization_events()
+    }
+
+
+def test_a_cadences_views_refresh_in_one_step_each_after_the_views_it_reads(chain):
+    defs, _ = chain
+    job = defs.resolve_job_def("daily_refresh_job")
+    assert [node.name for node in job.graph.nodes] == ["refresh_daily_views"]
+
+    result = run_daily(defs, dg.DagsterInstance.ephemeral())
+
+    assert result.success
+    order = materialized(result)
+    assert sorted(order) == VIEWS
+    assert order.index("mv/a") < order.index("mv/b") < order.index("mv/c")
+    # Each view has its own materialization and unique_index result, not the definition checks.
+    checks = {(e.asset_key.to_user_string(), e.check_name) for e in result.get_asset_check_evaluations()}
+    assert checks == {(view, "unique_index") for view in VIEWS}
+
+
+def test_a_failed_view_fails_alone_and_the_views_reading_it_say_why(chain):
+    defs, url = chain
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP INDEX mv.a_k_idx")
+
+    result = run_daily(defs, dg.DagsterInstance.ephemeral())
+
+    assert not result.success
+    assert sorted(materialized(result)) == ["mv/d", "mv/e"]
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    not_refreshed = failure.step_failure_data.user_failure_data.metadata[NOT_REFRESHED].value
+    assert list(not_refreshed) == ["mv.a", "mv.b", "mv.c"]
+    assert not_refreshed["mv.a"].startswith("mv.a has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY")
+    assert not_refreshed["mv.b"] == "not refreshed: it reads mv.a, which failed"
+    assert not_refreshed["mv.c"] == "not refreshed: it reads mv.a, which failed"
+    message = failure.step_failure_data.error.message
+    assert "mv.a: mv.a has no unique index" in message and "mv.c: not refreshed: it reads mv.a, which failed" in message
+
+
+def test_a_selection_refreshes_only_the_selected_views(chain):
+    defs, _ = chain
+    result = run_daily(defs, dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey(["mv", "c"]), dg.AssetKey(["mv", "d"])])
+    assert result.success
+    assert sorted(materialized(result)) == ["mv/c", "mv/d"]
+
+
+def test_a_view_reading_a_view_refreshed_in_the_run_is_never_skipped(chain):
+    defs, url = chain
+    instance = dg.DagsterInstance.ephemeral()
+    assert run_daily(defs, instance).success
+    assert set(modes(run_daily(defs, instance)).values()) == {SKIPPED}  # nothing changed
+
+    # Only mv.a's source changes; mv.b and mv.c read it through mv.a, refreshed earlier in the same run.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.source VALUES (5000, 3)")
+    from analytics_views_tests.orchestration.test_assets import wait_until_counted
+
+    wait_until_counted(url, "public.source", 1000)
+    refreshed = modes(run_daily(defs, instance))
+    assert refreshed["mv/a"] != SKIPPED and refreshed["mv/b"] != SKIPPED and refreshed["mv/c"] != SKIPPED
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT n FROM mv.c WHERE k = 3").fetchone()[0] == 101 * 2 + 1
+
+
+def test_a_transient_failure_is_retried_for_that_view_alone(chain, monkeypatch):
+    from analytics_views.orchestration import refresh_step
+    from analytics_views.postgres.refresh import RefreshError
+
+    defs, _ = chain
+    monkeypatch.setattr(refresh_step, "TRANSIENT_RETRY", dg.RetryPolicy(max_retries=3, delay=0.01))
+    failures = {"mv.d": 2}
+    original = refresh_step.refresh_in_dependency_order
+
+    def flaky(context, analytics_db, views, refresh_one, key_of):
+        def first_fails(conn, view, last_metadata, options):
+            if failures.get(view.label, 0):
+                failures[view.label] -= 1
+                raise RefreshError(f"refresh of {view.label} interrupted (server restarting); it will be retried", transient=True)
+            return refresh_one(conn, view, last_metadata, options)
+
+        return original(context, analytics_db, views, first_fails, key_of)
+
+    monkeypatch.setattr("analytics_views.orchestration.assets.refresh_in_dependency_order", flaky)
+    with dg.instance_for_test() as instance:
+        result = run_daily(defs, instance)
+        retries = [e.user_message for e in instance.all_logs(result.run_id) if "; retry " in e.user_message]
+    assert result.success and sorted(materialized(result)) == VIEWS
+    assert [line.split("; retry ")[1].split(" in ")[0] for line in retries] == ["1 of 3", "2 of 3"]
+    assert all(line.startswith("mv.d: refresh of mv.d interrupted") for line in retries)
+
+
+def test_the_definition_checks_run_when_a_definition_changes_and_not_in_refresh_runs(chain):
+    defs, url = chain
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
+    resources = {"analytics_db": AnalyticsDatabase(url=url)}
+    with dg.instance_for_test() as instance:
+
+        def tick(cursor: str | None):
+            context = dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor)
+            return sensor(context), context.cursor
+
+        request, cursor = tick(None)
+        assert {(key.asset_key.to_user_string(), key.name) for key in request.asset_check_keys} == {
+            (view, check) for view in VIEWS for check in ("matches_discovery", *STATIC_CHECKS)
+        }
+        # Nothing changed: nothing to evaluate.
+        skipped, cursor = tick(cursor)
+        assert isinstance(skipped, dg.SkipReason)
+        # A new index on mv.b changes what the checks of mv.b (its own indexes) and mv.c (what it reads) read.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE UNIQUE INDEX ON mv.b (n, k)")
+        request, cursor = tick(cursor)
+        assert {key.asset_key.to_user_string() for key in request.asset_check_keys} == {"mv/b", "mv/c"}
+        assert set(json.loads(cursor)) == {"mv.a", "mv.b", "mv.c", "mv.d", "mv.e"}
+
+        # The job the sensor asks for evaluates exactly those checks; on demand, every view's.
+        result = defs.resolve_job_def("definition_checks_job").execute_in_process(
+            instance=instance, raise_on_error=False, tags={}
+        )
+        evaluations = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
+        assert set(evaluations) == {(view, check) for view in VIEWS for check in ("matches_discovery", *STATIC_CHECKS)}
+        assert evaluations[("mv/b", "matches_discovery")].passed
