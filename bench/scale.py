@@ -102,6 +102,7 @@ class Tool:
             "ANALYTICS_VIEWS_DEFS": str(defs_yaml),
         }
         os.environ["DAGSTER_POSTGRES_URL"] = storage_url  # what the instance's dagster.yaml reads, here too
+        self.cwd = project or Path(__file__).resolve().parent.parent
         if project is not None:
             self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
 
@@ -109,6 +110,7 @@ class Tool:
         return subprocess.run(
             [sys.executable, "-c", "from analytics_views.operations.cli import main; raise SystemExit(main())", *args],
             env=self.env,
+            cwd=self.cwd,  # `python -c` puts the working directory first on sys.path: the project's own folder
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -131,14 +133,21 @@ class Tool:
                 for record in instance.get_run_records(limit=20)
                 if record.create_timestamp.timestamp() >= started_at - 1
             ]
-            first_step = min(
-                (
-                    record.timestamp
-                    for run in runs
-                    for record in instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_START).records
-                ),
-                default=None,
-            )
+            # When each stage was first reached, from the command's start: the run created (its planned events
+            # written), its worker started, its first step started (the first refresh), its last event.
+            stages = {"created": [], "RUN_START": [], "STEP_START": [], "ended": []}
+            for run in runs:
+                records = instance.get_records_for_run(run.run_id).records
+                if records:
+                    stages["created"].append(records[0].timestamp)
+                    stages["ended"].append(records[-1].timestamp)
+                for record in records:
+                    kind = record.event_log_entry.dagster_event_type
+                    if kind in (dg.DagsterEventType.RUN_START, dg.DagsterEventType.STEP_START):
+                        stages[kind.name].append(record.timestamp)
+            timeline = {stage: round(min(times) - started_at, 2) if stage != "ended" and times else
+                        round(max(times) - started_at, 2) if times else None for stage, times in stages.items()}
+            first_step = min(stages["STEP_START"], default=None)
         with psycopg.connect(self.storage_url) as conn:
             rows = conn.execute(
                 "SELECT count(*) FROM event_logs WHERE run_id = ANY(%s)", [[run.run_id for run in runs]]
@@ -149,6 +158,7 @@ class Tool:
             "event_rows": rows,
             "storage_sessions": storage_sessions(self.storage_url) - sessions_before,
             "runs": len(runs),
+            "timeline_s": timeline,
             "refreshed": outcomes.count("refreshed"),
             "skipped": outcomes.count("skipped"),
             "load_average": round(os.getloadavg()[0], 2),

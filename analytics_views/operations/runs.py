@@ -242,9 +242,10 @@ def follow(instance: dg.DagsterInstance, run: Submitted) -> None:
         run.ended = record is not None and record.is_finished
 
 
-def stop_launched(process_groups: list[int], grace_s: float = 5.0) -> None:
-    """Stops what the launchers left once their runs have ended: the code server `dagster job launch` started
-    serves its run until the run ends, and was seen to outlive it (after a terminated run), deaf to SIGTERM."""
+def stop_launched(process_groups: list[int], grace_s: float = 1.0) -> None:
+    """Stops what the launchers left once their runs have ended: the code server a launcher started serves its
+    run until the run ends, and was seen to outlive it (after a terminated run), deaf to SIGTERM. Their runs
+    have ended: nothing is left for them to do, so the grace is short (it was the last 5 s of every command)."""
     left = [p for p in psutil.process_iter(["pid"]) if _process_group(p.pid) in process_groups]
     for process in left:
         process.terminate()
