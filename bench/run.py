@@ -172,15 +172,19 @@ def scale_mode(args) -> int:
     from bench import scale
 
     label = "scale" if args.project is None else f"scale.{args.project.name}"
+    # Each N's figures replace that N's in the file (one N a call, as the time allows, builds up the table).
+    path = RESULTS_DIR / f"{label}.json"
+    previous = json.loads(path.read_text())["sizes"] if path.exists() else []
     results = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": round(os.getloadavg()[0], 2)},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "project": str(args.project or PROJECT_ROOT),
-        "sizes": [],
+        "sizes": [size for size in previous if size["views"] not in args.views],
     }
     with tempfile.TemporaryDirectory(prefix="av-bench-") as tmp, bench_server(args.server, Path(tmp)) as server_url:
         for views in args.views:
             results["sizes"].append(scale.measure(server_url, views, args.repeats, args.project))
+            results["sizes"].sort(key=lambda size: size["views"])
             RESULTS_DIR.mkdir(exist_ok=True)
             (RESULTS_DIR / f"{label}.json").write_text(json.dumps(results, indent=2) + "\n")
             print(scale.report(results["sizes"]), flush=True)

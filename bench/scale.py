@@ -220,3 +220,29 @@ def report(results: list[dict]) -> str:
             f"| {r['event_rows_per_view']} | {r['storage_sessions_median']:.0f} | {min(loads):.1f}-{max(loads):.1f} |"
         )
     return "\n".join(lines)
+
+
+def comparison(after: list[dict], before: list[dict]) -> str:
+    """Before and after side by side, N by N (the tables of docs/benchmarks.md, *Scale*)."""
+
+    def loads(size: dict) -> str:
+        values = [run["load_average"] for run in size["forced"]] + [size["skipped"]["load_average"]]
+        return f"{min(values):.1f}-{max(values):.1f}"
+
+    lines = [
+        "| N views | | floor | `refresh --all --force` | per view over the floor | launch to first refresh | all skipped | "
+        "event-log rows per view | storage sessions per run | load |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    by_views = {size["views"]: size for size in before}
+    for size in after:
+        for label, figures in (("before", by_views.get(size["views"])), ("after", size)):
+            if figures is None:
+                continue
+            lines.append(
+                f"| {size['views']} | {label} | {figures['floor_median_s']:.1f} s | {figures['forced_median_s']:.1f} s "
+                f"| {figures['overhead_per_view_s'] * 1000:.0f} ms | {figures['first_refresh_median_s']:.1f} s "
+                f"| {figures['skipped']['wall_s']:.1f} s | {figures['event_rows_per_view']} | {figures['storage_sessions_median']:.0f} "
+                f"| {loads(figures)} |"
+            )
+    return "\n".join(lines)

@@ -180,7 +180,7 @@ def _stop_launcher(process: subprocess.Popen) -> None:
 
 
 def _last_error(text: str) -> str:
-    """The line of `dagster job launch`'s output that says what went wrong."""
+    """The line of the launcher's output that says what went wrong."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line.split(":")[0] or line.startswith("Error")]
     return (errors or lines or ["no output"])[-1][:500]

@@ -227,8 +227,9 @@ class NoticeBuilder:
                         yield notice
 
     def _run_views(self, run: dg.DagsterRun) -> list[WatchedView]:
-        """The views the run was to refresh: its asset (or check) selection, else its op selection (the CLI's
-        `dagster job launch -o`, a step re-executed from the UI), else every view of its job."""
+        """The views the run was to refresh: its asset (or check) selection (the CLI's runs, the UI's), else its
+        op selection (a step re-executed from the UI; the CLI's runs before a cadence's views shared one step),
+        else every view of its job."""
         selected = set(run.asset_selection or ()) | {check.asset_key for check in run.asset_check_selection or ()}
         if selected:
             return [view for key, view in self.views.items() if key in selected]

@@ -348,7 +348,11 @@ def test_view_names_dagster_refuses_get_valid_stable_keys_and_refresh(product, t
     passed = {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
     assert {key for key, check in passed if check == UNIQUE_INDEX_CHECK and passed[(key, check)]} == keys
     for key in keys:
-        [materialization] = result.asset_materializations_for_node(dg.AssetKey.from_user_string(key).to_python_identifier())
+        [materialization] = [
+            event.materialization
+            for event in result.get_asset_materialization_events()
+            if event.asset_key == dg.AssetKey.from_user_string(key)
+        ]
         assert materialization.metadata["dagster/row_count"].value == 1
 
 

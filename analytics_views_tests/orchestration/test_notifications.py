@@ -496,9 +496,9 @@ def test_a_run_of_some_views_of_a_job_names_only_those(seeded_db, instance, rece
     webhook.tick()
     drop_unique_index(seeded_db, "daily_aggregations")
 
-    # What `analytics-views refresh daily_aggregations` launches: the daily job, that view's step only.
+    # What `analytics-views refresh daily_aggregations` launches: the daily job, that view only.
     run = defs.resolve_job_def("daily_refresh_job").execute_in_process(
-        instance=instance, op_selection=["daily_aggregations"], raise_on_error=False,
+        instance=instance, asset_selection=[dg.AssetKey("daily_aggregations")], raise_on_error=False,
         tags={"analytics_views/launched_by": "analytics-views refresh"},
     )
     webhook.tick()
