@@ -114,7 +114,11 @@ def test_a_discovered_view_on_an_every_4_hours_cadence_gets_its_job_schedule_zon
     result = defs.resolve_job_def("every_4_hours_refresh_job").execute_in_process(raise_on_error=False)
 
     assert result.success
-    [materialization] = result.asset_materializations_for_node("product__daily_activity")
+    [materialization] = [
+        event.materialization
+        for event in result.get_asset_materialization_events()
+        if event.asset_key == dg.AssetKey(["product", "daily_activity"])
+    ]
     with psycopg.connect(product) as conn:
         rows = conn.execute("SELECT count(*) FROM product.daily_activity").fetchone()[0]
     assert rows > 0 and materialization.metadata["dagster/row_count"].value == rows

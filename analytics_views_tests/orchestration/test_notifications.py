@@ -336,13 +336,19 @@ def test_an_unreachable_destination_is_logged_as_one_line_and_retried_until_it_t
 
 
 def test_sensors_exist_only_for_the_configured_destinations_and_run_by_default(tmp_path, monkeypatch):
+    # Besides the definition checks' sensor (definition_checks.py), which every configuration with views has.
     without = write_defs_yaml(tmp_path / "none" / "defs.yaml", f"sql_folder: {SQL_DIR}")
-    assert list(MaterializedViewsComponent.from_defs_yaml(without).definitions(None).sensors) == []
+    assert [s.name for s in MaterializedViewsComponent.from_defs_yaml(without).definitions(None).sensors] == [
+        "definition_checks_sensor"
+    ]
 
     only_webhook = write_defs_yaml(
         tmp_path / "webhook" / "defs.yaml", f"sql_folder: {SQL_DIR}\nnotifications: {{webhook: {{url_env: HOOK}}}}"
     )
-    [sensor] = MaterializedViewsComponent.from_defs_yaml(only_webhook).definitions(None).sensors
+    [sensor] = [
+        s for s in MaterializedViewsComponent.from_defs_yaml(only_webhook).definitions(None).sensors
+        if s.name != "definition_checks_sensor"
+    ]
     assert sensor.name == "webhook_notifications" and sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert sensor.minimum_interval_seconds == 30
 
