@@ -138,9 +138,13 @@ def test_discovered_views_run_their_data_tests_and_report_the_sql_checks(product
     assert (organic.passed, organic.severity) == (False, dg.AssetCheckSeverity.WARN)
     assert organic.metadata["analytics_views/failing_rows"].value == 1
     assert "| campaign_id | signups |\n|---|---|\n| NULL | 30 |" == organic.metadata["analytics_views/failing_sample"].value
+    assert {key for key, e in checks.items() if not e.passed} == {("product/campaign_stats", "no_organic")}
+    # The SQL checks follow the definitions: their own job (definition_checks.py).
+    definition = defs.resolve_job_def("definition_checks_job").execute_in_process(raise_on_error=False)
+    assert definition.success
+    checks = {(e.asset_key.to_user_string(), e.check_name): e for e in definition.get_asset_check_evaluations()}
     failing = {key for key, e in checks.items() if not e.passed}
     assert failing == {
-        ("product/campaign_stats", "no_organic"),
         ("product/campaign_stats", "unique_key_not_null"),
         ("product/cohort_stats", "no_join_fanout"),
         ("product/daily_activity", "timezone_independent"),
