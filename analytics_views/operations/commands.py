@@ -150,7 +150,7 @@ def refresh(
             for (run_id, group), launch, run_pools in zip(launched, launches, pools)
         ]
         chosen_views = {run.run_id: steps for run, steps in zip(submitted, chosen_steps)}
-        with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
+        with _watcher(url) as conn:
             told: set = set()
             runs.wait(
                 dagster_instance,
@@ -162,6 +162,21 @@ def refresh(
         for run in submitted:
             reports += _reports(dagster_instance, run, chosen_views[run.run_id])
     return reports
+
+
+def _watcher(url: str) -> psycopg.Connection:
+    """The connection that watches the refreshes' lock waits, on the server's `postgres` database when it may:
+    pg_stat_activity and pg_blocking_pids see every database, and a session idle on the views' database keeps
+    their refreshes from proving a skip for a while (write_quiescence.py). On the views' database otherwise."""
+    try:
+        return database.connect(
+            database.with_database(url, "postgres"), autocommit=True, application_name=_WATCHER, connect_timeout=5
+        )
+    except database.ConnectionFailure:
+        return database.connect(url, autocommit=True, application_name=_WATCHER)
+
+
+_WATCHER = "analytics-views refresh watcher"
 
 
 def _step(view: ViewDefinition) -> str:
@@ -247,6 +262,8 @@ class ViewStats:
     populated: bool
     unique_index: str | None
     last_refreshed: datetime | None
+    last_mode: str | None = None  # how the last materialization went: a refresh mode, or skipped
+    last_note: str = ""  # why: the skip's proof, or why the view could not be skipped
 
     def as_json(self) -> dict:
         return {
@@ -258,6 +275,8 @@ class ViewStats:
             "unique_index": self.unique_index,
             "unique_index_usable": self.unique_index is not None,
             "last_refreshed": self.last_refreshed.isoformat() if self.last_refreshed else None,
+            "last_refresh_mode": self.last_mode,
+            "last_refresh_note": self.last_note,
         }
 
     def as_row(self) -> tuple[str, ...]:
@@ -268,12 +287,23 @@ class ViewStats:
             "yes" if self.populated else "no",
             self.unique_index or "MISSING",
             self.last_refreshed.strftime("%Y-%m-%d %H:%M:%S UTC") if self.last_refreshed else "never recorded",
+            self.last_mode or "-",
+            self.last_note,
         )
 
 
-def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinition) -> datetime | None:
+def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinition) -> dict:
+    """When the view was last materialized, how (its refresh mode) and why (its refresh note)."""
     event = dagster_instance.get_latest_materialization_event(dg.AssetKey(list(view.asset_key_path)))
-    return datetime.fromtimestamp(event.timestamp, tz=timezone.utc) if event else None
+    if not event:
+        return {"last_refreshed": None}
+    metadata = event.asset_materialization.metadata if event.asset_materialization else {}
+    mode, note = metadata.get(keys.REFRESH_MODE), metadata.get(keys.REFRESH_NOTE)
+    return {
+        "last_refreshed": datetime.fromtimestamp(event.timestamp, tz=timezone.utc),
+        "last_mode": mode.value if mode else None,
+        "last_note": note.value if note else "",
+    }
 
 
 def ensure_migrated(conn) -> None:
@@ -304,7 +334,7 @@ def view_stats(url: str, loaded: LoadedViews | None = None) -> list[ViewStats]:
                     size=state.size_pretty,
                     populated=state.populated,
                     unique_index=state.unique_index,
-                    last_refreshed=_last_materialized(dagster_instance, view),
+                    **_last_materialized(dagster_instance, view),
                 )
             )
     return stats
