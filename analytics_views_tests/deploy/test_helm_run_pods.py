@@ -134,6 +134,21 @@ def test_run_pod_gets_the_run_launchers_resources_after_dagster_k8s_merge(kubeco
     assert deployment["resources"] == {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}}
 
 
+def test_code_server_pulls_and_runs_as_locked_down_as_a_run_pod(kubeconfig):
+    values = load_yaml(HELM_VALUES)
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    _, container = run_pod_container(values, kubeconfig)
+    run_pod = container.security_context
+    assert deployment["securityContext"] == {
+        "runAsNonRoot": run_pod.run_as_non_root, "runAsUser": run_pod.run_as_user,
+        "allowPrivilegeEscalation": run_pod.allow_privilege_escalation,
+    }
+    # The subchart reads only its own list (only `global` reaches a subchart).
+    assert values["dagster-user-deployments"]["imagePullSecrets"] == values["imagePullSecrets"] == [
+        {"name": "analytics-views-registry"}
+    ]
+
+
 def test_code_servers_resources_win_when_its_config_is_included_in_runs(kubeconfig):
     """What issue 24 found, reproduced by the same merge: why includeConfigInLaunchedRuns is off."""
     values = load_yaml(HELM_VALUES)
