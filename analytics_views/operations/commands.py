@@ -2,8 +2,10 @@
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import dagster as dg
 import psycopg
@@ -72,9 +74,19 @@ def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
             "`analytics-views dev` (its instance is then used), or export DAGSTER_HOME (a folder holding the "
             "project's dagster.yaml) and DAGSTER_POSTGRES_URL"
         )
+    home = Path(os.environ["DAGSTER_HOME"])
+    if to_record_runs and not (home / "dagster.yaml").is_file():
+        raise AnalyticsViewsError(
+            f"DAGSTER_HOME ({home}) holds no dagster.yaml, so Dagster would queue the runs for a daemon that may not "
+            "be running: copy the project's deploy/dagster.yaml there and export DAGSTER_POSTGRES_URL (or unset "
+            "DAGSTER_HOME beside a running `analytics-views dev`)"
+        )
     try:
         check_storage(os.environ["DAGSTER_HOME"])  # one line naming auth, host or database, not retries
-        return dg.DagsterInstance.get()
+        loaded = dg.DagsterInstance.get()
+        if to_record_runs:
+            _check_runs_start(loaded)
+        return loaded
     except AnalyticsViewsError:
         raise  # already one line naming the variable and the fix
     except yaml.YAMLError as error:
@@ -91,6 +103,24 @@ def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
         f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
         "or copy the project's deploy/dagster.yaml there"
     ) from None
+
+
+# The daemon beats every 30 s (dagster-daemon's default); one silent for longer than this is taken for gone.
+DAEMON_SILENT_S = 120
+QUEUED_RUN_DAEMON = "QUEUED_RUN_COORDINATOR"  # its daemon type in the heartbeats
+
+
+def _check_runs_start(dagster_instance: dg.DagsterInstance) -> None:
+    """A queued run starts only when a daemon dequeues it: without one beating, one line instead of a wait."""
+    if not isinstance(dagster_instance.run_coordinator, dg.QueuedRunCoordinator):
+        return
+    beat = dagster_instance.get_daemon_heartbeats().get(QUEUED_RUN_DAEMON)
+    if beat is None or time.time() - beat.timestamp > DAEMON_SILENT_S:
+        raise AnalyticsViewsError(
+            "$DAGSTER_HOME/dagster.yaml queues runs (QueuedRunCoordinator) and no Dagster daemon has dequeued any "
+            f"in the last {DAEMON_SILENT_S} s, so the run would wait for good: start `dagster-daemon run` (or "
+            "`analytics-views dev`), or use the project's deploy/dagster.yaml, whose runs start at once"
+        )
 
 
 @dataclass(frozen=True)
