@@ -32,7 +32,7 @@ import dagster as dg
 import pydantic
 import yaml
 from dagster.components import DefsStateConfig, DefsStateConfigArgs, ResolvedDefsStateConfig
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.build import build_definitions
@@ -73,14 +73,34 @@ class DatabaseSettings(dg.Model):
     )
 
 
+MAX_TIMEOUT_S = 2_147_483  # INT_MAX milliseconds
+MAX_WORK_MEM_MB = 2_097_151  # INT_MAX kilobytes
+
+
 class RefreshDefaults(dg.Model):
     """The `analytics_db` resource's refresh settings (a run may still override them in its run config)."""
 
     lock_timeout_s: float = Field(default=RefreshSettings.lock_timeout_s, description="Longest wait for a view's lock, s.")
     statement_timeout_s: float = Field(default=RefreshSettings.statement_timeout_s, description="Longest refresh, s.")
-    skip_unchanged: bool = Field(default=True, description="Skip a view none of whose sources changed since its last refresh.")
+    skip_unchanged: bool = Field(default=True, description="Skip a view proven unchanged since its last refresh.")
     work_mem_mb: int | None = Field(default=RefreshSettings.work_mem_mb, description="work_mem of refreshes, MB; unset: the server's.")
     timezone: str = Field(default=RefreshSettings.timezone, description="TimeZone every refresh and data test runs under.")
+
+    # PostgreSQL reads a 0 timeout as "no limit" (a wait for ever) and takes at most INT_MAX ms or kB.
+    # Validators, not Field(gt=...): Dagster's component models refuse constrained fields.
+    @field_validator("lock_timeout_s", "statement_timeout_s")
+    @classmethod
+    def _a_timeout(cls, value: float, info) -> float:
+        if not 0 < value <= MAX_TIMEOUT_S:
+            raise ValueError(f"refresh.{info.field_name} must be over 0 and at most {MAX_TIMEOUT_S} seconds, not {value:g}")
+        return value
+
+    @field_validator("work_mem_mb")
+    @classmethod
+    def _a_work_mem(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= MAX_WORK_MEM_MB:
+            raise ValueError(f"refresh.work_mem_mb must be 1 to {MAX_WORK_MEM_MB} (MB), or left out, not {value}")
+        return value
 
 
 class EmailSettings(dg.Model):

@@ -212,6 +212,13 @@ def refresh_view(
                     f"materialized view {view!r} does not exist in this database: run `analytics-views migrate`",
                     transient=False,
                 )
+            if not state.is_materialized_view:
+                raise RefreshError(
+                    f"{view} is now a {state.kind}, not a materialized view: it was replaced since it was "
+                    "discovered or migrated; run `analytics-views discover` (a view made elsewhere) or "
+                    "`analytics-views migrate` (the project's own)",
+                    transient=False,
+                )
             if state.populated and state.unique_index is None:
                 raise RefreshError(
                     f"{view} has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY: create one "

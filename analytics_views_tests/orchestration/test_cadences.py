@@ -270,6 +270,10 @@ COMMAND = str(Path(sys.executable).parent / "analytics-views")
         (b'# ums\xe4tze\ntype: analytics_views.MaterializedViewsComponent\n', "is not UTF-8 text (byte 0xe4 on line 1): save it as UTF-8"),
         (None, "(Is a directory): fix ANALYTICS_VIEWS_DEFS or create the file"),
         (b"type: analytics_views.MaterializedViewsComponent\nattributes: [\n", "is not valid YAML at line 3: fix it"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {lock_timeout_s: 0}\n", "lock_timeout_s"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {statement_timeout_s: -5}\n", "statement_timeout_s"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {lock_timeout_s: 1e12}\n", "lock_timeout_s"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {work_mem_mb: -1}\n", "work_mem_mb"),
     ],
 )
 def test_an_unreadable_configuration_is_one_line_and_a_non_zero_exit(tmp_path, content, fragment):
