@@ -50,7 +50,8 @@ _SESSION_CLOCK = {
 _DUPLICATE_INSENSITIVE = (exp.Min, exp.Max, exp.LogicalAnd, exp.LogicalOr, exp.AnyValue)
 # Casts that keep distinct values distinct, so an equality on the cast value is one on the value: PostgreSQL writes
 # `(a.user_id)::text = (r.user_id)::text` for varchar, char and text-domain keys, `(d.level)::integer` for a domain.
-_TEXT_TYPES = (exp.DataType.Type.TEXT, exp.DataType.Type.VARCHAR, exp.DataType.Type.BPCHAR)
+_TEXT_TYPES = (exp.DataType.Type.TEXT, exp.DataType.Type.VARCHAR)
+_CHAR_TYPES = (exp.DataType.Type.CHAR, exp.DataType.Type.BPCHAR)
 _INTEGER_TYPES = (exp.DataType.Type.SMALLINT, exp.DataType.Type.INT, exp.DataType.Type.BIGINT)
 _CALENDAR_INTERVAL = re.compile(r"\b(day|days|week|weeks|mon|mons|month|months|year|years)\b", re.IGNORECASE)
 
@@ -168,6 +169,8 @@ def _keeps_distinct(target: exp.DataType, source: exp.DataType | None) -> bool:
         return True
     if source is None:
         return False
+    if target.this == exp.DataType.Type.BPCHAR and not target.expressions:  # drops trailing spaces, as char does
+        return source.this in _CHAR_TYPES
     if source.this == target.this and (not target.expressions or target.expressions == source.expressions):
         return True  # a domain to its base type
     return source.this in _INTEGER_TYPES and (
@@ -279,7 +282,7 @@ def _null_rejected(condition: exp.Expression | None) -> set[tuple[str, str] | st
 
     def add(side: exp.Expression) -> None:
         side = _strip_parens(side)
-        proven.add((side.table, side.name) if isinstance(side, exp.Column) else side.sql())
+        proven.add((side.table, side.name) if isinstance(side, exp.Column) else display(side))
 
     for part in _conjuncts(condition):
         negated = isinstance(part, exp.Not) and isinstance(_strip_parens(part.this), exp.Is)
@@ -582,8 +585,10 @@ class QueryAnalysis:
         if isinstance(node, exp.Column):
             return self.column_nullability(scope, node, nulled)
         select = scope.expression
-        if isinstance(select, exp.Select) and node.sql() in self.proven_not_null(select):
-            return NOT_NULL
+        if isinstance(select, exp.Select):
+            proven = self.proven_not_null(select)
+            if any(isinstance(found, str) for found in proven) and display(node) in proven:
+                return NOT_NULL
         if isinstance(node, exp.Null):
             return NULLABLE
         if isinstance(node, (exp.Literal, exp.Boolean, exp.CurrentDate, exp.Localtimestamp, exp.Localtime, *_NOW)):
@@ -927,13 +932,13 @@ class _Determined:
 
     def _fix(self, node: exp.Expression) -> None:
         node = self.analysis.through_casts(self.scope, node)
-        self.expressions.add(node.sql())
+        self.expressions.add(display(node))  # compared without the parentheses pg_get_viewdef adds
         if isinstance(node, exp.Column):
             self.columns.add((node.table, node.name))
 
     def fixed(self, node: exp.Expression) -> bool:
         node = _strip_parens(node)
-        if node.sql() in self.expressions or self.analysis.through_casts(self.scope, node).sql() in self.expressions:
+        if {display(node), display(self.analysis.through_casts(self.scope, node))} & self.expressions:
             return True
         if isinstance(node, exp.Column):
             return (node.table, node.name) in self.columns or node.table in self.relations
@@ -1012,7 +1017,7 @@ def grouping_findings(analysis: QueryAnalysis, key_columns: list[str]) -> tuple[
         return [], [], [], []
     names = {}
     for projection in select.selects:
-        names.setdefault(_strip_parens(projection.unalias()).sql(), projection.alias_or_name)
+        names.setdefault(display(projection.unalias()), projection.alias_or_name)
     key_expressions = []
     for column in key_columns:
         found = [p.unalias() for p in select.selects if p.alias_or_name == column]
@@ -1025,7 +1030,7 @@ def grouping_findings(analysis: QueryAnalysis, key_columns: list[str]) -> tuple[
     for expression in grouping:
         if determined.fixed(expression):
             continue
-        name = names.get(_strip_parens(expression).sql())
+        name = names.get(display(expression))
         nullable = analysis.nullability(scope, expression) != NOT_NULL
         shown = display(expression)
         problem = (
@@ -1042,7 +1047,7 @@ def grouping_findings(analysis: QueryAnalysis, key_columns: list[str]) -> tuple[
             if index:
                 index.append(name)
         findings.append(Finding(shown, problem, fix))
-    grouping_names = [names.get(_strip_parens(g).sql(), display(g)) for g in grouping]
+    grouping_names = [names.get(display(g), display(g)) for g in grouping]
     return _unique(findings), [], grouping_names, index if findings else []
 
 
