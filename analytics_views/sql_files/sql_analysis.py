@@ -693,6 +693,7 @@ class QueryAnalysis:
         source = scope.sources.get(item.alias)
         on = join.args.get("on") if join is not None else None
         equated: dict[str, bool] = {}  # join column of this relation -> compared with IS NOT DISTINCT FROM
+        lossy: list[str] = []  # casts of its columns that can make distinct values equal (::varchar(1), ::date)
         for part in _conjuncts(on):
             found = _equality(part)
             if found is None:
@@ -704,6 +705,8 @@ class QueryAnalysis:
                     c.table for c in other.find_all(exp.Column)
                 }:
                     equated[mine.name] = equated.get(mine.name, False) or nulls_equal
+                elif isinstance(mine, exp.Cast) and {c.table for c in mine.find_all(exp.Column)} == {item.alias}:
+                    lossy.append(display(mine))
         keys = self.source_keys(source)
         if isinstance(source, Scope) and source.scope_type == ScopeType.UDTF:
             keys = self.unique_keys(source)
@@ -716,6 +719,9 @@ class QueryAnalysis:
             ):
                 return None
         name = self.source_label(source, item.alias)
+        if not equated and lossy:
+            return (f"{name} is joined on {', '.join(lossy)}, a cast that can make distinct values equal, so several "
+                    "of its rows can match each row before it")
         if not equated:
             return f"{name} is joined without an equality on its key, so each of its rows repeats the rows before it"
         columns = ", ".join(sorted(equated))
