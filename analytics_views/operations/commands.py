@@ -83,6 +83,8 @@ def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
         )
     try:
         check_storage(os.environ["DAGSTER_HOME"])  # one line naming auth, host or database, not retries
+        if not to_record_runs and not _holds_dagster_tables(home):
+            return dg.DagsterInstance.ephemeral()  # loading the instance would create Dagster's tables there
         loaded = dg.DagsterInstance.get()
         if to_record_runs:
             _check_runs_start(loaded)
@@ -103,6 +105,20 @@ def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
         f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
         "or copy the project's deploy/dagster.yaml there"
     ) from None
+
+
+def _holds_dagster_tables(home: Path) -> bool:
+    """Whether the PostgreSQL storage dagster.yaml names already holds Dagster's run storage (its `runs` table);
+    True for any other storage. A read-only command must not create Dagster's tables in a database that was
+    never Dagster's (the analytics database, say, through a mistaken DAGSTER_POSTGRES_URL)."""
+    from analytics_views.orchestration.dagster_storage import STORAGE_CHECK_TIMEOUT_S, storage_url
+
+    found = storage_url(home / "dagster.yaml")
+    if found is None:
+        return True
+    variable, url = found
+    with database.connect(url, variable=variable, purpose="Dagster's storage database", connect_timeout=STORAGE_CHECK_TIMEOUT_S) as conn:
+        return conn.execute("SELECT to_regclass('runs') IS NOT NULL").fetchone()[0]
 
 
 # The daemon beats every 30 s (dagster-daemon's default); one silent for longer than this is taken for gone.

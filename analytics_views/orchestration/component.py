@@ -221,8 +221,15 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise AnalyticsViewsError(f"{path} is not valid YAML{where}: fix it") from None
+        except RecursionError:
+            raise AnalyticsViewsError(f"{path} nests deeper than a defs.yaml can: fix it") from None
         if not isinstance(document, dict) or document.get("type") not in (COMPONENT_TYPE, f"{__name__}.{cls.__name__}"):
             raise AnalyticsViewsError(f"{path}: type must be {COMPONENT_TYPE}, with its settings under attributes:")
+        if unknown := sorted(set(map(str, document)) - DEFS_YAML_KEYS):
+            raise AnalyticsViewsError(
+                f"{path}: unknown top-level key {unknown[0]!r}: a defs.yaml holds {', '.join(sorted(DEFS_YAML_KEYS))} "
+                "(the settings go under attributes:)"
+            )
         with one_line_errors(path):
             component = cls.from_attributes_dict(attributes=document.get("attributes") or {})
         component._defs_yaml = path
@@ -370,6 +377,10 @@ def refuse_views_toml() -> None:
             f"{old} ({OLD_CONFIG_ENV}) is no longer read: move its settings to a defs.yaml like {DEFS_YAML} "
             f"(attributes: {MOVED_SETTINGS}) and set {DEFS_ENV} to that file instead"
         )
+
+
+# The keys Dagster reads at the top of a component's defs.yaml (dagster.components' ComponentFileModel).
+DEFS_YAML_KEYS = frozenset({"type", "attributes", "template_vars_module", "requirements", "post_processing"})
 
 
 @contextmanager

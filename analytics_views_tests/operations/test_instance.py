@@ -3,6 +3,7 @@ line naming the fix and a non-zero exit within seconds (issue 25: a DAGSTER_HOME
 
 import time
 
+import psycopg
 import yaml
 
 from analytics_views.paths import PROJECT_ROOT
@@ -26,3 +27,14 @@ def test_a_queued_run_coordinator_without_a_daemon_is_refused_at_once(seeded_db,
     )
     assert_one_line_error(result, "queues runs (QueuedRunCoordinator) and no Dagster daemon", "dagster-daemon run")
     assert time.monotonic() - started < 60
+
+
+def test_stats_creates_no_dagster_tables_in_a_database_that_holds_none(seeded_db, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text())
+    # DAGSTER_POSTGRES_URL mistakenly names the analytics database itself.
+    result = run("stats", "--json", DAGSTER_HOME=str(home), DATABASE_URL=seeded_db, DAGSTER_POSTGRES_URL=seeded_db)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(seeded_db) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename IN ('runs', 'event_logs')").fetchone()[0] == 0

@@ -274,6 +274,8 @@ COMMAND = str(Path(sys.executable).parent / "analytics-views")
         (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {statement_timeout_s: -5}\n", "statement_timeout_s"),
         (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {lock_timeout_s: 1e12}\n", "lock_timeout_s"),
         (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {work_mem_mb: -1}\n", "work_mem_mb"),
+        (b"type: analytics_views.MaterializedViewsComponent\natributes:\n  schemas: [public]\n", "unknown top-level key 'atributes'"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nests deeper"),
     ],
 )
 def test_an_unreadable_configuration_is_one_line_and_a_non_zero_exit(tmp_path, content, fragment):
