@@ -52,12 +52,19 @@ def selected_views(
     if not names:
         raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly, --cadence NAME or view names")
     known = [view.label for view in managed]
+    chosen = []
     for name in names:
-        if name not in known:
+        # A discovered view is schema.name; its bare name does when no other view bears it.
+        bare = [view.label for view in managed if view.name == name]
+        if name in known or len(bare) == 1:
+            chosen.append(name if name in known else bare[0])
+        elif bare:
+            raise AnalyticsViewsError(f"view name {name!r} is ambiguous: say which, {' or '.join(bare)}")
+        else:
             raise AnalyticsViewsError(
                 f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly, --cadence NAME)"
             )
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(chosen))
 
 
 def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:

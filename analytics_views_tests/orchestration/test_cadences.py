@@ -418,7 +418,8 @@ def test_discover_says_why_each_selected_view_was_not_taken(product, reader, tmp
         f"product.refund_totals: not taken: {no_select}",
         f"product.weekly_purchases: not taken: {no_select}",
         "public.daily_aggregations: not taken: named like this project's own view "
-        "(sql/views/daily_aggregations.sql), which manages it",
+        f"(sql/views/daily_aggregations.sql), which manages it: to adopt the database's view instead, remove "
+        f"sql_folder from {tmp_path / 'defs.yaml'}",
         "product.purchases: not taken: a view, not a materialized view (only those are refreshed)",
         "product.users: not taken: a table, not a materialized view (only those are refreshed)",
         "names entry 'reports.*' matches no materialized view: fix or remove it",
@@ -429,3 +430,15 @@ def test_discover_says_why_each_selected_view_was_not_taken(product, reader, tmp
         "analytics-views discover: error: no view taken: fix attributes.schemas or attributes.names in "
         f"{tmp_path / 'defs.yaml'} (reasons above)\n"
     )
+
+
+def test_a_discovered_view_may_be_named_bare_when_no_other_view_bears_its_name(product):
+    from analytics_views.operations.commands import selected_views
+    from analytics_views.orchestration.component import load_views
+
+    choose = lambda *names: selected_views(all_views=False, daily=False, weekly=False, names=list(names), loaded=load_views())  # noqa: E731
+    assert choose("campaign_stats", "product.cohort_stats", "product.campaign_stats") == [
+        "product.campaign_stats", "product.cohort_stats"
+    ]
+    with pytest.raises(AnalyticsViewsError, match="unknown view 'campaign'"):
+        choose("campaign")
