@@ -75,7 +75,7 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([row.as_json() for row in stats], indent=2))
         return 0
-    header = ("view", "rows", "size", "populated", "unique index", "last refreshed")
+    header = ("view", "rows", "size", "populated", "unique index", "last refreshed", "how", "why")
     rows = [header] + [row.as_row() for row in stats]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
@@ -107,6 +107,26 @@ def _dev(args: argparse.Namespace) -> int:
     return run_dev(host=args.host, port=args.port, users=args.users, state_dir=args.state_dir)
 
 
+def bounded(kind: type, low: float, high: float):
+    """An argparse type accepting a finite number of `kind` from `low` to `high`; argparse names the option
+    and exits 2 with one line (its usage) otherwise."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not low <= value <= high:  # NaN compares false both ways
+            raise argparse.ArgumentTypeError(f"{text} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
+MAX_USERS = 100_000_000  # what the seed can generate in reasonable time and memory
+MAX_DAYS = 36_500
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="analytics-views",
@@ -118,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(run=_migrate)
 
     seed = commands.add_parser("seed", help="replace the source tables' rows with deterministic demo data")
-    seed.add_argument("--users", type=int, default=5000, help="number of users (default: 5000)")
-    seed.add_argument("--days", type=int, default=730, help="days of history up to now (default: 730)")
+    seed.add_argument("--users", type=bounded(int, 1, MAX_USERS), default=5000, help="number of users (default: 5000)")
+    seed.add_argument("--days", type=bounded(int, 1, MAX_DAYS), default=730, help="days of history up to now (default: 730)")
     seed.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives the same data")
     seed.set_defaults(run=_seed)
 
@@ -142,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     refresh.add_argument(
         "--wait",
-        type=float,
+        type=bounded(float, 0, 7 * 24 * 3600),
         default=SLOT_WAIT_S,
         metavar="SECONDS",
         help=f"longest wait for a view that another run is refreshing (its pool slot); then the view is reported "
@@ -171,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded PostgreSQL in .dev/ with demo data; then the Dagster webserver and daemon. Ctrl-C stops all.",
     )
     dev.add_argument("--host", default="127.0.0.1", help="address the UI binds to (default: 127.0.0.1)")
-    dev.add_argument("--port", type=int, default=3000, help="UI port (default: 3000)")
-    dev.add_argument("--users", type=int, default=5000, help="demo users seeded on first start (default: 5000)")
+    dev.add_argument("--port", type=bounded(int, 1, 65535), default=3000, help="UI port (default: 3000)")
+    dev.add_argument(
+        "--users", type=bounded(int, 1, MAX_USERS), default=5000, help="demo users seeded on first start (default: 5000)"
+    )
     dev.add_argument(
         "--state-dir", type=Path, default=DEV_DIR, help="where the embedded database and DAGSTER_HOME live (default: .dev)"
     )

@@ -2,8 +2,10 @@
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import dagster as dg
 import psycopg
@@ -51,12 +53,19 @@ def selected_views(
     if not names:
         raise AnalyticsViewsError("say which views to refresh: --all, --daily, --weekly, --cadence NAME or view names")
     known = [view.label for view in managed]
+    chosen = []
     for name in names:
-        if name not in known:
+        # A discovered view is schema.name; its bare name does when no other view bears it.
+        bare = [view.label for view in managed if view.name == name]
+        if name in known or len(bare) == 1:
+            chosen.append(name if name in known else bare[0])
+        elif bare:
+            raise AnalyticsViewsError(f"view name {name!r} is ambiguous: say which, {' or '.join(bare)}")
+        else:
             raise AnalyticsViewsError(
                 f"unknown view {name!r}: choose from {', '.join(known)} (or use --all, --daily, --weekly, --cadence NAME)"
             )
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(chosen))
 
 
 def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
@@ -73,9 +82,21 @@ def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
             "`analytics-views dev` (its instance is then used), or export DAGSTER_HOME (a folder holding the "
             "project's dagster.yaml) and DAGSTER_POSTGRES_URL"
         )
+    home = Path(os.environ["DAGSTER_HOME"])
+    if to_record_runs and not (home / "dagster.yaml").is_file():
+        raise AnalyticsViewsError(
+            f"DAGSTER_HOME ({home}) holds no dagster.yaml, so Dagster would queue the runs for a daemon that may not "
+            "be running: copy the project's deploy/dagster.yaml there and export DAGSTER_POSTGRES_URL (or unset "
+            "DAGSTER_HOME beside a running `analytics-views dev`)"
+        )
     try:
         check_storage(os.environ["DAGSTER_HOME"])  # one line naming auth, host or database, not retries
-        return dg.DagsterInstance.get()
+        if not to_record_runs and not _holds_dagster_tables(home):
+            return dg.DagsterInstance.ephemeral()  # loading the instance would create Dagster's tables there
+        loaded = dg.DagsterInstance.get()
+        if to_record_runs:
+            _check_runs_start(loaded)
+        return loaded
     except AnalyticsViewsError:
         raise  # already one line naming the variable and the fix
     except yaml.YAMLError as error:
@@ -92,6 +113,38 @@ def instance(*, to_record_runs: bool = True) -> dg.DagsterInstance:
         f"cannot load the Dagster instance from $DAGSTER_HOME/dagster.yaml ({reason}): fix it, "
         "or copy the project's deploy/dagster.yaml there"
     ) from None
+
+
+def _holds_dagster_tables(home: Path) -> bool:
+    """Whether the PostgreSQL storage dagster.yaml names already holds Dagster's run storage (its `runs` table);
+    True for any other storage. A read-only command must not create Dagster's tables in a database that was
+    never Dagster's (the analytics database, say, through a mistaken DAGSTER_POSTGRES_URL)."""
+    from analytics_views.orchestration.dagster_storage import STORAGE_CHECK_TIMEOUT_S, storage_url
+
+    found = storage_url(home / "dagster.yaml")
+    if found is None:
+        return True
+    variable, url = found
+    with database.connect(url, variable=variable, purpose="Dagster's storage database", connect_timeout=STORAGE_CHECK_TIMEOUT_S) as conn:
+        return conn.execute("SELECT to_regclass('runs') IS NOT NULL").fetchone()[0]
+
+
+# The daemon beats every 30 s (dagster-daemon's default); one silent for longer than this is taken for gone.
+DAEMON_SILENT_S = 120
+QUEUED_RUN_DAEMON = "QUEUED_RUN_COORDINATOR"  # its daemon type in the heartbeats
+
+
+def _check_runs_start(dagster_instance: dg.DagsterInstance) -> None:
+    """A queued run starts only when a daemon dequeues it: without one beating, one line instead of a wait."""
+    if not isinstance(dagster_instance.run_coordinator, dg.QueuedRunCoordinator):
+        return
+    beat = dagster_instance.get_daemon_heartbeats().get(QUEUED_RUN_DAEMON)
+    if beat is None or time.time() - beat.timestamp > DAEMON_SILENT_S:
+        raise AnalyticsViewsError(
+            "$DAGSTER_HOME/dagster.yaml queues runs (QueuedRunCoordinator) and no Dagster daemon has dequeued any "
+            f"in the last {DAEMON_SILENT_S} s, so the run would wait for good: start `dagster-daemon run` (or "
+            "`analytics-views dev`), or use the project's deploy/dagster.yaml, whose runs start at once"
+        )
 
 
 @dataclass(frozen=True)
@@ -156,7 +209,7 @@ def refresh(
             runs.Submitted(run_id, launch.job, run_pools, group)
             for (run_id, group), launch, run_pools in zip(launched, launches, pools)
         ]
-        with database.connect(url, autocommit=True, application_name="analytics-views refresh watcher") as conn:
+        with _watcher(url) as conn:
             told: set = set()
             runs.wait(
                 dagster_instance,
@@ -172,6 +225,21 @@ def refresh(
 
 def _key(view: ViewDefinition) -> dg.AssetKey:
     return dg.AssetKey(list(view.asset_key_path))
+
+
+def _watcher(url: str) -> psycopg.Connection:
+    """The connection that watches the refreshes' lock waits, on the server's `postgres` database when it may:
+    pg_stat_activity and pg_blocking_pids see every database, and a session idle on the views' database keeps
+    their refreshes from proving a skip for a while (write_quiescence.py). On the views' database otherwise."""
+    try:
+        return database.connect(
+            database.with_database(url, "postgres"), autocommit=True, application_name=_WATCHER, connect_timeout=5
+        )
+    except database.ConnectionFailure:
+        return database.connect(url, autocommit=True, application_name=_WATCHER)
+
+
+_WATCHER = "analytics-views refresh watcher"
 
 
 # Sessions of the run's refreshes (application_name 'analytics-views <view> run <run id>', assets.py) waiting
@@ -268,6 +336,8 @@ class ViewStats:
     populated: bool
     unique_index: str | None
     last_refreshed: datetime | None
+    last_mode: str | None = None  # how the last materialization went: a refresh mode, or skipped
+    last_note: str = ""  # why: the skip's proof, or why the view could not be skipped
 
     def as_json(self) -> dict:
         return {
@@ -279,6 +349,8 @@ class ViewStats:
             "unique_index": self.unique_index,
             "unique_index_usable": self.unique_index is not None,
             "last_refreshed": self.last_refreshed.isoformat() if self.last_refreshed else None,
+            "last_refresh_mode": self.last_mode,
+            "last_refresh_note": self.last_note,
         }
 
     def as_row(self) -> tuple[str, ...]:
@@ -289,12 +361,23 @@ class ViewStats:
             "yes" if self.populated else "no",
             self.unique_index or "MISSING",
             self.last_refreshed.strftime("%Y-%m-%d %H:%M:%S UTC") if self.last_refreshed else "never recorded",
+            self.last_mode or "-",
+            self.last_note,
         )
 
 
-def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinition) -> datetime | None:
+def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinition) -> dict:
+    """When the view was last materialized, how (its refresh mode) and why (its refresh note)."""
     event = dagster_instance.get_latest_materialization_event(dg.AssetKey(list(view.asset_key_path)))
-    return datetime.fromtimestamp(event.timestamp, tz=timezone.utc) if event else None
+    if not event:
+        return {"last_refreshed": None}
+    metadata = event.asset_materialization.metadata if event.asset_materialization else {}
+    mode, note = metadata.get(keys.REFRESH_MODE), metadata.get(keys.REFRESH_NOTE)
+    return {
+        "last_refreshed": datetime.fromtimestamp(event.timestamp, tz=timezone.utc),
+        "last_mode": mode.value if mode else None,
+        "last_note": note.value if note else "",
+    }
 
 
 def ensure_migrated(conn) -> None:
@@ -325,7 +408,7 @@ def view_stats(url: str, loaded: LoadedViews | None = None) -> list[ViewStats]:
                     size=state.size_pretty,
                     populated=state.populated,
                     unique_index=state.unique_index,
-                    last_refreshed=_last_materialized(dagster_instance, view),
+                    **_last_materialized(dagster_instance, view),
                 )
             )
     return stats

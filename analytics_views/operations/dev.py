@@ -82,6 +82,10 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, sta
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_stop)
         signal.signal(signal.SIGINT, _raise_stop)
+    from analytics_views.orchestration.component import load_views
+    from analytics_views.sql_files.discovery import managed_views
+
+    loaded = load_views()  # a defs.yaml mistake stops dev before anything starts
     with ExitStack() as stack:
         try:
             database_url = os.environ.get("DATABASE_URL", "").strip()
@@ -96,11 +100,13 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, sta
                 dagster_url = dagster_url or ensure_database(server_url, "dagster")
             print(f"analytics database: {describe_target(database_url)}", flush=True)
 
-            for name in migrate(database_url):
-                print(f"applied sql/{name}", flush=True)
-            if _is_empty(database_url):
-                summary = seed(database_url, users=users)
-                print(f"seeded demo data: {summary.users} users, {summary.events} events", flush=True)
+            # A defs.yaml without sql_folder adopts a database's own views: nothing of ours is created there.
+            if loaded.config.project_views:
+                for name in migrate(database_url):
+                    print(f"applied sql/{name}", flush=True)
+                if _is_empty(database_url):
+                    summary = seed(database_url, users=users)
+                    print(f"seeded demo data: {summary.users} users, {summary.events} events", flush=True)
 
             dagster_home = prepare_dagster_home(state_dir / "dagster_home")
             os.environ.update(
@@ -109,9 +115,8 @@ def run_dev(*, host: str = "127.0.0.1", port: int = 3000, users: int = 5000, sta
             session = write_session(state_dir, dict(os.environ))
             stack.callback(session.unlink, missing_ok=True)
             from analytics_views.operations.commands import refresh
-            from analytics_views.sql_files.views import view_names
 
-            for report in refresh(database_url, list(view_names())):
+            for report in refresh(database_url, [view.label for view in managed_views(loaded.config).views], loaded=loaded):
                 print(report.line(), flush=True)
 
             processes = stack.enter_context(dagster_services(env=dict(os.environ), host=host, port=port))

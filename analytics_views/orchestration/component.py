@@ -32,7 +32,7 @@ import dagster as dg
 import pydantic
 import yaml
 from dagster.components import DefsStateConfig, DefsStateConfigArgs, ResolvedDefsStateConfig
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.build import build_definitions
@@ -73,15 +73,35 @@ class DatabaseSettings(dg.Model):
     )
 
 
+MAX_TIMEOUT_S = 2_147_483  # INT_MAX milliseconds
+MAX_WORK_MEM_MB = 2_097_151  # INT_MAX kilobytes
+
+
 class RefreshDefaults(dg.Model):
     """The `analytics_db` resource's refresh settings (a run may still override them in its run config)."""
 
     lock_timeout_s: float = Field(default=RefreshSettings.lock_timeout_s, description="Longest wait for a view's lock, s.")
     statement_timeout_s: float = Field(default=RefreshSettings.statement_timeout_s, description="Longest refresh, s.")
-    skip_unchanged: bool = Field(default=True, description="Skip a view none of whose sources changed since its last refresh.")
+    skip_unchanged: bool = Field(default=True, description="Skip a view proven unchanged since its last refresh.")
     work_mem_mb: int | None = Field(default=RefreshSettings.work_mem_mb, description="work_mem of refreshes, MB; unset: the server's.")
     timezone: str = Field(default=RefreshSettings.timezone, description="TimeZone every refresh and data test runs under.")
     refresh_connections: int = Field(default=4, description="Views of a run refreshed at the same time, each on a connection (at least 1).")
+
+    # PostgreSQL reads a 0 timeout as "no limit" (a wait for ever) and takes at most INT_MAX ms or kB.
+    # Validators, not Field(gt=...): Dagster's component models refuse constrained fields.
+    @field_validator("lock_timeout_s", "statement_timeout_s")
+    @classmethod
+    def _a_timeout(cls, value: float, info) -> float:
+        if not 0 < value <= MAX_TIMEOUT_S:
+            raise ValueError(f"refresh.{info.field_name} must be over 0 and at most {MAX_TIMEOUT_S} seconds, not {value:g}")
+        return value
+
+    @field_validator("work_mem_mb")
+    @classmethod
+    def _a_work_mem(cls, value: int | None) -> int | None:
+        if value is not None and not 1 <= value <= MAX_WORK_MEM_MB:
+            raise ValueError(f"refresh.work_mem_mb must be 1 to {MAX_WORK_MEM_MB} (MB), or left out, not {value}")
+        return value
 
 
 class EmailSettings(dg.Model):
@@ -202,8 +222,15 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise AnalyticsViewsError(f"{path} is not valid YAML{where}: fix it") from None
+        except RecursionError:
+            raise AnalyticsViewsError(f"{path} nests deeper than a defs.yaml can: fix it") from None
         if not isinstance(document, dict) or document.get("type") not in (COMPONENT_TYPE, f"{__name__}.{cls.__name__}"):
             raise AnalyticsViewsError(f"{path}: type must be {COMPONENT_TYPE}, with its settings under attributes:")
+        if unknown := sorted(set(map(str, document)) - DEFS_YAML_KEYS):
+            raise AnalyticsViewsError(
+                f"{path}: unknown top-level key {unknown[0]!r}: a defs.yaml holds {', '.join(sorted(DEFS_YAML_KEYS))} "
+                "(the settings go under attributes:)"
+            )
         with one_line_errors(path):
             component = cls.from_attributes_dict(attributes=document.get("attributes") or {})
         component._defs_yaml = path
@@ -351,6 +378,10 @@ def refuse_views_toml() -> None:
             f"{old} ({OLD_CONFIG_ENV}) is no longer read: move its settings to a defs.yaml like {DEFS_YAML} "
             f"(attributes: {MOVED_SETTINGS}) and set {DEFS_ENV} to that file instead"
         )
+
+
+# The keys Dagster reads at the top of a component's defs.yaml (dagster.components' ComponentFileModel).
+DEFS_YAML_KEYS = frozenset({"type", "attributes", "template_vars_module", "requirements", "post_processing"})
 
 
 @contextmanager

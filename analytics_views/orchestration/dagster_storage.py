@@ -10,6 +10,7 @@ means psycopg2; a URL naming another driver is refused here in one line.
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote
 
 import yaml
 from sqlalchemy.engine import make_url
@@ -32,10 +33,24 @@ def storage_driver(url: str) -> str | None:
         return None
 
 
+def _sqlalchemy_host(url: str) -> str | None:
+    try:
+        return make_url(url.strip()).host
+    except ArgumentError:
+        return None
+
+
 def check_storage_url(url: str, variable: str = STORAGE_VARIABLE) -> None:
     """A URL that does not parse, or that would run Dagster's storage on another driver than psycopg2, is
     one line naming the fix (quoting nothing of the URL but its scheme, host, port and database)."""
     parse_url(url, variable)
+    host = _sqlalchemy_host(url)
+    if host and "%2f" in host.lower():
+        # libpq decodes a percent-encoded socket directory in the host; SQLAlchemy keeps it as a host name.
+        raise AnalyticsViewsError(
+            f"{variable} names a Unix socket directory in its host ({host}), which SQLAlchemy, and so "
+            f"dagster-postgres, reads as a host name: write it as postgresql://USER@/DATABASE?host={unquote(host)}"
+        )
     driver = storage_driver(url)
     if driver == STORAGE_DRIVER:
         return

@@ -1,6 +1,13 @@
 """Where notifications go: an SMTP server, a Slack channel, a JSON webhook. Each sends one notice or raises
 DeliveryError with one line saying why (never a secret), and the sensor keeps the notice to try again.
 
+A notice is sent again only when it cannot have arrived (no connection, a refusal): a destination that took
+the request and did not answer within TIMEOUT_S raises DeliveryUnconfirmed, and the sensor does not send
+that notice again. What no sensor can rule out (the daemon killed between a delivery and the cursor that
+records it) may repeat a notice once: each carries its `id`, the same for every try of the same event, as
+the webhook's `Idempotency-Key` header and JSON `id`, and the email's Message-ID, for receivers to drop
+repeats. Slack's chat.postMessage takes no such key.
+
 Secrets (the SMTP password, the Slack token, the webhook URL, which often carries a token) are read from the
 environment when a notice is sent, where the sensors are evaluated (the code location's server): never from the defs.yaml, never into a
 message, a log line or the sensor's cursor.
@@ -26,8 +33,15 @@ class DeliveryError(AnalyticsViewsError):
     """A notice that did not reach its destination; the message is one line without secrets."""
 
 
+class DeliveryUnconfirmed(DeliveryError):
+    """A notice sent whose destination did not answer in time: it may well have arrived, so it is not resent."""
+
+
 class Notice(Protocol):
     subject: str
+
+    @property
+    def id(self) -> str: ...
 
     def text(self) -> str: ...
 
@@ -80,6 +94,7 @@ class Email:
         message["Subject"] = notice.subject
         message["From"] = self.sender
         message["To"] = ", ".join(self.to)
+        message["Message-ID"] = f"<{notice.id}@analytics-views>"
         message.set_content(notice.text())
         password = secret_from_env(self.password_env, "the SMTP password") if self.password_env else None
         try:
@@ -125,6 +140,8 @@ class Slack:
             client.chat_postMessage(channel=self.channel, text=f"*{notice.subject}*\n{notice.text()}")
         except SlackApiError as error:
             raise DeliveryError(f"{self.where}: Slack answered {error.response.get('error', 'not ok')}") from None
+        except TimeoutError as error:  # sent, no answer in time (a failed connection is a URLError)
+            raise DeliveryUnconfirmed(f"{self.where}: {_reason(error)}") from None
         except (OSError, urllib.error.URLError) as error:
             raise DeliveryError(f"{self.where}: {_reason(error)}") from None
 
@@ -157,12 +174,14 @@ class Webhook:
         request = urllib.request.Request(
             url,
             data=json.dumps(notice.as_json()).encode(),
-            headers={"Content-Type": "application/json", "User-Agent": "analytics-views"},
+            headers={"Content-Type": "application/json", "User-Agent": "analytics-views", "Idempotency-Key": notice.id},
             method="POST",
         )
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
                 response.read()
+        except TimeoutError as error:  # urllib wraps failures to connect and send in URLError; this came after
+            raise DeliveryUnconfirmed(f"{self.where}: {_reason(error)}") from None
         except (OSError, urllib.error.URLError) as error:
             raise DeliveryError(f"{self.where}: {_reason(error)}") from None
 

@@ -15,6 +15,7 @@ tick and is retried together with what was already sent: these sensors do the th
 to one destination, so an unreachable one delays only its own.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -25,7 +26,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 
 from analytics_views.orchestration.cadences import freshness_window
-from analytics_views.orchestration.destinations import DeliveryError, Destination
+from analytics_views.orchestration.destinations import DeliveryError, DeliveryUnconfirmed, Destination
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.postgres.database import redact
 from analytics_views.sql_files.discovery import managed_views
@@ -97,6 +98,12 @@ class ViewNotice:
     def views(self) -> list[str]:
         return list(dict.fromkeys(view for view, _ in self.reasons))
 
+    @property
+    def id(self) -> str:
+        """The same for every try of the same event: receivers may drop a notice whose id they have seen."""
+        event = json.dumps([self.kind, self.run_id, self.job, self.subject, list(self.reasons)])
+        return hashlib.sha256(event.encode()).hexdigest()[:32]
+
     def text(self) -> str:
         lines = [f"- {view}: {reason}" for view, reason in self.reasons]
         run = f"Run: {self.url}" if self.run_id else f"In the UI: {self.url}"
@@ -105,6 +112,7 @@ class ViewNotice:
     def as_json(self) -> dict:
         return {
             "source": "analytics-views",
+            "id": self.id,
             "kind": self.kind,
             "subject": self.subject,
             "views": self.views,
@@ -394,6 +402,13 @@ def deliver(
         if failure is None:
             try:
                 destination.send(item.notice)
+                sent += 1
+                continue
+            except DeliveryUnconfirmed as error:  # it may have arrived: never sent twice on our side
+                context.log.warning(
+                    f"{destination.name} notification sent without an answer: {error}; not sent again "
+                    f"(its id {item.notice.id} lets the receiver drop a repeat)"
+                )
                 sent += 1
                 continue
             except DeliveryError as error:  # the rest waits too: the destination is likely down for all of them

@@ -288,9 +288,10 @@ class ViewTranslator:
             cadence: Its cadence.
 
         Returns:
-            Sequence[str]: `team:<name>` entries or e-mail addresses; `team:analytics` by default.
+            Sequence[str]: `team:<name>` entries or e-mail addresses; `team:analytics` for the project's own
+            views, none for a view made elsewhere (discovered): its team is not ours to invent.
         """
-        return list(OWNERS)
+        return list(OWNERS) if view.path is not None else []
 
     def get_tags(self, view: ViewDefinition, cadence: Cadence) -> Mapping[str, str]:
         """The view's tags, which the UI and asset selections (`tag:cadence=daily`) filter on.

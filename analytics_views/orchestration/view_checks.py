@@ -16,7 +16,8 @@ from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.sql_files.data_tests import DataTest, DataTestResult, load_tests, markdown_table, run_test, tests_folder
 from analytics_views.sql_files.views import ViewDefinition
 
-# name -> what the check verifies (the names are sql_checks' TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK)
+# name -> what the check verifies (the names are sql_checks' TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK,
+# GROUPING_CHECK)
 STATIC_CHECKS = {
     "timezone_independent": "No expression of the view's SQL follows the session's TimeZone (date(timestamptz), "
     "timestamptz::date, date_trunc without a zone, current_date, to_char/extract of a timestamptz, ...); "
@@ -26,6 +27,9 @@ STATIC_CHECKS = {
     "concurrent refresh deletes and re-inserts those rows.",
     "no_join_fanout": "No aggregate (sum, avg, count(x), ...) reads rows that a one-to-many join repeats before "
     "grouping; uniqueness from primary keys, unique indexes and GROUP BY/DISTINCT of CTEs and subqueries.",
+    "unique_key_covers_grouping": "Every GROUP BY (or DISTINCT) expression of the view is in its unique index or "
+    "determined by the index's columns (a primary key, unique index or GROUP BY of what it reads, an equality): "
+    "otherwise two groups can share a key and the refresh fails on them.",
 }
 _SEVERITY = {"error": dg.AssetCheckSeverity.ERROR, "warn": dg.AssetCheckSeverity.WARN}
 

@@ -240,6 +240,18 @@ class ViewState:
     unique_index: str | None  # an index REFRESH ... CONCURRENTLY can use
     size_bytes: int
     size_pretty: str
+    kind: str = "materialized view"  # what the name is now: a discovered view may have been replaced since
+
+    @property
+    def is_materialized_view(self) -> bool:
+        return self.kind == "materialized view"
+
+
+# pg_class.relkind, named as a message names it.
+RELATION_KINDS = {
+    "r": "table", "p": "partitioned table", "v": "plain view", "m": "materialized view", "f": "foreign table",
+    "S": "sequence", "c": "composite type", "i": "index", "I": "partitioned index", "t": "TOAST table",
+}
 
 
 # What PostgreSQL's is_usable_unique_index() accepts for REFRESH ... CONCURRENTLY: a valid, immediate,
@@ -274,11 +286,12 @@ def view_state(conn: psycopg.Connection, view: str, schema: str | None = None) -
         SELECT to_regclass(%(rel)s) IS NOT NULL,
                coalesce((SELECT ispopulated FROM pg_matviews
                          WHERE schemaname = coalesce(%(schema)s, current_schema()) AND matviewname = %(view)s), false),
-               coalesce(pg_total_relation_size(to_regclass(%(rel)s)), 0)
+               coalesce(pg_total_relation_size(to_regclass(%(rel)s)), 0),
+               (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%(rel)s))
         """,
         {"view": view, "schema": schema, "rel": rel},
     ).fetchone()
-    exists, populated, size_bytes = row
+    exists, populated, size_bytes, relkind = row
     index = conn.execute(_USABLE_UNIQUE_INDEX, {"view": rel}).fetchone() if exists else None
     return ViewState(
         name=view,
@@ -287,6 +300,7 @@ def view_state(conn: psycopg.Connection, view: str, schema: str | None = None) -
         unique_index=index[0] if index else None,
         size_bytes=size_bytes,
         size_pretty=conn.execute("SELECT pg_size_pretty(%s::bigint)", [size_bytes]).fetchone()[0],
+        kind=RELATION_KINDS.get(relkind, f"relation of kind {relkind!r}") if exists else "materialized view",
     )
 
 

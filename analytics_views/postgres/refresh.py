@@ -6,28 +6,50 @@ Every refresh runs in one transaction that
   connection's, role's or database's) with SET LOCAL semantics, so they never outlive it;
 - takes a per-view advisory lock, waiting at most `lock_timeout`: two refreshes of one view never overlap,
   whoever started them (Dagster, the CLI or a psql session using the same lock);
+- skips the view only on a proof that it is unchanged (below);
 - runs REFRESH MATERIALIZED VIEW CONCURRENTLY, or a plain REFRESH when the view was never populated,
   or for large views (strategy `auto` or `swap`) builds the new contents beside the view and swaps them
   in (swap.py), falling back to CONCURRENTLY where that cannot be done faithfully.
+A view is skipped only when (1) its sources' fingerprint (source_fingerprint.py) equals the one recorded at
+its last refresh, (2) the view itself was not written since that refresh (its file node and row counters as
+they were just after it: a REFRESH by another session or tool shows), and (3) every write committed before
+the decision is counted in the statistics both compare (write_quiescence.py: PostgreSQL 15 or later, no other
+session of the database busy, in a transaction or recently active). When (1) and (2) hold and (3) cannot be
+shown, the view is refreshed and `note` says why.
 The lock ends with the transaction, on success and on failure alike. An interrupted refresh (a run
 terminated in the UI) cancels its query in the server before the error goes on.
 """
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import errors, sql
 
-from analytics_views.postgres import swap
+from analytics_views.postgres import swap, write_quiescence
 from analytics_views.postgres.database import view_state
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.postgres.source_fingerprint import source_fingerprint
+from analytics_views.postgres.source_fingerprint import Fingerprint, source_fingerprint
 
 CONCURRENT = "concurrent"
 # CONCURRENTLY is refused on a view that was never populated; the first refresh must be a plain one.
 INITIAL_PLAIN = "plain (first population)"
 SKIPPED = "skipped (sources unchanged)"
+SKIP_PROOF = (
+    "skipped: no source and not the view changed since its last refresh, and no other session of the database "
+    f"could hold uncounted writes (each idle for over {write_quiescence.QUIET_AFTER_S} s)"
+)
+VIEW_WRITTEN = "the view itself was written since its last refresh (a REFRESH by another session or tool)"
+_VIEW_MARK = " view:"  # separates the sources' fingerprint from the view's own mark in what a refresh records
+# The view's own file node and row counters, as a statement in its own transaction sees them.
+_VIEW_MARK_QUERY = """
+SELECT pg_stat_clear_snapshot(), concat_ws(':', c.oid, c.relfilenode,
+    pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid))
+FROM pg_class AS c WHERE c.oid = %s::regclass
+"""
+# Tries of the proof when only a transaction started elsewhere between its two looks broke it.
+_PROOF_TRIES = 3
 
 # First key of the two-key advisory lock, so ours never collide with other applications' locks:
 # pg_advisory_xact_lock(ADVISORY_LOCK_NAMESPACE, hashtext(view)).
@@ -63,7 +85,8 @@ class RefreshOutcome:
     mode: str
     duration_s: float
     note: str = ""  # why the mode differs from the strategy asked for, how the swap went, why it cannot skip
-    sources_fingerprint: str | None = None  # what the view's sources looked like when it was refreshed
+    # What the view's sources looked like when it was refreshed, and the view itself just after.
+    sources_fingerprint: str | None = None
 
 
 class RefreshError(AnalyticsViewsError):
@@ -142,13 +165,15 @@ def refresh_view(
     *,
     schema: str | None = None,
     skip_if_unchanged_since: str | None = None,
+    own_sessions: Collection[int] = (),
 ) -> RefreshOutcome:
     """REFRESH MATERIALIZED VIEW CONCURRENTLY (or build-and-swap, see `strategy` and swap.py), or a plain
     REFRESH when the view was never populated.
 
     `schema` names a view made elsewhere (discovered), refreshed CONCURRENTLY; None is the project's own
     view, found on the search_path. With `skip_if_unchanged_since` (the `sources_fingerprint` of the last refresh), a populated
-    view whose sources show no change since then is left as it is: the cost is a catalog look-up.
+    view proven unchanged since then is left as it is: the cost is catalog look-ups. `own_sessions` are the
+    backend pids of the caller's other connections (a run's pool), whose writes the caller accounts for.
     `conn` must be in autocommit mode; the refresh makes its own transaction.
     """
     name, view = view, view if schema is None else f"{schema}.{view}"  # `view` names it in messages and locks
@@ -187,16 +212,24 @@ def refresh_view(
                     f"materialized view {view!r} does not exist in this database: run `analytics-views migrate`",
                     transient=False,
                 )
+            if not state.is_materialized_view:
+                raise RefreshError(
+                    f"{view} is now a {state.kind}, not a materialized view: it was replaced since it was "
+                    "discovered or migrated; run `analytics-views discover` (a view made elsewhere) or "
+                    "`analytics-views migrate` (the project's own)",
+                    transient=False,
+                )
             if state.populated and state.unique_index is None:
                 raise RefreshError(
                     f"{view} has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY: create one "
                     "(unique, no WHERE clause, plain columns; see its file in sql/views/) and refresh again",
                     transient=False,
                 )
-            sources = source_fingerprint(conn, relation.as_string(conn), skip_if_unchanged_since)
+            last = skip_if_unchanged_since if state.populated else None
+            sources, skip, decision = _decide(conn, relation, last, own_sessions)
+            if skip:
+                return RefreshOutcome(view, SKIPPED, 0.0, note=decision, sources_fingerprint=last)
             fingerprint = sources.value
-            if state.populated and fingerprint is not None and fingerprint == skip_if_unchanged_since:
-                return RefreshOutcome(view=view, mode=SKIPPED, duration_s=0.0, sources_fingerprint=fingerprint)
             mode = CONCURRENT if state.populated else INITIAL_PLAIN
             started = time.perf_counter()
             note = ""
@@ -207,6 +240,9 @@ def refresh_view(
                     conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(relation))
                 else:
                     conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(relation))
+                if fingerprint is not None and conn.info.server_version >= write_quiescence.FIRST_VERSION:
+                    # The view's mark, read after the commit, must count this refresh's own writes.
+                    conn.execute("SELECT pg_stat_force_next_flush()")
             except psycopg.Error:
                 raise
             except BaseException:
@@ -215,10 +251,37 @@ def refresh_view(
                 conn.cancel_safe(timeout=5)
                 raise
             duration = time.perf_counter() - started
-            if sources.reason:
-                note = "; ".join(filter(None, [note, f"never skipped: {sources.reason}"]))
+            never = f"never skipped: {sources.reason}" if sources.reason else ""
+            note = "; ".join(filter(None, [note, decision, never]))
+        if fingerprint is not None:
+            fingerprint += _VIEW_MARK + _view_mark(conn, relation)
     except RefreshError:
         raise
     except psycopg.Error as error:
         raise _explain(view, error, settings) from error
     return RefreshOutcome(view=view, mode=mode, duration_s=duration, note=note, sources_fingerprint=fingerprint)
+
+
+def _view_mark(conn: psycopg.Connection, relation: sql.Composable) -> str:
+    return conn.execute(_VIEW_MARK_QUERY, [relation.as_string(conn)]).fetchone()[1]
+
+
+def _decide(
+    conn: psycopg.Connection, relation: sql.Composable, last: str | None, own_sessions: Collection[int]
+) -> tuple[Fingerprint, bool, str]:
+    """The sources' fingerprint now, whether the view may be skipped, and the note that says why (not)."""
+    previous_sources, marked, previous_view = (last or "").partition(_VIEW_MARK)
+    last = last if marked else None  # recorded before the view's mark was: refresh once, and record it
+    for _ in range(_PROOF_TRIES):
+        before = write_quiescence.look(conn, own_sessions) if last else None
+        sources = source_fingerprint(conn, relation.as_string(conn), previous_sources or None)
+        if not last or sources.value != previous_sources:
+            return sources, False, ""
+        if _view_mark(conn, relation) != previous_view:
+            return sources, False, f"not skipped: {VIEW_WRITTEN}"
+        reason = write_quiescence.unproven(before, write_quiescence.look(conn, own_sessions, before.quiet_before))
+        if reason is None:
+            return sources, True, SKIP_PROOF
+        if before.busy or before.version < write_quiescence.FIRST_VERSION:
+            break
+    return sources, False, f"not skipped, though no source's counters moved: {reason}"

@@ -9,8 +9,9 @@ stored query tree (pg_rewrite.ev_action: pg_depend records nothing on PostgreSQL
 - other materialized views count as tables: a plain REFRESH gives them a new file node, CONCURRENTLY
   applies its diff as counted inserts and deletes;
 - each relation contributes its oid, its file node (new after TRUNCATE or a plain REFRESH) and its
-  cumulative insert/update/delete counters, plus the statistics' epoch (a server restart or a
-  pg_stat_reset() starts the counters again).
+  cumulative insert/update/delete counters, plus the statistics' epoch (a server restart, a crash's
+  recovery, which discards the statistics and resets the fixed ones' time, or a pg_stat_reset() starts the
+  counters again).
 The clock is read from the SQL of the view and of the views it reads: a result that follows the date in a
 zone (current_date, (now() AT TIME ZONE 'UTC')::date, date_trunc('day', now())) adds that date to the
 fingerprint; anything finer (now() - interval '6 hours') cannot be fingerprinted. That SQL (pg_get_viewdef)
@@ -21,9 +22,10 @@ Where the catalog cannot tell (a foreign table, a sequence, a volatile function,
 built-in and may read tables, track_counts off), there is no fingerprint, only
 the reason: such a view is refreshed every time.
 
-Counters are PostgreSQL's cumulative statistics, which a writing session reports when it goes idle
-(within about a second, longer under heavy lock contention), so a change committed in the last moment
-may be seen only by the next refresh. pg_stat_reset_single_table_counters() on a source is not seen.
+Counters are PostgreSQL's cumulative statistics, which a writing session reports late (when it goes idle,
+and not while a procedure or a transaction stays open): counters that moved mean a change, equal counters
+mean no change only when write_quiescence.py shows that no committed write can still be uncounted.
+pg_stat_reset_single_table_counters() on a source is not seen.
 """
 
 import hashlib
@@ -75,7 +77,7 @@ WITH RECURSIVE relation (oid) AS (
 )
 SELECT
     current_setting('track_counts')::boolean,
-    concat_ws(':', pg_postmaster_start_time(), pg_stat_get_db_stat_reset_time(
+    concat_ws(':', pg_postmaster_start_time(), pg_stat_get_bgwriter_stat_reset_time(), pg_stat_get_db_stat_reset_time(
         (SELECT oid FROM pg_database WHERE datname = current_database()))),
     (SELECT coalesce(json_agg(json_build_array(c.oid::bigint, c.oid::regclass::text, c.relkind, c.relfilenode::bigint,
             pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid))

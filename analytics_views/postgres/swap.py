@@ -502,12 +502,31 @@ def _swap(run: _Deadline, shape: _ViewShape, lock_wait_s: float) -> int:
                 return attempt
             except errors.LockNotAvailable:
                 if time.monotonic() >= deadline:
-                    raise
+                    # A long reader (a report, pg_dump) holds the view: CONCURRENTLY, which readers do not
+                    # block, refreshes it where another rebuild would wait for the same reader again.
+                    raise SwapNotPossible(
+                        f"a session held the view for over {lock_wait_s:g} s ({_holders(conn, shape)}), so its swap "
+                        "could not take the view's lock; refreshed CONCURRENTLY, which readers do not block"
+                    ) from None
                 time.sleep(min(0.02 * attempt, 0.5))  # let the readers that queued behind us through
             except errors.DependentObjectsStillExist as error:  # one our catalog check did not foresee
                 raise SwapNotPossible(error.diag.message_detail or str(error)) from None
     finally:
         conn.execute("SELECT set_config('lock_timeout', %s, true)", [previous_timeout])
+
+
+def _holders(conn: psycopg.Connection, shape: "_ViewShape") -> str:
+    """The sessions holding a lock on the view, as pids and application names."""
+    rows = conn.execute(
+        """
+        SELECT DISTINCT l.pid, coalesce(nullif(a.application_name, ''), a.usename::text, '?')
+        FROM pg_locks AS l LEFT JOIN pg_stat_activity AS a USING (pid)
+        WHERE l.locktype = 'relation' AND l.granted AND l.pid <> pg_backend_pid()
+          AND l.relation = to_regclass(%s) ORDER BY 1
+        """,
+        [sql.Identifier(shape.schema, shape.name).as_string(conn)],
+    ).fetchall()
+    return ", ".join(f"pid {pid} ({name})" for pid, name in rows) or "it has since let go"
 
 
 def rows_at_least(conn: psycopg.Connection, view: str, rows: int) -> bool:

@@ -107,7 +107,10 @@ def _candidates(conn: psycopg.Connection, config: ManagedConfig, current_schema:
         if not config.selects(schema, name):
             continue
         if schema == current_schema and name in own:
-            reason = f"named like this project's own view ({views_dir.parent.name}/{views_dir.name}/{name}.sql), which manages it"
+            reason = (
+                f"named like this project's own view ({views_dir.parent.name}/{views_dir.name}/{name}.sql), which "
+                f"manages it: to adopt the database's view instead, remove sql_folder from {config.where}"
+            )
         elif not may_read:
             reason = f"the role {conn.info.user!r} may not SELECT it: grant it USAGE on the schema and SELECT on the view"
         elif not may_refresh:

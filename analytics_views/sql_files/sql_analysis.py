@@ -8,7 +8,7 @@ views and catalog did not change never imports sqlglot.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
@@ -48,6 +48,11 @@ _SESSION_CLOCK = {
 }
 # Aggregates whose value repeated rows do not change.
 _DUPLICATE_INSENSITIVE = (exp.Min, exp.Max, exp.LogicalAnd, exp.LogicalOr, exp.AnyValue)
+# Casts that keep distinct values distinct, so an equality on the cast value is one on the value: PostgreSQL writes
+# `(a.user_id)::text = (r.user_id)::text` for varchar, char and text-domain keys, `(d.level)::integer` for a domain.
+_TEXT_TYPES = (exp.DataType.Type.TEXT, exp.DataType.Type.VARCHAR)
+_CHAR_TYPES = (exp.DataType.Type.CHAR, exp.DataType.Type.BPCHAR)
+_INTEGER_TYPES = (exp.DataType.Type.SMALLINT, exp.DataType.Type.INT, exp.DataType.Type.BIGINT)
 _CALENDAR_INTERVAL = re.compile(r"\b(day|days|week|weeks|mon|mons|month|months|year|years)\b", re.IGNORECASE)
 
 
@@ -66,6 +71,7 @@ class Relation:
     not_null: frozenset[str]
     unique_keys: tuple[UniqueKey, ...]
     definition: str | None  # views and materialized views
+    base_types: dict[str, str] = field(default_factory=dict)  # column -> format_type() of its domain's base type
 
     @property
     def label(self) -> str:
@@ -79,8 +85,10 @@ FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass(%s)
 """
 _COLUMNS = """
-SELECT attname, format_type(atttypid, atttypmod), attnotnull
-FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+       format_type(coalesce(nullif(t.typbasetype, 0), a.atttypid), CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END)
+FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum
 """
 # Unique indexes whose keys are plain columns and that cover every row (no WHERE clause).
 _UNIQUE_KEYS = """
@@ -118,7 +126,7 @@ class Catalog:
             nulls_not_distinct="i.indisprimary OR i.indnullsnotdistinct" if self._nulls_not_distinct else "i.indisprimary",
             group_extra=", i.indnullsnotdistinct" if self._nulls_not_distinct else "",
         )
-        not_null = frozenset(column for column, _, notnull in columns if notnull)
+        not_null = frozenset(column for column, _, notnull, _ in columns if notnull)
         keys = tuple(
             UniqueKey(frozenset(names), bool(nulls_equal) or frozenset(names) <= not_null)
             for names, nulls_equal in self.conn.execute(query, [oid]).fetchall()
@@ -127,10 +135,11 @@ class Catalog:
             schema=schema_name,
             name=relname,
             kind=kind,
-            types={column: type_ for column, type_, _ in columns},
+            types={column: type_ for column, type_, _, _ in columns},
             not_null=not_null,
             unique_keys=keys,
             definition=definition.strip().rstrip(";") if definition else None,
+            base_types={column: base for column, _, _, base in columns},
         )
 
     def analysis(self, relation: Relation) -> QueryAnalysis | None:
@@ -143,6 +152,30 @@ class Catalog:
             except Exception:  # a definition sqlglot cannot read: its properties stay unknown
                 self._analyses[relation.label] = None
         return self._analyses[relation.label]
+
+
+def _data_type(format_type: str | None) -> exp.DataType | None:
+    if format_type is None:
+        return None
+    try:
+        return exp.DataType.build(format_type, dialect="postgres")
+    except Exception:  # a type sqlglot does not know: no cast of it is seen through
+        return None
+
+
+def _keeps_distinct(target: exp.DataType, source: exp.DataType | None) -> bool:
+    """Whether a cast from `source` (None: unknown) to `target` maps distinct values to distinct values."""
+    if target.this in _TEXT_TYPES and not target.expressions:  # the text of a value; no length to truncate to
+        return True
+    if source is None:
+        return False
+    if target.this == exp.DataType.Type.BPCHAR and not target.expressions:  # drops trailing spaces, as char does
+        return source.this in _CHAR_TYPES
+    if source.this == target.this and (not target.expressions or target.expressions == source.expressions):
+        return True  # a domain to its base type
+    return source.this in _INTEGER_TYPES and (
+        target.this in _INTEGER_TYPES or (target.this == exp.DataType.Type.DECIMAL and not target.expressions)
+    )
 
 
 def _strip_parens(node: exp.Expression) -> exp.Expression:
@@ -164,7 +197,13 @@ def _plain(node: exp.Expression) -> exp.Expression:
 
 def display(node: exp.Expression) -> str:
     """An expression as SQL for a message, without the parentheses and literal casts pg_get_viewdef adds."""
-    return node.copy().transform(_plain).sql(dialect="postgres", normalize_functions="lower")
+    node = node.copy()
+    for _ in range(8):  # transform() does not descend into a node it replaced: ((a)::text = ...) needs a second pass
+        plain = node.transform(_plain)
+        if plain == node:
+            break
+        node = plain
+    return node.sql(dialect="postgres", normalize_functions="lower")
 
 
 def _flatten_joins(tree: exp.Expression) -> None:
@@ -234,23 +273,26 @@ def _equality(condition: exp.Expression) -> tuple[exp.Expression, exp.Expression
     return None
 
 
-def _null_rejected(condition: exp.Expression | None) -> set[tuple[str, str]]:
-    """(relation, column) pairs that a WHERE or inner ON condition proves NOT NULL in the rows it keeps."""
-    proven = set()
+def _null_rejected(condition: exp.Expression | None) -> set[tuple[str, str] | str]:
+    """What a WHERE or inner ON condition proves NOT NULL in the rows it keeps: (relation, column) pairs, and the
+    SQL of other expressions (`WHERE COALESCE(a.k, b.k) IS NOT NULL`)."""
+    proven: set[tuple[str, str] | str] = set()
     if isinstance(condition, exp.Where):
         condition = condition.this
+
+    def add(side: exp.Expression) -> None:
+        side = _strip_parens(side)
+        proven.add((side.table, side.name) if isinstance(side, exp.Column) else display(side))
+
     for part in _conjuncts(condition):
         negated = isinstance(part, exp.Not) and isinstance(_strip_parens(part.this), exp.Is)
         if negated or (isinstance(part, exp.Is) and part.args.get("negate")):  # x IS NOT NULL
             part = _strip_parens(part.this) if negated else part
-            if isinstance(part.expression, exp.Null) and isinstance(_strip_parens(part.this), exp.Column):
-                column = _strip_parens(part.this)
-                proven.add((column.table, column.name))
+            if isinstance(part.expression, exp.Null):
+                add(part.this)
         elif isinstance(part, (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):  # strict comparisons
             for side in (part.this, part.expression):
-                side = _strip_parens(side)
-                if isinstance(side, exp.Column):
-                    proven.add((side.table, side.name))
+                add(side)
     return proven
 
 
@@ -396,26 +438,63 @@ class QueryAnalysis:
             return "other"
         return None
 
-    def column_type(self, scope: Scope, column: exp.Column) -> str | None:
+    def column_source(self, scope: Scope, column: exp.Column) -> tuple[object | None, Relation | None]:
+        """What a column is read from (a table or function, a CTE's or subquery's scope; None: unknown) and, for a
+        table or view, its catalog relation."""
         found = self.source_of(scope, column)
-        if found is None:
+        source = found[1] if found is not None else None
+        return source, self.relation_of(source) if isinstance(source, exp.Table) else None
+
+    def column_type(self, scope: Scope, column: exp.Column) -> str | None:
+        source, relation = self.column_source(scope, column)
+        if source is None:
             return None
-        _, source = found
+        if relation is not None:
+            type_ = relation.types.get(column.name)
+            return _CATALOG_TYPES.get(type_, "other") if type_ else None
         if isinstance(source, exp.Table):
-            relation = self.relation_of(source)
-            if relation is not None:
-                type_ = relation.types.get(column.name)
-                return _CATALOG_TYPES.get(type_, "other") if type_ else None
             function = source.this
             if isinstance(function, (exp.GenerateSeries, exp.ExplodingGenerateSeries)):
                 return self.type_of(scope, function.args.get("start")) or "other"
             return None
-        key = ("type", id(source), column.name)
+        return self._agreed("type", source, column.name, self.type_of)
+
+    def _agreed(self, kind: str, source: Scope, name: str, value) -> object | None:
+        """`value(scope, projection)` of a CTE's or subquery's output column, when all its branches agree."""
+        key = (kind, id(source), name)
         if key not in self._memo:
             self._memo[key] = None  # a recursive CTE refers to itself
-            types = [self.type_of(inner, p) for inner, p in self.projections(source, column.name)]
-            self._memo[key] = types[0] if types and all(t == types[0] for t in types) else None
+            found = [value(inner, p) for inner, p in self.projections(source, name)]
+            self._memo[key] = found[0] if found and all(f == found[0] for f in found) else None
         return self._memo[key]
+
+    def base_type(self, scope: Scope, column: exp.Column) -> exp.DataType | None:
+        """A column's type as its relation declares it, a domain read as its base type; None: unknown."""
+        source, relation = self.column_source(scope, column)
+        if source is None or isinstance(source, exp.Table):
+            return _data_type(relation.base_types.get(column.name)) if relation is not None else None
+
+        def declared(inner: Scope, projection: exp.Expression) -> exp.DataType | None:
+            projection = _strip_parens(projection)
+            if isinstance(projection, exp.Column):
+                return self.base_type(inner, projection)
+            return projection.to if isinstance(projection, exp.Cast) else None
+
+        return self._agreed("base type", source, column.name, declared)
+
+    def through_casts(self, scope: Scope, node: exp.Expression) -> exp.Expression:
+        """The expression under the casts that keep distinct values distinct (see _keeps_distinct)."""
+        node = _strip_parens(node)
+        while isinstance(node, exp.Cast):
+            inner = _strip_parens(node.this)
+            if isinstance(inner, exp.Column):
+                source = self.base_type(scope, inner)
+            else:
+                source = inner.to if isinstance(inner, exp.Cast) else None
+            if not _keeps_distinct(node.to, source):
+                break
+            node = inner
+        return node
 
     # --- nullability
 
@@ -434,12 +513,33 @@ class QueryAnalysis:
             items.append(item)
         return items
 
-    def proven_not_null(self, select: exp.Select) -> set[tuple[str, str]]:
-        proven = _null_rejected(select.args.get("where"))
+    def proven_not_null(self, select: exp.Select) -> set[tuple[str, str] | str]:
+        key = ("proven", id(select))
+        if key not in self._memo:
+            proven = _null_rejected(select.args.get("where"))
+            for join in select.args.get("joins") or []:
+                if not join.side:  # columns only: a later outer join may still null an expression of them
+                    proven |= {found for found in _null_rejected(join.args.get("on")) if isinstance(found, tuple)}
+            self._memo[key] = proven
+        return self._memo[key]
+
+    def null_extensions(self, select: exp.Select) -> list[frozenset[str]] | None:
+        """The sets of relations an outer join can fill with NULLs together in one row (None: too many to list).
+        A FULL JOIN fills one side or the other, never both: COALESCE over its sides is NOT NULL when each is."""
+        source = select.args.get("from_")
+        if source is None:
+            return [frozenset()]
+        before = [source.this.alias_or_name]
+        extensions = {frozenset()}
         for join in select.args.get("joins") or []:
-            if not join.side:
-                proven |= _null_rejected(join.args.get("on"))
-        return proven
+            alias, side = join.this.alias_or_name, (join.side or "").upper()
+            unmatched_right = {frozenset(before)} if side in ("RIGHT", "FULL") else set()
+            unmatched_left = {e | {alias} for e in extensions} if side in ("LEFT", "FULL") else set()
+            extensions |= unmatched_right | unmatched_left
+            before.append(alias)
+            if len(extensions) > 256:
+                return None
+        return sorted(extensions, key=sorted)
 
     def output_nullability(self, name: str, scope: Scope | None = None) -> str:
         scope = scope or self.root
@@ -450,7 +550,8 @@ class QueryAnalysis:
             self._memo[key] = _combine(*states) if states else UNKNOWN
         return self._memo[key]
 
-    def column_nullability(self, scope: Scope, column: exp.Column) -> str:
+    def column_nullability(self, scope: Scope, column: exp.Column, nulled: frozenset[str] | None = None) -> str:
+        """`nulled`: in rows where exactly these relations of the scope's FROM are filled with NULLs by outer joins."""
         found = self.source_of(scope, column)
         if found is None:
             return UNKNOWN
@@ -459,7 +560,10 @@ class QueryAnalysis:
         if isinstance(select, exp.Select):
             if (column.table, column.name) in self.proven_not_null(select):
                 return NOT_NULL
-            if any(item.nullable and item.alias == column.table for item in self.joins(select)):
+            if nulled is not None and owner is scope:
+                if column.table in nulled:
+                    return NULLABLE
+            elif any(item.nullable and item.alias == column.table for item in self.joins(select)):
                 return NULLABLE
         if isinstance(source, exp.Table):
             relation = self.relation_of(source)
@@ -474,12 +578,17 @@ class QueryAnalysis:
             return NULLABLE if relation.kind in ("r", "p") else UNKNOWN
         return self.output_nullability(column.name, source)
 
-    def nullability(self, scope: Scope, node: exp.Expression) -> str:
+    def nullability(self, scope: Scope, node: exp.Expression, nulled: frozenset[str] | None = None) -> str:
         node = _strip_parens(node)
         if isinstance(node, exp.Alias):
-            return self.nullability(scope, node.this)
+            return self.nullability(scope, node.this, nulled)
         if isinstance(node, exp.Column):
-            return self.column_nullability(scope, node)
+            return self.column_nullability(scope, node, nulled)
+        select = scope.expression
+        if isinstance(select, exp.Select):
+            proven = self.proven_not_null(select)
+            if any(isinstance(found, str) for found in proven) and display(node) in proven:
+                return NOT_NULL
         if isinstance(node, exp.Null):
             return NULLABLE
         if isinstance(node, (exp.Literal, exp.Boolean, exp.CurrentDate, exp.Localtimestamp, exp.Localtime, *_NOW)):
@@ -489,24 +598,32 @@ class QueryAnalysis:
         if isinstance(node, exp.AggFunc):
             grouped = isinstance(scope.expression, exp.Select) and scope.expression.args.get("group")
             if grouped and not isinstance(node.parent, exp.Filter) and not isinstance(node, (exp.ArrayAgg, exp.GroupConcat)):
-                return _combine(*(self.nullability(scope, arg) for arg in node.iter_expressions()))
+                return _combine(*(self.nullability(scope, arg, nulled) for arg in node.iter_expressions()))
             return NULLABLE
         if isinstance(node, exp.Coalesce):
-            states = [self.nullability(scope, arg) for arg in [node.this, *node.expressions]]
-            return NOT_NULL if NOT_NULL in states else _combine(*states)
+            arguments = [node.this, *node.expressions]
+            states = [self.nullability(scope, arg, nulled) for arg in arguments]
+            if NOT_NULL in states:
+                return NOT_NULL
+            extensions = self.null_extensions(select) if nulled is None and isinstance(select, exp.Select) else None
+            if extensions and len(extensions) > 1 and all(
+                any(self.nullability(scope, arg, extension) == NOT_NULL for arg in arguments) for extension in extensions
+            ):  # COALESCE(a.k, b.k) over a FULL JOIN: whichever side is filled with NULLs, another argument is not
+                return NOT_NULL
+            return _combine(*states)
         if isinstance(node, (exp.Nullif, exp.Subquery, exp.Window, exp.Anonymous, exp.Bracket)):
             return NULLABLE if isinstance(node, (exp.Nullif, exp.Subquery)) else UNKNOWN
         if isinstance(node, exp.Case):
             if node.args.get("default") is None:
                 return NULLABLE
-            return _combine(*(self.nullability(scope, branch.args["true"]) for branch in node.args["ifs"]),
-                            self.nullability(scope, node.args["default"]))
+            return _combine(*(self.nullability(scope, branch.args["true"], nulled) for branch in node.args["ifs"]),
+                            self.nullability(scope, node.args["default"], nulled))
         if isinstance(node, exp.Exists):
             return NOT_NULL
         if isinstance(node, (exp.Func, exp.Binary, exp.Cast, exp.AtTimeZone, exp.Unary, exp.Predicate)):
             # built-in operators and functions return NULL only for a NULL input
             children = [child for child in node.iter_expressions() if not isinstance(child, exp.DataType)]
-            return _combine(*(self.nullability(scope, child) for child in children)) if children else NOT_NULL
+            return _combine(*(self.nullability(scope, child, nulled) for child in children)) if children else NOT_NULL
         return UNKNOWN
 
     # --- uniqueness
@@ -547,7 +664,7 @@ class QueryAnalysis:
         base = scope.sources.get(items[0].alias)
         renamed = {}
         for projection in query.selects:
-            column = _strip_parens(projection.unalias())
+            column = self.through_casts(scope, projection.unalias())
             if isinstance(column, exp.Column) and column.table == items[0].alias:
                 renamed.setdefault(column.name, projection.alias_or_name)
         keys = []
@@ -576,16 +693,20 @@ class QueryAnalysis:
         source = scope.sources.get(item.alias)
         on = join.args.get("on") if join is not None else None
         equated: dict[str, bool] = {}  # join column of this relation -> compared with IS NOT DISTINCT FROM
+        lossy: list[str] = []  # casts of its columns that can make distinct values equal (::varchar(1), ::date)
         for part in _conjuncts(on):
             found = _equality(part)
             if found is None:
                 continue
             left, right, nulls_equal = found
+            left, right = self.through_casts(scope, left), self.through_casts(scope, right)
             for mine, other in ((left, right), (right, left)):
                 if isinstance(mine, exp.Column) and mine.table == item.alias and item.alias not in {
                     c.table for c in other.find_all(exp.Column)
                 }:
                     equated[mine.name] = equated.get(mine.name, False) or nulls_equal
+                elif isinstance(mine, exp.Cast) and {c.table for c in mine.find_all(exp.Column)} == {item.alias}:
+                    lossy.append(display(mine))
         keys = self.source_keys(source)
         if isinstance(source, Scope) and source.scope_type == ScopeType.UDTF:
             keys = self.unique_keys(source)
@@ -598,6 +719,9 @@ class QueryAnalysis:
             ):
                 return None
         name = self.source_label(source, item.alias)
+        if not equated and lossy:
+            return (f"{name} is joined on {', '.join(lossy)}, a cast that can make distinct values equal, so several "
+                    "of its rows can match each row before it")
         if not equated:
             return f"{name} is joined without an equality on its key, so each of its rows repeats the rows before it"
         columns = ", ".join(sorted(equated))
@@ -624,7 +748,7 @@ class QueryAnalysis:
         return label if label == alias else f"{label} AS {alias}"
 
 
-# --- the three checks
+# --- the four checks
 
 
 def timezone_findings(analysis: QueryAnalysis) -> tuple[list[Finding], list[str]]:
@@ -798,14 +922,149 @@ def key_nullability(analysis: QueryAnalysis, key_columns: list[str]) -> dict[str
     return {column: analysis.output_nullability(column) for column in key_columns}
 
 
+class _Determined:
+    """What fixing the values of some expressions of one SELECT fixes too (functional dependencies, as PostgreSQL's
+    GROUP BY accepts for a primary key): their columns, every column of a relation unique on fixed columns, and the
+    other side of an equality every row satisfies (WHERE, inner ON; a LEFT JOIN's ON toward its joined side)."""
+
+    def __init__(self, analysis: QueryAnalysis, scope: Scope, given: list[exp.Expression]):
+        self.analysis, self.scope = analysis, scope
+        self.expressions: set[str] = set()
+        self.columns: set[tuple[str, str]] = set()
+        self.relations: set[str] = set()
+        for node in given:
+            self._fix(node)
+        self._close()
+
+    def _fix(self, node: exp.Expression) -> None:
+        node = self.analysis.through_casts(self.scope, node)
+        self.expressions.add(display(node))  # compared without the parentheses pg_get_viewdef adds
+        if isinstance(node, exp.Column):
+            self.columns.add((node.table, node.name))
+
+    def fixed(self, node: exp.Expression) -> bool:
+        node = _strip_parens(node)
+        if {display(node), display(self.analysis.through_casts(self.scope, node))} & self.expressions:
+            return True
+        if isinstance(node, exp.Column):
+            return (node.table, node.name) in self.columns or node.table in self.relations
+        if isinstance(node, (exp.Query, exp.Subquery, exp.AggFunc, exp.Window, exp.Rand)):
+            return False
+        # a literal, or an operator or function of fixed values
+        return all(self.fixed(child) for child in node.iter_expressions() if not isinstance(child, exp.DataType))
+
+    def _equalities(self) -> list[tuple[exp.Expression, exp.Expression]]:
+        """(one, other): pairs where the value of `one` fixes that of `other` in every row of the SELECT."""
+        select = self.scope.expression
+        where = select.args.get("where")
+        pairs = []
+        conditions = [(where.this if where is not None else None, None, "")]
+        conditions += [(j.args.get("on"), j.this.alias_or_name, (j.side or "").upper()) for j in select.args.get("joins") or []]
+        for condition, alias, side in conditions:
+            for part in _conjuncts(condition):
+                found = _equality(part)
+                if found is None or side in ("FULL", "RIGHT"):
+                    continue
+                left, right, _ = found
+                for one, other in ((left, right), (right, left)):
+                    # a LEFT JOIN's unmatched rows keep the preserved side's values: only its joined side follows
+                    if side == "LEFT" and {c.table for c in other.find_all(exp.Column)} != {alias}:
+                        continue
+                    pairs.append((one, other))
+        return pairs
+
+    def _close(self) -> None:
+        equalities = self._equalities()
+        changed = True
+        while changed:
+            changed = False
+            for item in self.analysis.joins(self.scope.expression):
+                if item.alias in self.relations:
+                    continue
+                source = self.scope.sources.get(item.alias)
+                keys = self.analysis.source_keys(source)
+                if isinstance(source, Scope) and source.scope_type == ScopeType.UDTF:
+                    keys = self.analysis.unique_keys(source)
+                if any(key.nulls_equal and all((item.alias, c) in self.columns for c in key.columns) for key in keys):
+                    self.relations.add(item.alias)
+                    changed = True
+            for one, other in equalities:
+                if self.fixed(one) and not self.fixed(other):
+                    self._fix(other)
+                    changed = True
+
+
+def grouping_findings(analysis: QueryAnalysis, key_columns: list[str]) -> tuple[list[Finding], list[str], list[str], list[str]]:
+    """The view's GROUP BY (or DISTINCT) expressions that its unique index neither holds nor determines.
+
+    Returns (findings, undecided, the grouping's names, the columns of an index that would cover it); a view
+    without GROUP BY or DISTINCT at the top of its query has no grouping to compare."""
+    scope = analysis.query_scope(analysis.root)
+    select = scope.expression
+    if not key_columns or not isinstance(select, exp.Select):
+        return [], [], [], []
+    group, distinct = select.args.get("group"), select.args.get("distinct")
+    projected = [p.unalias() for p in select.selects]
+    if group is not None:
+        if any(isinstance(g, (exp.Rollup, exp.Cube, exp.GroupingSets)) for g in group.expressions) or any(
+            group.args.get(kind) for kind in ("rollup", "cube", "grouping_sets")
+        ):
+            return [], ["ROLLUP, CUBE and GROUPING SETS are not compared with the unique index"], [], []
+        clause = "GROUP BY"
+        grouping = [
+            projected[int(g.name) - 1] if isinstance(g, exp.Literal) and g.is_int and 0 < int(g.name) <= len(projected) else g
+            for g in group.expressions
+        ]
+    elif distinct is not None:
+        on = distinct.args.get("on")
+        clause = "DISTINCT ON" if on is not None else "DISTINCT"
+        grouping = list(on.expressions) if on is not None else projected
+    else:
+        return [], [], [], []
+    names = {}
+    for projection in select.selects:
+        names.setdefault(display(projection.unalias()), projection.alias_or_name)
+    key_expressions = []
+    for column in key_columns:
+        found = [p.unalias() for p in select.selects if p.alias_or_name == column]
+        if len(found) != 1:
+            return [], [f"the unique index's column {column} is not one column of the view's SELECT"], [], []
+        key_expressions.append(found[0])
+    determined = _Determined(analysis, scope, key_expressions)
+    key = ", ".join(key_columns)
+    findings, index = [], list(key_columns)
+    for expression in grouping:
+        if determined.fixed(expression):
+            continue
+        name = names.get(display(expression))
+        nullable = analysis.nullability(scope, expression) != NOT_NULL
+        shown = display(expression)
+        problem = (
+            f"the view's {clause} holds {shown}, which the unique index ({key}) neither holds nor determines: two "
+            f"groups that differ only in it ({'a NULL and a value, or ' if nullable else ''}two values) share an "
+            "index key, and the refresh fails on them"
+        )
+        if name is None:
+            fix = f"select {shown} as a column and add it to the unique index, or leave it out of the {clause}"
+            index = []
+        else:
+            coalesce = f", selected as coalesce({shown}, <a value no row has>) AS {name}, as it can be NULL" if nullable else ""
+            fix = f"add {name} to the unique index{coalesce}; or leave {shown} out of the {clause}"
+            if index:
+                index.append(name)
+        findings.append(Finding(shown, problem, fix))
+    grouping_names = [names.get(display(g), display(g)) for g in grouping]
+    return _unique(findings), [], grouping_names, index if findings else []
+
+
 def analyse_view(conn: psycopg.Connection, definition: str, key_columns: list[str]) -> ViewFacts:
-    """What the three checks need of a view's definition; a check the analysis cannot serve gets its error."""
+    """What the four checks need of a view's definition; a check the analysis cannot serve gets its error."""
     catalog = Catalog(conn)
     try:
         analysis = QueryAnalysis(definition, catalog)
     except Exception as error:  # sqlglot cannot read the definition
         reason = f"the checks could not read the definition ({_error_line(error)})"
-        return ViewFacts(timezone_error=reason, fanout_error=reason)
+        return ViewFacts(timezone_error=reason, fanout_error=reason, grouping_error=reason)
     facts = {}
     try:
         findings, undecided = timezone_findings(analysis)
@@ -816,6 +1075,12 @@ def analyse_view(conn: psycopg.Connection, definition: str, key_columns: list[st
         facts["fanout_findings"] = tuple(fanout_findings(analysis))
     except Exception as error:
         facts["fanout_error"] = f"the check does not handle this SQL ({_error_line(error)})"
+    try:
+        findings, undecided, grouping, index = grouping_findings(analysis, key_columns)
+        facts.update(grouping_findings=tuple(findings), grouping_undecided=tuple(undecided), grouping=tuple(grouping),
+                     grouping_index=tuple(index))
+    except Exception as error:
+        facts["grouping_error"] = f"the check does not handle this SQL ({_error_line(error)})"
     try:
         facts["key_nullability"] = key_nullability(analysis, key_columns)
     except Exception:  # nullability not inferable: the NULL-key count alone decides, and the outcome says so

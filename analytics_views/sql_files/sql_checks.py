@@ -7,10 +7,15 @@ NULL, primary keys and unique indexes, the definitions of the views it reads); n
   timestamptz::date, date_trunc without a zone, current_date, to_char/extract of a timestamptz, ...).
 - unique_key_not_null: columns of the view's unique index that can be NULL, inferred from the SQL
   (PostgreSQL marks every materialized view column nullable); null_key_rows() counts them after a refresh.
+- unique_key_covers_grouping: a GROUP BY (or DISTINCT) expression that the view's unique index neither holds
+  nor determines (through a primary key, unique index or GROUP BY of what it reads, or an equality): a view
+  grouped by (day, level_id, zone_id) under a unique index on (day, level_id) breaks its refresh the day one
+  level is played in two zones, or one event has no zone.
 - no_join_fanout: an aggregate (sum, avg, count(x), ...) over a relation whose rows a one-to-many join
   repeats before grouping. The first relation of FROM sets the grain; a join to a side that is unique on
   its join columns (primary key, unique index, GROUP BY or DISTINCT of a CTE or subquery) is a lookup and
-  repeats nothing. count(*) counts the joined rows themselves and is not reported; min, max, bool_and,
+  repeats nothing; an equality sees through the casts PostgreSQL writes around varchar, char and domain
+  columns (`(a.user_id)::text = (r.user_id)::text`). count(*) counts the joined rows themselves and is not reported; min, max, bool_and,
   bool_or and any aggregate over DISTINCT are unchanged by repeated rows.
 A check that meets an expression it cannot type or prove says so in its outcome instead of passing.
 
@@ -38,6 +43,7 @@ from analytics_views.sql_files.parse_cache import CACHE_DIR, cache_key
 TIMEZONE_CHECK = "timezone_independent"
 NULL_KEY_CHECK = "unique_key_not_null"
 FANOUT_CHECK = "no_join_fanout"
+GROUPING_CHECK = "unique_key_covers_grouping"
 
 NOT_NULL, NULLABLE, UNKNOWN = "not null", "nullable", "unknown"
 
@@ -71,6 +77,11 @@ class ViewFacts:
     fanout_findings: tuple[Finding, ...] = ()
     fanout_error: str | None = None
     key_nullability: dict[str, str] = field(default_factory=dict)  # key column -> NOT_NULL, NULLABLE or UNKNOWN
+    grouping: tuple[str, ...] = ()  # the GROUP BY (or DISTINCT) of the view's query; () when it has none
+    grouping_findings: tuple[Finding, ...] = ()
+    grouping_undecided: tuple[str, ...] = ()
+    grouping_index: tuple[str, ...] = ()  # the columns of a unique index that would cover the grouping
+    grouping_error: str | None = None
 
 
 # --- entry points over a connection
@@ -172,6 +183,36 @@ def null_key_outcome(states: dict[str, str], label: str, key_columns: list[str],
     )
 
 
+def grouping_outcome(facts: ViewFacts, label: str, key_columns: list[str]) -> CheckOutcome:
+    key, grouping = ", ".join(key_columns), ", ".join(facts.grouping)
+    if facts.grouping_findings:
+        description = (f"the unique index ({key}) of {label} is narrower than its grouping ({grouping}):\n"
+                       + _listing(list(facts.grouping_findings)))
+        if facts.grouping_index:
+            description += (f"\nfix: CREATE UNIQUE INDEX ON {label} ({', '.join(facts.grouping_index)}), "
+                            "then drop the narrower index")
+    elif facts.grouping_undecided:
+        description = (f"cannot decide whether the unique index ({key}) of {label} covers its grouping: "
+                       + "; ".join(facts.grouping_undecided))
+    elif not facts.grouping:
+        description = f"{label} has no GROUP BY or DISTINCT to compare its unique index ({key}) with"
+    else:
+        description = (f"the unique index ({key}) of {label} covers its grouping ({grouping}): each grouping "
+                       "expression is in the index or determined by it")
+    return CheckOutcome(
+        GROUPING_CHECK,
+        passed=not facts.grouping_findings and not facts.grouping_undecided,
+        description=description,
+        findings=facts.grouping_findings,
+        undecided=facts.grouping_undecided,
+        metadata={
+            "key_columns": list(key_columns),
+            "grouping": list(facts.grouping),
+            "uncovered": [f.expression for f in facts.grouping_findings],
+        },
+    )
+
+
 # Every relation the view reads, down through the views it reads, with the facts the analysis uses.
 _CATALOG_DIGEST = """
 WITH RECURSIVE read (oid) AS (
@@ -234,7 +275,7 @@ def _cannot_decide(name: str, label: str, reason: str) -> CheckOutcome:
 def static_checks(
     conn: psycopg.Connection, view: str, schema: str | None, label: str, unique_index: str | None
 ) -> list[CheckOutcome]:
-    """The three checks of a view, from its stored definition and the catalog (and the NULL-key count)."""
+    """The four checks of a view, from its stored definition and the catalog (and the NULL-key count)."""
     key_columns = index_columns(conn, unique_index) if unique_index else []
     facts = view_facts(conn, view, schema, key_columns)
     outcomes = [
@@ -247,8 +288,11 @@ def static_checks(
     ]
     if unique_index is None:
         outcomes.append(CheckOutcome(NULL_KEY_CHECK, False, f"{label} has no usable unique index (see unique_index)"))
+        outcomes.append(CheckOutcome(GROUPING_CHECK, False, f"{label} has no usable unique index (see unique_index)"))
     else:
         null_rows = null_key_rows(conn, view, schema, key_columns)
         states = {column: facts.key_nullability.get(column, UNKNOWN) for column in key_columns}
         outcomes.append(null_key_outcome(states, label, key_columns, null_rows))
+        outcomes.append(_cannot_decide(GROUPING_CHECK, label, facts.grouping_error) if facts.grouping_error
+                        else grouping_outcome(facts, label, key_columns))
     return outcomes

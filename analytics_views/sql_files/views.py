@@ -57,6 +57,9 @@ class ViewDefinition:
     fingerprint: str | None = None  # of the catalog definition, to tell when discovery is out of date
     unique_index: str | None = None  # the usable unique index discovery recorded (its CREATE statement)
     refresh_strategy: str = AUTO  # optional `-- Refresh: auto|concurrent|swap` header line (see swap.py)
+    # Why sqlglot could not read the query, when it could not: PostgreSQL judges the SQL (migrate), the view
+    # is refreshed, its relations come from the query's tokens, and what needs the parse tree says why not.
+    unparsed: str | None = None
 
     @property
     def asset_key_path(self) -> tuple[str, ...]:
@@ -137,6 +140,8 @@ def _column_comments(statements: str, view: str, columns: tuple[str, ...], path:
 
 def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None) -> ViewDefinition:
     """One view file; `schema` ({table: {column: type}}) resolves columns the query leaves unqualified."""
+    from sqlglot.errors import SqlglotError
+
     from analytics_views.sql_files.lineage import column_lineage, output_columns
 
     text = path.read_text()
@@ -145,8 +150,15 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
     if not header or not header[0]:
         raise ValueError(f"{path}: starts without a header comment saying what the view answers")
     cadence = _field(header, "cadence", path).lower()  # checked against the configured cadences: on_cadences()
-    columns = output_columns(match["query"])
-    comments = _column_comments(text[match.end() :], path.stem, columns, path)
+    query, unparsed = match["query"], None
+    try:
+        columns, deps = output_columns(query), query_dependencies(query)
+        lineage = column_lineage(query, schema or {})
+        comments = _column_comments(text[match.end() :], path.stem, columns, path)
+    except SqlglotError as error:
+        columns, deps, lineage, comments = (), relations_in_tokens(query), {}, {}
+        reason = " ".join(str(error).split("\n")[0].split())
+        unparsed = f"sqlglot cannot read the query of {path.name} ({reason})"
     strategy = _field(header, "refresh", path, default=AUTO).lower()
     if strategy not in STRATEGIES:
         raise ValueError(f"{path}: refresh strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
@@ -158,12 +170,44 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
         description="\n".join(header).strip(),
         grain=_field(header, "grain", path),
         cadence=cadence,
-        deps=query_dependencies(match["query"]),
+        deps=deps,
         line=text.count("\n", 0, match.start()) + 1,
         columns=tuple(ColumnDoc(name, None, comments.get(name)) for name in columns),
-        column_lineage=column_lineage(match["query"], schema or {}),
+        column_lineage=lineage,
         refresh_strategy=strategy,
+        unparsed=unparsed,
     )
+
+
+def relations_in_tokens(query: str) -> tuple[str, ...]:
+    """The relations named after FROM and JOIN, from the query's tokens alone: for SQL sqlglot cannot parse
+    (a typo PostgreSQL will name, or PostgreSQL sqlglot does not know). CTE names and functions are left out."""
+    from sqlglot import tokenize
+    from sqlglot.errors import SqlglotError
+    from sqlglot.tokens import TokenType
+
+    try:
+        tokens = tokenize(query, read="postgres")
+    except SqlglotError:
+        return ()
+    ctes = {tokens[i].text for i in range(len(tokens) - 2)
+            if tokens[i].token_type == TokenType.VAR and tokens[i + 1].token_type == TokenType.ALIAS
+            and tokens[i + 2].token_type == TokenType.L_PAREN}
+    found = set()
+    for i, token in enumerate(tokens[:-1]):
+        if token.token_type not in (TokenType.FROM, TokenType.JOIN):
+            continue
+        name, j = [], i + 1
+        while j < len(tokens) and tokens[j].token_type == TokenType.VAR:
+            name.append(tokens[j].text)
+            if j + 1 < len(tokens) and tokens[j + 1].token_type == TokenType.DOT:
+                j += 2
+            else:
+                break
+        followed_by_call = j + 1 < len(tokens) and tokens[j + 1].token_type == TokenType.L_PAREN
+        if name and not followed_by_call and name[-1] not in ctes:
+            found.add(name[-1])
+    return tuple(sorted(found))
 
 
 def migrations_dir(views_dir: Path) -> Path:
@@ -180,13 +224,19 @@ def load_views(views_dir: Path = VIEWS_DIR) -> tuple[ViewDefinition, ...]:
 
 
 def _parse_views(views_dir: Path) -> tuple[ViewDefinition, ...]:
+    from sqlglot.errors import SqlglotError
+
     from analytics_views.sql_files.lineage import output_columns
 
     paths = sorted(views_dir.glob("*.sql"))
     # Columns resolve against the source tables and the other views, so one view may read another.
     schema = lineage_schema(load_source_tables(migrations_dir(views_dir)))
     for path in paths:
-        schema[path.stem] = dict.fromkeys(output_columns(_create_statement(path, path.read_text())["query"]), "unknown")
+        try:
+            columns = output_columns(_create_statement(path, path.read_text())["query"])
+        except SqlglotError:  # parse_view_file says why
+            columns = ()
+        schema[path.stem] = dict.fromkeys(columns, "unknown")
     views = {view.name: view for view in (parse_view_file(path, schema) for path in paths)}
     graph = {name: [dep for dep in view.deps if dep in views] for name, view in views.items()}
     return tuple(views[name] for name in TopologicalSorter(graph).static_order())

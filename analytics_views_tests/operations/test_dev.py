@@ -99,3 +99,34 @@ def check_dev_starts_and_stops(state_dir: Path, port: int, tmp_path: Path) -> No
         assert ("seeded demo data: 300 users" in output) == (start == 0)
         assert "Traceback" not in output
         assert not (state_dir / "session.json").exists()  # dev removes it when it stops
+
+
+def test_dev_over_an_adopted_database_creates_nothing_of_ours_and_refreshes_its_views(product_db, empty_db, tmp_path):
+    import psycopg
+
+    defs = tmp_path / "defs.yaml"
+    defs.write_text("type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: [product]\n")
+    env = {**os.environ, "ANALYTICS_VIEWS_DEFS": str(defs), "DATABASE_URL": product_db, "DAGSTER_POSTGRES_URL": empty_db}
+    env.pop("DAGSTER_HOME", None)
+    discover = subprocess.run([COMMAND, "discover"], env=env, capture_output=True, text=True, timeout=300)
+    assert discover.returncode == 0, discover.stderr
+    port, log = free_port(), tmp_path / "dev.log"
+    with server_directory() as state_dir:
+        dev = subprocess.Popen(
+            [COMMAND, "dev", "--port", str(port), "--state-dir", str(state_dir)],
+            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            wait_for_ui(port, dev, log)
+            started = processes_of(dev, state_dir)
+            dev.send_signal(signal.SIGINT)
+            assert dev.wait(timeout=60) == 0
+            psutil.wait_procs(started, timeout=15)
+        finally:
+            if dev.poll() is None:
+                dev.kill()
+    output = log.read_text()
+    assert "product.campaign_stats: refreshed (" in output and "Traceback" not in output
+    assert "applied sql/" not in output and "seeded demo data" not in output
+    with psycopg.connect(product_db) as conn:
+        assert conn.execute("SELECT to_regclass('public.analytics_views_migrations')").fetchone()[0] is None

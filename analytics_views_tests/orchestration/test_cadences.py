@@ -274,6 +274,12 @@ COMMAND = str(Path(sys.executable).parent / "analytics-views")
         (b'# ums\xe4tze\ntype: analytics_views.MaterializedViewsComponent\n', "is not UTF-8 text (byte 0xe4 on line 1): save it as UTF-8"),
         (None, "(Is a directory): fix ANALYTICS_VIEWS_DEFS or create the file"),
         (b"type: analytics_views.MaterializedViewsComponent\nattributes: [\n", "is not valid YAML at line 3: fix it"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {lock_timeout_s: 0}\n", "lock_timeout_s"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {statement_timeout_s: -5}\n", "statement_timeout_s"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {lock_timeout_s: 1e12}\n", "lock_timeout_s"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  refresh: {work_mem_mb: -1}\n", "work_mem_mb"),
+        (b"type: analytics_views.MaterializedViewsComponent\natributes:\n  schemas: [public]\n", "unknown top-level key 'atributes'"),
+        (b"type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nests deeper"),
     ],
 )
 def test_an_unreadable_configuration_is_one_line_and_a_non_zero_exit(tmp_path, content, fragment):
@@ -420,7 +426,8 @@ def test_discover_says_why_each_selected_view_was_not_taken(product, reader, tmp
         f"product.refund_totals: not taken: {no_select}",
         f"product.weekly_purchases: not taken: {no_select}",
         "public.daily_aggregations: not taken: named like this project's own view "
-        "(sql/views/daily_aggregations.sql), which manages it",
+        f"(sql/views/daily_aggregations.sql), which manages it: to adopt the database's view instead, remove "
+        f"sql_folder from {tmp_path / 'defs.yaml'}",
         "product.purchases: not taken: a view, not a materialized view (only those are refreshed)",
         "product.users: not taken: a table, not a materialized view (only those are refreshed)",
         "names entry 'reports.*' matches no materialized view: fix or remove it",
@@ -431,3 +438,15 @@ def test_discover_says_why_each_selected_view_was_not_taken(product, reader, tmp
         "analytics-views discover: error: no view taken: fix attributes.schemas or attributes.names in "
         f"{tmp_path / 'defs.yaml'} (reasons above)\n"
     )
+
+
+def test_a_discovered_view_may_be_named_bare_when_no_other_view_bears_its_name(product):
+    from analytics_views.operations.commands import selected_views
+    from analytics_views.orchestration.component import load_views
+
+    choose = lambda *names: selected_views(all_views=False, daily=False, weekly=False, names=list(names), loaded=load_views())  # noqa: E731
+    assert choose("campaign_stats", "product.cohort_stats", "product.campaign_stats") == [
+        "product.campaign_stats", "product.cohort_stats"
+    ]
+    with pytest.raises(AnalyticsViewsError, match="unknown view 'campaign'"):
+        choose("campaign")

@@ -58,7 +58,7 @@ def test_the_projects_defs_yaml_builds_what_the_code_defaults_build(monkeypatch)
         ("weekly_refresh_schedule", "weekly_refresh_job", "0 4 * * 1", "UTC"),
     ]
     assert from_yaml["resources"] == ["analytics_db"]
-    assert len(from_yaml["checks"]) == 4 * 4 + 5  # unique_index and the three SQL checks per view, our data tests
+    assert len(from_yaml["checks"]) == 4 * 5 + 5  # unique_index and the four SQL checks per view, our data tests
 
 
 def write_defs_yaml(path: Path, attributes: str) -> Path:

@@ -80,3 +80,13 @@ def test_instance_from_dagster_yaml_stores_runs_in_postgres_with_psycopg2(empty_
         assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.SUCCESS
         stored = [entry.dagster_event.event_type for entry in instance.all_logs(result.run_id) if entry.is_dagster_event]
         assert stored.count(dg.DagsterEventType.STEP_SUCCESS) == 1 and stored[-1] == dg.DagsterEventType.RUN_SUCCESS
+
+
+def test_a_socket_directory_in_the_host_is_refused_naming_the_form_that_works():
+    with pytest.raises(AnalyticsViewsError) as raised:
+        check_storage_url("postgresql://postgres@%2Fvar%2Frun%2Fpostgresql/db")
+    assert str(raised.value) == (
+        "DAGSTER_POSTGRES_URL names a Unix socket directory in its host (%2Fvar%2Frun%2Fpostgresql), which SQLAlchemy, "
+        "and so dagster-postgres, reads as a host name: write it as postgresql://USER@/DATABASE?host=/var/run/postgresql"
+    )
+    check_storage_url("postgresql://postgres@/db?host=/var/run/postgresql")  # the form that works

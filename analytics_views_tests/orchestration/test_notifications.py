@@ -71,13 +71,14 @@ def mailbox():
 class Receiver(ThreadingHTTPServer):
     """Takes JSON POSTs: the webhook's at any path, and Slack's chat.postMessage, answered as Slack does."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, answer_after_s: float = 0):
         self.requests: list[tuple[str, dict, bytes]] = []
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(handler):
                 body = handler.rfile.read(int(handler.headers["Content-Length"]))
                 self.requests.append((handler.path, dict(handler.headers), body))
+                time.sleep(answer_after_s)
                 answer = json.dumps({"ok": True, "channel": "C1", "ts": "1.0"}).encode()
                 handler.send_response(200)
                 handler.send_header("Content-Type", "application/json")
@@ -107,8 +108,8 @@ class Receiver(ThreadingHTTPServer):
         return texts
 
 
-def start_receiver(port: int) -> tuple[Receiver, threading.Thread]:
-    receiver = Receiver(port)
+def start_receiver(port: int, answer_after_s: float = 0) -> tuple[Receiver, threading.Thread]:
+    receiver = Receiver(port, answer_after_s)
     thread = threading.Thread(target=receiver.serve_forever, daemon=True)
     thread.start()
     return receiver, thread
@@ -551,3 +552,29 @@ def test_a_failed_run_of_another_code_location_is_told_by_its_own_sensors_only(e
 
     [hook] = receiver.posted("/hooks/")
     assert hook["run_id"] == team_a_run and "team_a's run failed" in hook["text"]
+
+
+def test_a_receiver_too_slow_to_answer_gets_the_notice_once_with_an_id_to_drop_repeats(
+    seeded_db, instance, receiver, tmp_path, monkeypatch, capfd
+):
+    from analytics_views.orchestration import destinations
+
+    monkeypatch.setattr(destinations, "TIMEOUT_S", 1)
+    slow, thread = start_receiver(free_port(), answer_after_s=2)  # it takes each notice, then answers late
+    try:
+        defs = notifying_defs(tmp_path, monkeypatch, seeded_db, free_port(), receiver.server_port, webhook_port=slow.server_port)
+        webhook = Ticks(defs, instance, "webhook_notifications")
+        webhook.tick()
+        drop_unique_index(seeded_db, "daily_aggregations")
+        run = run_job(defs, instance, "daily_refresh_job", SCHEDULED)
+        capfd.readouterr()
+        for _ in range(3):
+            webhook.tick()
+        [(path, headers, body)] = [request for request in slow.requests if request[0].startswith("/hooks/")]
+        notice = json.loads(body)
+        assert notice["run_id"] == run.run_id and headers["Idempotency-Key"] == notice["id"]
+        assert "webhook notification sent without an answer" in capfd.readouterr().err
+    finally:
+        slow.shutdown()
+        slow.server_close()
+        thread.join(10)

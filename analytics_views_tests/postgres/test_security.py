@@ -65,6 +65,16 @@ def test_the_refresher_role_refreshes_every_view_and_cannot_write_source_tables(
                 conn.execute(statement)
 
 
+def test_the_refresher_role_sees_other_roles_sessions_so_a_skip_can_be_proven(refresher, seeded_db):
+    with psycopg.connect(refresher, autocommit=True) as conn, psycopg.connect(seeded_db, autocommit=True) as admin:
+        first = refresh_view(conn, "daily_aggregations")
+        admin.execute("SELECT 1")
+        second = refresh_view(conn, "daily_aggregations", skip_if_unchanged_since=first.sources_fingerprint)
+        admin_pid = admin.info.backend_pid
+    # The superuser's session is seen, idle for under a second, not hidden (pg_read_all_stats).
+    assert f"client backend pid {admin_pid} went idle 0 s ago" in second.note, second.note
+
+
 def test_the_refresher_role_sql_can_run_twice(refresher, seeded_db):
     with psycopg.connect(seeded_db, autocommit=True) as admin:
         role = admin.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'av_refresher_%' AND NOT rolcanlogin").fetchone()[0]

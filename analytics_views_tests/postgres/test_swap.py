@@ -134,6 +134,24 @@ def test_readers_get_the_old_rows_at_once_while_the_swap_builds(seeded_db):
         assert numbers(conn) == [(1, 10), (2, 20), (3, 30), (4, 40)]
 
 
+def test_a_long_reader_makes_the_swap_fall_back_to_concurrently_once(seeded_db):
+    with slow_view(seeded_db, 0) as conn, psycopg.connect(seeded_db, application_name="long report") as reader:
+        conn.execute("INSERT INTO source_numbers VALUES (4)")
+        assert numbers(reader) == [(1, 10), (2, 20), (3, 30)]  # its transaction holds the view until it ends
+        started = time.monotonic()
+        outcome = refresh_view(conn, "slow_numbers", RefreshSettings(lock_timeout_s=1), strategy="swap")
+        assert (outcome.mode, outcome.note) == (
+            CONCURRENT,
+            f"build-and-swap does not apply: a session held the view for over 1 s (pid {reader.info.backend_pid} "
+            "(long report)), so its swap could not take the view's lock; refreshed CONCURRENTLY, which readers do "
+            "not block; never skipped: it calls the volatile function pg_sleep(double precision), whose result may "
+            "change any time",
+        )
+        assert time.monotonic() - started < 10  # one build and one wait, not a rebuild per retry
+        assert numbers(conn) == [(1, 10), (2, 20), (3, 30), (4, 40)]
+        reader.rollback()
+
+
 def test_unknown_strategy_is_refused(seeded_db):
     with slow_view(seeded_db, 0) as conn, pytest.raises(ValueError, match="sideways"):
         refresh_view(conn, "slow_numbers", strategy="sideways")

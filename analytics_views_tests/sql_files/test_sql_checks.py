@@ -6,7 +6,7 @@ import pytest
 
 from analytics_views.postgres import database
 from analytics_views.sql_files import sql_analysis, sql_checks
-from analytics_views.sql_files.sql_checks import FANOUT_CHECK, NULL_KEY_CHECK, TIMEZONE_CHECK
+from analytics_views.sql_files.sql_checks import FANOUT_CHECK, GROUPING_CHECK, NULL_KEY_CHECK, TIMEZONE_CHECK
 from analytics_views.orchestration.view_checks import STATIC_CHECKS
 
 TABLES = """
@@ -60,9 +60,9 @@ def outcomes(conn: psycopg.Connection, view: str, schema: str | None = None) -> 
 
 
 def test_check_names_are_the_ones_the_assets_declare():
-    assert set(STATIC_CHECKS) == {TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK}
+    assert set(STATIC_CHECKS) == {TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK, GROUPING_CHECK}
     assert TIMEZONE_CHECK == "timezone_independent" and NULL_KEY_CHECK == "unique_key_not_null"
-    assert FANOUT_CHECK == "no_join_fanout"
+    assert FANOUT_CHECK == "no_join_fanout" and GROUPING_CHECK == "unique_key_covers_grouping"
 
 
 # (bucket expression over t, expression the check names)
@@ -320,7 +320,7 @@ def test_unusual_sql_gets_an_outcome_for_every_check_never_an_exception(conn, qu
     analyse(conn, query)
     conn.execute("CREATE UNIQUE INDEX v_key ON v (k)")
     found = outcomes(conn, "v")
-    assert set(found) == {TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK}
+    assert set(found) == {TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK, GROUPING_CHECK}
     assert all(outcome.description for outcome in found.values())
     assert not [o.description for o in found.values() if "does not handle" in o.description]
 

@@ -69,3 +69,25 @@ def test_a_comment_on_a_missing_column_or_on_the_view_itself_is_rejected(tmp_pat
         parse_view_file(write_view(tmp_path, "COMMENT ON COLUMN tiny.user_count IS 'typo';\n"))
     with pytest.raises(ValueError, match="the header comment is the view's description"):
         parse_view_file(write_view(tmp_path, "COMMENT ON MATERIALIZED VIEW tiny IS 'twice';\n"))
+
+
+HEADER = "-- How many users per generated number.\n-- Grain: one row per n.\n-- Cadence: daily\n"
+
+
+@pytest.mark.parametrize(
+    ("query", "deps"),
+    [
+        # Valid PostgreSQL sqlglot cannot parse: PostgreSQL runs it.
+        ("SELECT r.n, count(u.user_id) AS users FROM users AS u CROSS JOIN LATERAL ROWS FROM (generate_series(1, 2)) AS r (n) GROUP BY r.n", ("users",)),
+        # A typo: PostgreSQL names it when migrate runs the file.
+        ("SELEC 1 AS n FROM public.events", ("events",)),
+        ("WITH recent AS (SELECT user_id FROM events) SELEC user_id FROM recent JOIN payments USING (user_id)", ("events", "payments")),
+    ],
+    ids=["rows-from", "typo", "typo-with-cte"],
+)
+def test_a_query_sqlglot_cannot_read_still_defines_its_view_saying_why(tmp_path, query, deps):
+    path = tmp_path / "numbers.sql"
+    path.write_text(f"{HEADER}CREATE MATERIALIZED VIEW numbers AS\n{query}\nWITH NO DATA;\n")
+    view = parse_view_file(path)
+    assert (view.name, view.deps, view.columns, dict(view.column_lineage)) == ("numbers", deps, (), {})
+    assert view.unparsed.startswith("sqlglot cannot read the query of numbers.sql (")
