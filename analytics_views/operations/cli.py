@@ -75,7 +75,7 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([row.as_json() for row in stats], indent=2))
         return 0
-    header = ("view", "rows", "size", "populated", "unique index", "last refreshed", "how", "why")
+    header = ("view", "rows", "size", "populated", "unique index", "last refreshed", "failing checks", "how", "why")
     rows = [header] + [row.as_row() for row in stats]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:

@@ -152,13 +152,16 @@ class RefreshReport:
     view: str
     outcome: str  # "refreshed", "skipped" (sources unchanged) or "FAILED"
     detail: str  # the run's metadata summary, or the failure message
+    # Checks that failed in the run, each "SEVERITY check NAME failed: its description (the fix)".
+    failed_checks: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return self.outcome != "FAILED"
+        """False when the view failed or one of its ERROR checks did (WARN checks are listed only)."""
+        return self.outcome != "FAILED" and not any(check.startswith("ERROR") for check in self.failed_checks)
 
     def line(self) -> str:
-        return f"{self.view}: {self.outcome} ({self.detail})"
+        return "; ".join([f"{self.view}: {self.outcome} ({self.detail})", *self.failed_checks])
 
 
 def refresh(
@@ -279,11 +282,21 @@ def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, views: d
     step_failures: list[str] = []
     by_label = {view.label: key for key, view in views.items()}
     records = dagster_instance.get_records_for_run(
-        run.run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.ASSET_MATERIALIZATION}
+        run.run_id,
+        of_type={
+            dg.DagsterEventType.STEP_FAILURE,
+            dg.DagsterEventType.ASSET_MATERIALIZATION,
+            dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+        },
     ).records
+    checks: dict[dg.AssetKey, list[str]] = {}
     for record in records:
         event = record.event_log_entry.dagster_event
-        if event.is_step_failure:
+        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            evaluation = event.asset_check_evaluation_data
+            if not evaluation.passed and evaluation.asset_key in views:
+                checks.setdefault(evaluation.asset_key, []).append(failed_check_line(evaluation))
+        elif event.is_step_failure:
             error = event.step_failure_data.error
             user_data = event.step_failure_data.user_failure_data
             not_refreshed = user_data.metadata.get(NOT_REFRESHED) if user_data else None
@@ -322,9 +335,19 @@ def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, views: d
                     "skipped" if metadata[keys.REFRESH_MODE] == SKIPPED else "refreshed",
                     f"{metadata[keys.ROW_COUNT]} rows, {metadata[keys.SIZE]}, "
                     f"{metadata[keys.REFRESH_MODE]} in {metadata[keys.REFRESH_DURATION_S]:.2f} s, run {run.run_id[:8]}",
+                    tuple(sorted(checks.get(key, []))),  # ERROR before WARN
                 )
             )
     return reports
+
+
+def failed_check_line(evaluation: dg.AssetCheckEvaluation) -> str:
+    """`ERROR check no_negative_revenue failed: 1456 failing rows. ...; fix ...`: what the check says, and the fix
+    (a data test's description says what it asserts; the fix is the view's SQL or its data)."""
+    severity = evaluation.severity.value if evaluation.severity else "ERROR"
+    description = " ".join((evaluation.description or "no description").split())
+    fix = "" if "fix" in description.lower() or "run `" in description else "; fix the view's SQL or its sources' rows, then refresh"
+    return f"{severity} check {evaluation.check_name} failed: {description}{fix}"
 
 
 @dataclass(frozen=True)
@@ -338,6 +361,7 @@ class ViewStats:
     last_refreshed: datetime | None
     last_mode: str | None = None  # how the last materialization went: a refresh mode, or skipped
     last_note: str = ""  # why: the skip's proof, or why the view could not be skipped
+    failing_checks: tuple[str, ...] = ()  # the view's checks whose latest evaluation failed, as refresh names them
 
     def as_json(self) -> dict:
         return {
@@ -351,6 +375,7 @@ class ViewStats:
             "last_refreshed": self.last_refreshed.isoformat() if self.last_refreshed else None,
             "last_refresh_mode": self.last_mode,
             "last_refresh_note": self.last_note,
+            "failing_checks": list(self.failing_checks),
         }
 
     def as_row(self) -> tuple[str, ...]:
@@ -361,6 +386,7 @@ class ViewStats:
             "yes" if self.populated else "no",
             self.unique_index or "MISSING",
             self.last_refreshed.strftime("%Y-%m-%d %H:%M:%S UTC") if self.last_refreshed else "never recorded",
+            ", ".join(line.split(" failed:")[0].replace(" check ", " ") for line in self.failing_checks) or "-",
             self.last_mode or "-",
             self.last_note,
         )
@@ -380,6 +406,18 @@ def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinitio
     }
 
 
+def _failing_checks(dagster_instance: dg.DagsterInstance, check_keys: list[dg.AssetCheckKey]) -> tuple[str, ...]:
+    """The checks whose latest evaluation failed, ERROR first, each as `refresh` prints it."""
+    failing = []
+    for check_key in check_keys:
+        record = dagster_instance.get_latest_asset_check_evaluation_record(check_key)
+        event = record.event.dagster_event if record and record.event else None
+        if event and event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+            if not event.asset_check_evaluation_data.passed:
+                failing.append(failed_check_line(event.asset_check_evaluation_data))
+    return tuple(sorted(failing))
+
+
 def ensure_migrated(conn) -> None:
     if conn.execute("SELECT to_regclass(%s)", [LEDGER]).fetchone()[0] is None:
         raise AnalyticsViewsError(
@@ -395,6 +433,9 @@ def view_stats(url: str, loaded: LoadedViews | None = None) -> list[ViewStats]:
     with database.connect(url, autocommit=True) as conn, instance(to_record_runs=False) as dagster_instance:
         if config.project_views:
             ensure_migrated(conn)
+        check_keys: dict[dg.AssetKey, list[dg.AssetCheckKey]] = {}
+        for check_key in loaded.defs.resolve_asset_graph().asset_check_keys:
+            check_keys.setdefault(check_key.asset_key, []).append(check_key)
         for view in _managed(loaded):
             state = database.view_state(conn, view.name, view.schema)
             if not state.exists:
@@ -409,6 +450,7 @@ def view_stats(url: str, loaded: LoadedViews | None = None) -> list[ViewStats]:
                     populated=state.populated,
                     unique_index=state.unique_index,
                     **_last_materialized(dagster_instance, view),
+                    failing_checks=_failing_checks(dagster_instance, check_keys.get(_key(view), [])),
                 )
             )
     return stats

@@ -146,7 +146,7 @@ def test_stats_reports_rows_size_state_index_and_last_refresh(seeded_db, dagster
     assert stats["weekly_aggregations"]["size_bytes"] > 0
     assert stats["daily_aggregations"]["last_refresh_mode"] == "plain (first population)"
     assert stats["weekly_aggregations"]["last_refresh_mode"] is None
-    header = ["view", "rows", "size", "populated", "unique", "index", "last", "refreshed", "how", "why"]
+    header = ["view", "rows", "size", "populated", "unique", "index", "last", "refreshed", "failing", "checks", "how", "why"]
     assert table.stdout.splitlines()[0].split() == header
 
 
