@@ -126,7 +126,8 @@ def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]
     of its launcher (stop_launched stops what is left of it once the run has ended), in order."""
     with ExitStack() as stack:
         answers = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="analytics-views-launch-")))
-        started = []
+        started: list = []
+        launched: list[tuple[str, int]] = []
         for number, request in enumerate(launches):
             answer = answers / f"{number}.json"
             # The run worker inherits this output and writes its log there after the launcher has returned: a
@@ -142,9 +143,10 @@ def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            stack.callback(_stop_launcher, process)
+            # Left to serve its run once it is launched; stopped, with its code server and run, if this command
+            # stops before every run is launched (a signal, a launch that failed).
+            stack.callback(lambda group=process.pid: None if len(launched) == len(launches) else stop_launched([group]))
             started.append((request.job, answer, process, output))
-        launched = []
         for job, answer, process, output in started:
             # The launcher writes its answer once the run is submitted, then waits for its code server, which
             # serves the run until it ends: the answer, not the launcher's exit, says the run is launched.
@@ -167,16 +169,6 @@ def _answer(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _stop_launcher(process: subprocess.Popen) -> None:
-    """A launcher still going when this command stops (a signal, another launch failed) is stopped."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _last_error(text: str) -> str:
