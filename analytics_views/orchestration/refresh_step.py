@@ -9,7 +9,6 @@ views left out because of them. A transient failure (lost connection, lock timeo
 with TRANSIENT_RETRY's backoff, for that view only. Terminating the run cancels every query in flight at once.
 """
 
-import inspect
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -31,10 +30,6 @@ TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPO
 # Metadata of the step's failure: {view label: reason} for every view the step did not refresh.
 NOT_REFRESHED = keys.ours("not_refreshed")
 _POLL_S = 0.5
-
-# refresh_view gains `own_sessions` (the pids of the run's other connections, which its skip decision may
-# ignore) in the skip-decision work on postgres/refresh.py; until then it is not passed.
-_TAKES_OWN_SESSIONS = "own_sessions" in inspect.signature(refresh_view).parameters
 
 
 class ViewFailed(Exception):
@@ -232,9 +227,8 @@ def _with_retries(
             raise ViewFailed("not refreshed: the run is stopping")
         try:
             conn = sessions.connection(view.label)
-            options: dict = {"skip_if_unchanged_since": skip_since}
-            if _TAKES_OWN_SESSIONS:
-                options["own_sessions"] = sessions.others(conn)
+            # The pool's other connections: their writes are this run's refreshes, which the skip accounts for.
+            options: dict = {"skip_if_unchanged_since": skip_since, "own_sessions": sessions.others(conn)}
             return refresh_one(conn, view, last_metadata, options)
         except ViewFailed:
             raise

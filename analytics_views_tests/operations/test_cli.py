@@ -159,9 +159,8 @@ def test_a_failed_refresh_exits_non_zero_naming_the_view_and_the_fix(seeded_db, 
     assert "daily_aggregations: FAILED (daily_aggregations has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY" in result.stdout
     # One line per view, and nothing else: no Dagster log or stack trace (46 lines for this view before).
     assert len(result.stdout.splitlines()) == 3 and result.stderr == ""
-    # Its sources did not change in between; it is skipped only when no other session (its run's own steps are
-    # sessions of other processes) may hold uncounted writes (write_quiescence.py).
-    assert re.search(r"^cohort_aggregations: (skipped|refreshed) \(", result.stdout, re.MULTILINE)
+    # Its sources did not change in between, and the run's other connections are its own (write_quiescence.py).
+    assert "cohort_aggregations: skipped (" in result.stdout
 
 
 def test_refresh_skips_unchanged_views_unless_forced(seeded_db, dagster_home):
