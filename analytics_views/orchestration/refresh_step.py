@@ -29,6 +29,11 @@ from analytics_views.sql_files.views import ViewDefinition
 TRANSIENT_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 # Metadata of the step's failure: {view label: reason} for every view the step did not refresh.
 NOT_REFRESHED = keys.ours("not_refreshed")
+# The last attempt's cause comes first; then what an operator does about a failure that kept coming back.
+GAVE_UP = (
+    "the same failure came back in all {attempts} attempts: check the server (its log, restarts, connection "
+    "limits, sessions holding the view's lock) and the network, then refresh again"
+)
 _POLL_S = 0.5
 
 
@@ -238,8 +243,7 @@ def _with_retries(
             transient = getattr(error, "transient", isinstance(error, psycopg.OperationalError))
             message = " ".join(str(error).split())
             if not transient or attempt >= TRANSIENT_RETRY.max_retries:
-                tries = f" (after {attempt + 1} attempts)" if transient else ""
-                raise ViewFailed(f"{message}{tries}") from None
+                raise ViewFailed(f"{message}; {GAVE_UP.format(attempts=attempt + 1)}" if transient else message) from None
             attempt += 1
             delay = TRANSIENT_RETRY.calculate_delay(attempt)
             results.put((key, "retry", f"{view.label}: {message}; retry {attempt} of {TRANSIENT_RETRY.max_retries} in {delay:.1f} s"))

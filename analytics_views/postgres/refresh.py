@@ -139,7 +139,7 @@ def _explain(view: str, error: psycopg.Error, settings: RefreshSettings) -> Refr
             transient=False,
         )
     if isinstance(error, TRANSIENT):
-        return RefreshError(f"refresh of {view} interrupted ({reason}); it will be retried", transient=True)
+        return RefreshError(f"refresh of {view} interrupted ({reason})", transient=True)
     if isinstance(error, errors.CardinalityViolation):
         fix = "its new data has duplicate rows: fix the view's query so its unique key is unique"
     elif isinstance(error, errors.UniqueViolation):

@@ -133,7 +133,7 @@ def test_a_transient_failure_is_retried_for_that_view_alone(chain, monkeypatch):
         def first_fails(conn, view, last_metadata, options):
             if failures.get(view.label, 0):
                 failures[view.label] -= 1
-                raise RefreshError(f"refresh of {view.label} interrupted (server restarting); it will be retried", transient=True)
+                raise RefreshError(f"refresh of {view.label} interrupted (server restarting)", transient=True)
             return refresh_one(conn, view, last_metadata, options)
 
         return original(context, analytics_db, views, first_fails, key_of)
@@ -145,6 +145,35 @@ def test_a_transient_failure_is_retried_for_that_view_alone(chain, monkeypatch):
     assert result.success and sorted(materialized(result)) == VIEWS
     assert [line.split("; retry ")[1].split(" in ")[0] for line in retries] == ["1 of 3", "2 of 3"]
     assert all(line.startswith("mv.d: refresh of mv.d interrupted") for line in retries)
+
+
+def test_a_failure_that_keeps_coming_back_names_its_cause_and_the_fix(chain, monkeypatch):
+    from analytics_views.orchestration import refresh_step
+    from analytics_views.postgres.refresh import RefreshError
+
+    defs, _ = chain
+    monkeypatch.setattr(refresh_step, "TRANSIENT_RETRY", dg.RetryPolicy(max_retries=3, delay=0.01))
+    original = refresh_step.refresh_in_dependency_order
+
+    def always_terminated(context, analytics_db, views, refresh_one, key_of):
+        def fails(conn, view, last_metadata, options):
+            if view.label == "mv.d":
+                raise RefreshError(f"refresh of {view.label} interrupted (terminating connection due to administrator command)", transient=True)
+            return refresh_one(conn, view, last_metadata, options)
+
+        return original(context, analytics_db, views, fails, key_of)
+
+    monkeypatch.setattr("analytics_views.orchestration.assets.refresh_in_dependency_order", always_terminated)
+    with dg.instance_for_test() as instance:
+        result = run_daily(defs, instance)
+    assert not result.success
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    reasons = failure.step_failure_data.user_failure_data.metadata[refresh_step.NOT_REFRESHED].value
+    assert reasons["mv.d"] == (
+        "refresh of mv.d interrupted (terminating connection due to administrator command); "
+        + refresh_step.GAVE_UP.format(attempts=4)
+    )
+    assert "max_retries" not in str(reasons)
 
 
 def test_the_definition_checks_run_when_a_definition_changes_and_not_in_refresh_runs(chain):
