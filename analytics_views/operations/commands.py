@@ -287,12 +287,16 @@ def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, views: d
             dg.DagsterEventType.STEP_FAILURE,
             dg.DagsterEventType.ASSET_MATERIALIZATION,
             dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+            dg.DagsterEventType.RUN_FAILURE,
         },
     ).records
+    run_failure = ""
     checks: dict[dg.AssetKey, list[str]] = {}
     for record in records:
         event = record.event_log_entry.dagster_event
-        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
+        if event.event_type == dg.DagsterEventType.RUN_FAILURE:
+            run_failure = " ".join((event.message or "").split())
+        elif event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             evaluation = event.asset_check_evaluation_data
             if not evaluation.passed and evaluation.asset_key in views:
                 checks.setdefault(evaluation.asset_key, []).append(failed_check_line(evaluation))
@@ -325,6 +329,8 @@ def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, views: d
                 if status == dg.DagsterRunStatus.CANCELED
                 else f"not refreshed: {step_failures[0]}"
                 if step_failures
+                else f"not refreshed: the run failed before it refreshed the view ({run_failure})"
+                if run_failure
                 else "not refreshed"
             )
             reports.append(RefreshReport(view.label, "FAILED", f"{reason}, run {run.run_id[:8]}"))

@@ -12,6 +12,7 @@ a run that ended is freed at once), or a lock held by another session. SIGINT or
 the UI's "Terminate" does: the run worker cancels its queries, and the views keep their previous contents.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -193,25 +194,82 @@ def wait(instance: dg.DagsterInstance, runs: list[Submitted], *, wait_s: float, 
     """Until every run has ended: calls `watch()` every second, says which run holds a pool slot one of the
     runs waits for, frees the slots of runs that ended, and terminates a run whose step waited `wait_s` for
     its slot. Each poll reads the runs' new events (a cursor each) and asks about the pools of the steps that
-    are waiting only. A signal (KeyboardInterrupt) terminates every run still going, then is raised again."""
+    are waiting only. It says what it waits for at least every SAY_EVERY_S. Dagster's storage not answering
+    for a moment (a restart) is ridden out, as the runs ride it out; a run whose worker died with its code
+    server is reported failed at once. Only a signal (KeyboardInterrupt) terminates the runs still going."""
     try:
-        last_watch = 0.0
+        last_watch = last_said = time.monotonic()
         told: set[tuple[str, str]] = set()
+        outage: float | None = None
         while pending := [run for run in runs if not run.ended]:
-            for run in pending:
-                follow(instance, run)
-                if not run.ended and run.started:
-                    _watch_pools(instance, run, wait_s, told)
+            try:
+                for run in pending:
+                    follow(instance, run)
+                    if not run.ended and run.started:
+                        _watch_pools(instance, run, wait_s, told)
+                    if not run.ended:
+                        _notice_dead_worker(instance, run)
+                outage = None
+            except Exception as error:  # noqa: BLE001 - dagster-postgres and SQLAlchemy raise many kinds
+                outage = _ride_out(error, outage)
             if time.monotonic() - last_watch >= 1.0:
                 watch()
                 last_watch = time.monotonic()
+            if time.monotonic() - last_said >= SAY_EVERY_S:
+                say("still waiting for " + "; ".join(_state(run) for run in runs if not run.ended))
+                last_said = time.monotonic()
             if any(not run.ended for run in runs):
                 time.sleep(_POLL_S)
-    except BaseException:
+    except KeyboardInterrupt:
         terminate(instance, [run.run_id for run in runs])
         raise
     finally:
         stop_launched([run.process_group for run in runs])
+
+
+SAY_EVERY_S = 30.0  # the longest the command stays silent while it waits
+STORAGE_OUTAGE_S = 300.0  # the longest it waits for Dagster's storage to answer again
+
+
+def _ride_out(error: Exception, since: float | None) -> float:
+    """Dagster's storage did not answer: say so once, and give up (the runs left going) after STORAGE_OUTAGE_S."""
+    now = time.monotonic()
+    reason = " ".join((str(error).strip().splitlines() or [type(error).__name__])[0].split())[:200]
+    if since is None:
+        say(f"Dagster's storage did not answer ({type(error).__name__}: {reason}); the runs go on, asking again")
+        return now
+    if now - since > STORAGE_OUTAGE_S:
+        raise AnalyticsViewsError(
+            f"Dagster's storage has not answered for {STORAGE_OUTAGE_S:g} s ({reason}): its runs were left going; "
+            "check DAGSTER_POSTGRES_URL's server, then follow them in the UI"
+        ) from None
+    time.sleep(min(5.0, 0.5 * 2 ** min(int(now - since), 4)))
+    return since
+
+
+def _state(run: Submitted) -> str:
+    if not run.started:
+        return f"run {run.run_id[:8]} of {run.job} to start"
+    if run.waiting_since:
+        return f"run {run.run_id[:8]} of {run.job}, whose step waits for its pool slot"
+    return f"run {run.run_id[:8]} of {run.job} to finish its refreshes"
+
+
+def _notice_dead_worker(instance: dg.DagsterInstance, run: Submitted) -> None:
+    """A started run whose launcher's process group is gone has no worker left (the code server that spawned
+    it, and it, were killed: out of memory, kill -9): report it failed now, not after max_runtime_seconds."""
+    if not run.started or any(
+        _process_group(p.pid) == run.process_group and p.info["status"] != psutil.STATUS_ZOMBIE  # the launcher, unreaped
+        for p in psutil.process_iter(["pid", "status"])
+    ):
+        return
+    record = instance.get_run_by_id(run.run_id)
+    if record is None or record.is_finished:
+        return
+    reason = "its run worker died with its code server (killed: out of memory, or kill -9)"
+    instance.report_run_failed(record, message=f"{LAUNCHED_BY}: {reason}")
+    run.blocked["run"] = f"not refreshed: {reason}; refresh it again, and check the machine's memory"
+    run.ended = True
 
 
 def follow(instance: dg.DagsterInstance, run: Submitted) -> None:
@@ -240,10 +298,12 @@ def stop_launched(process_groups: list[int], grace_s: float = 1.0) -> None:
     have ended: nothing is left for them to do, so the grace is short (it was the last 5 s of every command)."""
     left = [p for p in psutil.process_iter(["pid"]) if _process_group(p.pid) in process_groups]
     for process in left:
-        process.terminate()
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may end between the listing and the signal
+            process.terminate()
     _, alive = psutil.wait_procs(left, timeout=grace_s)
     for process in alive:
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
 
 
 def _process_group(pid: int) -> int | None:
