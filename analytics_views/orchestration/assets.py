@@ -7,7 +7,10 @@ follow each refresh (`unique_index` and the data tests). The checks that follow 
 checks, `matches_discovery`) are definition_checks.py's.
 """
 
+import hashlib
 import re
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -96,6 +99,8 @@ def views_asset(
         )
         check_specs.extend(view_checks.data_test_specs(key, tests[key]))
     key_of = {view.label: key for key, view in by_key.items()}
+    code_versions = {spec.key: spec.code_version for spec in specs}
+    reads = {spec.key: [dep.asset_key for dep in spec.deps] for spec in specs}
 
     @dg.multi_asset(
         name=name or refresh_step_name(cadence),
@@ -111,10 +116,14 @@ def views_asset(
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
         selected = [view for key, view in by_key.items() if key in context.selected_asset_keys]
         checks = set(context.selected_asset_check_keys)
+        inputs = InputVersions.read(context.instance, {dep for view in selected for dep in reads[key_of[view.label]]})
 
         def refresh_one(conn, view: ViewDefinition, last_metadata: dict, options: dict) -> ViewRefresh:
             key = key_of[view.label]
-            return refresh_and_check(conn, view, key, analytics_db, last_metadata, options, tests[key], checks)
+            versions = Versions(code_versions[key], inputs.tags(reads[key]))
+            done = refresh_and_check(conn, view, key, analytics_db, last_metadata, options, tests[key], checks, versions)
+            inputs.refreshed(key, done.events)  # a view reading this one in the run reads its new version
+            return done
 
         yield from refresh_in_dependency_order(context, analytics_db, selected, refresh_one, lambda view: key_of[view.label])
 
@@ -130,9 +139,11 @@ def refresh_and_check(
     options: dict,
     tests: tuple,
     checks: set[dg.AssetCheckKey],
+    versions: "Versions | None" = None,
 ) -> ViewRefresh:
     """One view's refresh on a pool thread: its `unique_index` check, the refresh, its materialization's
-    metadata and its data tests, as events for the step to yield. A permanent failure raises dg.Failure."""
+    metadata, data version and provenance (`versions`), and its data tests, as events for the step to yield.
+    A permanent failure raises dg.Failure."""
     events: list = []
     state = database.view_state(conn, view.name, view.schema)
     if not state.exists:
@@ -161,15 +172,99 @@ def refresh_and_check(
         )
     outcome = refresh_view(conn, view.name, analytics_db.refresh_settings, view.refresh_strategy, schema=view.schema, **options)
     state = database.view_state(conn, view.name, view.schema)
+    versions = versions or Versions(None, {})
     events.append(
         dg.MaterializeResult(
-            asset_key=key, metadata=refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone)
+            asset_key=key,
+            metadata=refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone),
+            data_version=data_version(outcome, last_metadata),
+            tags=versions.tags(),
         )
     )
     for test in tests:
         if dg.AssetCheckKey(key, test.name) in checks:
             events.append(view_checks.data_test_check_result(conn, key, test, analytics_db.timezone))
     return ViewRefresh(outcome, events)
+
+
+def data_version(outcome, last_metadata: dict) -> dg.DataVersion:
+    """The view's data version after `outcome`: a proven skip keeps the last refresh's (the rows are those
+    it wrote), any real refresh gives a new one, so the views reading it, Dagster's staleness and declarative
+    automation see exactly the refreshes that may have changed its rows.
+
+    The new one digests what the refresh recorded (its sources' fingerprint with the view's own mark just
+    after it) with the time: two refreshes never share a version, though their fingerprints may (a view over
+    relations the catalog cannot vouch for records none). A skip whose last materialization predates data
+    versions takes the digest of the fingerprint it kept."""
+    fingerprint = outcome.sources_fingerprint or ""
+    if outcome.mode == SKIPPED:
+        kept = last_metadata.get(keys.DATA_VERSION_TAG)
+        return dg.DataVersion(kept or hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+    return dg.DataVersion(hashlib.sha256(f"{fingerprint}@{time.time_ns()}".encode()).hexdigest()[:16])
+
+
+class Versions:
+    """The tags that make a materialization's provenance in Dagster's terms (its data_version.py): the code
+    version it was refreshed with and the data version of each relation it read. Without them Dagster calls
+    every view stale ("has a new dependency on ...") once it records a code version."""
+
+    def __init__(self, code_version: str | None, inputs: dict[str, str]):
+        self._code_version, self._inputs = code_version, inputs
+
+    def tags(self) -> dict[str, str]:
+        return {**({keys.CODE_VERSION_TAG: self._code_version} if self._code_version else {}), **self._inputs}
+
+
+# Dagster's provenance tags of one input (dagster/_core/definitions/data_version.py names them; their helpers are
+# not public API): its data version and the storage id of the event that recorded it ("NULL": none known).
+def _input_version_tag(key: dg.AssetKey) -> str:
+    return f"dagster/input_data_version/{key.to_user_string()}"
+
+
+def _input_pointer_tag(key: dg.AssetKey) -> str:
+    return f"dagster/input_event_pointer/{key.to_user_string()}"
+
+
+class InputVersions:
+    """The data version of every relation a run's views read, as the instance last recorded it (a source's
+    last observation, a view's last materialization), read in one query; a view refreshed in the run replaces
+    its own with the new one before the views reading it start (refresh_step.py starts them after it)."""
+
+    def __init__(self, versions: dict[dg.AssetKey, tuple[str, str]]):
+        self._versions = versions
+        self._lock = threading.Lock()
+
+    @classmethod
+    def read(cls, instance: dg.DagsterInstance, asset_keys: set[dg.AssetKey]) -> "InputVersions":
+        versions = {}
+        for record in instance.get_asset_records(sorted(asset_keys, key=lambda k: k.path)) if asset_keys else ():
+            entry = record.asset_entry
+            latest = max(
+                filter(None, (entry.last_materialization_record, entry.last_observation_record)),
+                key=lambda event: event.storage_id,
+                default=None,
+            )
+            tags = (latest.event_log_entry.tags if latest else None) or {}
+            if keys.DATA_VERSION_TAG in tags:
+                versions[entry.asset_key] = (tags[keys.DATA_VERSION_TAG], str(latest.storage_id))
+        return cls(versions)
+
+    def tags(self, reads: list[dg.AssetKey]) -> dict[str, str]:
+        """The provenance tags of a view reading `reads`; a relation never versioned counts as Dagster's
+        initial version, as Dagster's own steps record it."""
+        with self._lock:
+            known = {key: self._versions.get(key, ("INITIAL", "NULL")) for key in reads}
+        return {
+            tag: value
+            for key, (version, pointer) in known.items()
+            for tag, value in ((_input_version_tag(key), version), (_input_pointer_tag(key), pointer))
+        }
+
+    def refreshed(self, key: dg.AssetKey, events: list) -> None:
+        for event in events:
+            if isinstance(event, dg.MaterializeResult) and event.data_version is not None:
+                with self._lock:
+                    self._versions[key] = (event.data_version.value, "NULL")
 
 
 def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata: dict, timezone: str) -> dict:

@@ -203,7 +203,13 @@ def as_event(result: dg.MaterializeResult | dg.AssetCheckResult) -> dg.AssetMate
     (docs/benchmarks.md, *Scale*). The outputs are optional (can_subset), so the run records the same
     materializations and check evaluations, two events a view fewer."""
     if isinstance(result, dg.MaterializeResult):
-        return dg.AssetMaterialization(asset_key=result.asset_key, metadata=result.metadata)
+        # An event yielded by the step gets no version tags from Dagster (only outputs do): they are written here.
+        version = result.data_version
+        tags = {
+            **(result.tags or {}),
+            **({keys.DATA_VERSION_TAG: version.value, keys.DATA_VERSION_IS_USER_PROVIDED_TAG: "true"} if version else {}),
+        }
+        return dg.AssetMaterialization(asset_key=result.asset_key, metadata=result.metadata, tags=tags or None)
     return dg.AssetCheckEvaluation(
         asset_key=result.asset_key,
         check_name=result.check_name,
@@ -254,7 +260,8 @@ def _with_retries(
 
 
 def _last_metadata(context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> dict[dg.AssetKey, dict]:
-    """Each view's last materialization's metadata, as plain values, read in one query for all the views. A
+    """Each view's last materialization's metadata, as plain values, and its data version (under
+    `dagster/data_version`, which a skip keeps), read in one query for all the views. A
     materialization recorded before the fingerprint's key was namespaced (plain `sources_fingerprint`) gives
     none: the first refresh after the upgrade runs, and records the new key."""
     last = {}
@@ -263,6 +270,8 @@ def _last_metadata(context: dg.AssetExecutionContext, asset_keys: list[dg.AssetK
         materialization = entry.asset_materialization if entry else None
         if materialization is not None:
             last[record.asset_entry.asset_key] = {name: value.value for name, value in materialization.metadata.items()}
+            if version := (entry.tags or {}).get(keys.DATA_VERSION_TAG):
+                last[record.asset_entry.asset_key][keys.DATA_VERSION_TAG] = version
     return last
 
 
