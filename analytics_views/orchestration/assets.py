@@ -236,17 +236,20 @@ class InputVersions:
 
     @classmethod
     def read(cls, instance: dg.DagsterInstance, asset_keys: set[dg.AssetKey]) -> "InputVersions":
-        versions = {}
+        """Views' versions from their asset records, in one query; each source's from its last observation,
+        a query per source read (asset records do not carry observations: their `last_observation_record`
+        stays empty for runless ones)."""
+        versions, unmaterialized = {}, []
         for record in instance.get_asset_records(sorted(asset_keys, key=lambda k: k.path)) if asset_keys else ():
-            entry = record.asset_entry
-            latest = max(
-                filter(None, (entry.last_materialization_record, entry.last_observation_record)),
-                key=lambda event: event.storage_id,
-                default=None,
-            )
-            tags = (latest.event_log_entry.tags if latest else None) or {}
-            if keys.DATA_VERSION_TAG in tags:
-                versions[entry.asset_key] = (tags[keys.DATA_VERSION_TAG], str(latest.storage_id))
+            latest = record.asset_entry.last_materialization_record
+            if latest is None:
+                unmaterialized.append(record.asset_entry.asset_key)
+            elif version := (latest.event_log_entry.tags or {}).get(keys.DATA_VERSION_TAG):
+                versions[record.asset_entry.asset_key] = (version, str(latest.storage_id))
+        for key in unmaterialized:
+            for latest in instance.fetch_observations(key, limit=1).records:
+                if version := (latest.event_log_entry.tags or {}).get(keys.DATA_VERSION_TAG):
+                    versions[key] = (version, str(latest.storage_id))
         return cls(versions)
 
     def tags(self, reads: list[dg.AssetKey]) -> dict[str, str]:
@@ -287,26 +290,28 @@ def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata: 
     }
 
 
-def build_assets(
-    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
-) -> list[dg.AssetSpec | dg.AssetsDefinition]:
-    """Every managed view (default: this project's) and the sources they read, as `translator` makes them; discovered ones
-    from the state file only."""
-    config = config or ManagedConfig()
+def build_sources(config: ManagedConfig, translator: ViewTranslator = ViewTranslator()) -> dict[dg.AssetKey, tuple]:
+    """Every relation the managed views read that is not itself a managed view: {key: (source, its spec)}."""
     managed = managed_views(config)
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
     declared = load_source_tables(config.migrations_dir) if config.migrations_dir else {}
+    sources = [
+        *(declared.get(table) or UndeclaredTable(table) for table in source_tables(tuple(project)) if (table,) not in discovered_keys),
+        *managed.sources,
+    ]
+    return {translator.get_source_key(source): (source, translator.get_source_spec(source)) for source in sources}
+
+
+def build_assets(
+    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
+) -> list[dg.AssetsDefinition]:
+    """Every managed view (default: this project's), one multi-asset per cadence, as `translator` makes them;
+    discovered ones from the state file only. The sources they read are observed_sources.py's."""
+    config = config or ManagedConfig()
+    managed = managed_views(config)
     return [
-        *(
-            translator.get_source_spec(declared.get(table) or UndeclaredTable(table))
-            for table in source_tables(tuple(project))
-            if (table,) not in discovered_keys
-        ),
-        *map(translator.get_source_spec, managed.sources),
-        *(
-            views_asset(cadence, on_it, config.data_tests, translator)
-            for cadence in config.cadences
-            if (on_it := [view for view in managed.views if view.cadence == cadence.name])
-        ),
+        views_asset(cadence, on_it, config.data_tests, translator)
+        for cadence in config.cadences
+        if (on_it := [view for view in managed.views if view.cadence == cadence.name])
     ]
