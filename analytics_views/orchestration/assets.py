@@ -95,6 +95,7 @@ def views_asset(
                 asset=key,
                 description="The view has a unique index that REFRESH MATERIALIZED VIEW CONCURRENTLY can use "
                 "(unique, valid, no WHERE clause, plain columns).",
+                blocking=True,  # ERROR: the views reading it are not refreshed after it failed
             )
         )
         check_specs.extend(view_checks.data_test_specs(key, tests[key]))

@@ -7,6 +7,8 @@ others go on. A view is started once every view it reads in the selection is don
 the views reading it are not started, and the step fails at the end naming every failed view, why, and the
 views left out because of them. A transient failure (lost connection, lock timeout, deadlock, ...) is retried
 with TRANSIENT_RETRY's backoff, for that view only. Terminating the run cancels every query in flight at once.
+A view that failed a blocking check (ERROR severity) is done, but the views reading it are not started either,
+and say which check stopped them.
 """
 
 import inspect
@@ -122,6 +124,7 @@ def refresh_in_dependency_order(
     refreshed: set[dg.AssetKey] = set()  # refreshed, not skipped
     done: set[dg.AssetKey] = set()
     failed: dict[dg.AssetKey, str] = {}
+    blocked: dict[dg.AssetKey, list[str]] = {}  # the blocking checks each view failed
 
     with ExitStack() as stack:
         sessions = Sessions(analytics_db, context.run.run_id, stack)
@@ -162,6 +165,8 @@ def refresh_in_dependency_order(
                     context.log.warning(payload)
                     continue
                 running -= 1
+                if checks := failed_blocking_checks(payload.events):
+                    blocked[key] = checks
                 if kind == "failed":
                     failed[key] = str(payload)
                     context.log.error(f"{by_key[key].label}: {payload}")
@@ -171,7 +176,8 @@ def refresh_in_dependency_order(
                     refreshed.add(key)
                 done.add(key)
                 yield from map(as_event, payload.events)
-                order.done(key)
+                if key not in blocked:  # else the views reading it never become ready
+                    order.done(key)
         except BaseException:  # the run was terminated (or the step broke): start nothing more, cancel the queries
             stopping.set()
             sessions.cancel_all()
@@ -181,7 +187,7 @@ def refresh_in_dependency_order(
             for thread in threads:
                 thread.join()
 
-    left_out = _left_out(by_key, reads, failed, done)
+    left_out = _left_out(by_key, reads, failed, done, blocked)
     for key, reason in left_out.items():
         context.log.error(f"{by_key[key].label}: {reason}")
     context.log.info(
@@ -195,6 +201,16 @@ def refresh_in_dependency_order(
             metadata={NOT_REFRESHED: dg.MetadataValue.json(reasons)},
             allow_retries=False,
         )
+
+
+def failed_blocking_checks(events) -> list[str]:
+    """The names of the blocking checks among `events` that failed. Our blocking checks are exactly those of
+    ERROR severity (unique_index, data tests of severity error: assets.py and view_checks.py)."""
+    return [
+        event.check_name
+        for event in events
+        if isinstance(event, dg.AssetCheckResult) and not event.passed and event.severity == dg.AssetCheckSeverity.ERROR
+    ]
 
 
 def as_event(result: dg.MaterializeResult | dg.AssetCheckResult) -> dg.AssetMaterialization | dg.AssetCheckEvaluation:
@@ -280,14 +296,17 @@ def _left_out(
     reads: dict[dg.AssetKey, list[dg.AssetKey]],
     failed: dict[dg.AssetKey, str],
     done: set[dg.AssetKey],
+    blocked: dict[dg.AssetKey, list[str]] | None = None,
 ) -> dict[dg.AssetKey, str]:
-    """Why each view neither done nor failed was left out: the failed views it reads, directly or not."""
+    """Why each view neither done nor failed was left out: the failed views it reads, directly or not, naming
+    the blocking checks they failed."""
     reasons: dict[dg.AssetKey, str] = {}
+    blocked = blocked or {}
 
     def failed_below(key: dg.AssetKey, seen: set) -> set[dg.AssetKey]:
         below: set[dg.AssetKey] = set()
         for dep in reads[key]:
-            if dep in failed:
+            if dep in failed or dep in blocked:
                 below.add(dep)
             elif dep not in done and dep not in seen:
                 seen.add(dep)
@@ -297,8 +316,14 @@ def _left_out(
     for key in by_key:
         if key in done or key in failed:
             continue
-        culprits = sorted(by_key[dep].label for dep in failed_below(key, set()))
+        below = failed_below(key, set())
+        culprits = sorted(by_key[dep].label for dep in below if dep in failed)
+        checked = sorted(
+            f"{by_key[dep].label}, whose blocking check {', '.join(blocked[dep])} failed" for dep in below if dep in blocked and dep not in failed
+        )
         reasons[key] = (
-            f"not refreshed: it reads {', '.join(culprits)}, which failed" if culprits else "not refreshed: the run stopped"
+            "not refreshed: it reads " + "; ".join([*([f"{', '.join(culprits)}, which failed"] if culprits else []), *checked])
+            if below
+            else "not refreshed: the run stopped"
         )
     return reasons
