@@ -8,7 +8,7 @@ import dagster as dg
 
 from analytics_views.orchestration import definition_checks
 from analytics_views.orchestration.assets import build_assets, build_sources
-from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, build_jobs, build_schedules
+from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, automation_sensor, build_jobs, build_schedules
 from analytics_views.orchestration.notifications import NotificationSettings, notification_sensors
 from analytics_views.orchestration.observed_sources import observed_sources
 from analytics_views.orchestration.resources import AnalyticsDatabase
@@ -46,6 +46,7 @@ def build_definitions(
         schedules=build_schedules(jobs),
         sensors=[
             *([sources.sensor] if sources else []),
+            *automation_sensor(config),
             *([definition_checks.definition_checks_sensor(views)] if views else []),
             *(notification_sensors(notifications, config) if notifications else []),
         ],

@@ -21,7 +21,7 @@ from typing import Any, final
 import dagster as dg
 
 from analytics_views.orchestration import metadata_keys as keys
-from analytics_views.orchestration.cadences import freshness_window
+from analytics_views.orchestration.cadences import freshness_policy, lag_condition
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.database import Column
 from analytics_views.sql_files.discovery import SourceRelation
@@ -233,6 +233,7 @@ class ViewTranslator:
             kinds=set(self.get_kinds(view, cadence)),
             code_version=self.get_code_version(view, cadence),
             freshness_policy=self.get_freshness_policy(view, cadence),
+            automation_condition=self.get_automation_condition(view, cadence),
             metadata={
                 **self.get_metadata(view, cadence),
                 **({keys.CODE_REFERENCES: code_references} if code_references is not None else {}),
@@ -386,10 +387,25 @@ class ViewTranslator:
 
         Returns:
             dg.FreshnessPolicy | None: Failed once the last refresh is older than the cadence's longest
-            interval between ticks plus slack (cadences.freshness_window: daily 26 h, weekly 7 d 2 h); None
-            for no freshness policy.
+            interval between ticks plus slack (cadences.freshness_window: daily 26 h, weekly 7 d 2 h); with a
+            target lag, warned once it is older than the lag (cadences.freshness_policy); None for no
+            freshness policy.
         """
-        return dg.FreshnessPolicy.time_window(fail_window=freshness_window(cadence))
+        return freshness_policy(cadence)
+
+    def get_automation_condition(self, view: ViewDefinition, cadence: Cadence) -> dg.AutomationCondition | None:
+        """When Dagster's declarative automation requests the view's refresh.
+
+        Args:
+            view: The view.
+            cadence: Its cadence.
+
+        Returns:
+            dg.AutomationCondition | None: For a cadence with a `target_lag`, a refresh once what the view
+            reads has a new data version, within the lag (cadences.lag_condition); None on a cron-only
+            cadence, refreshed by its schedule alone.
+        """
+        return lag_condition(cadence)
 
     def get_code_references(self, view: ViewDefinition, cadence: Cadence) -> dg.CodeReferencesMetadataValue | None:
         """The UI's "View source" link (`dagster/code_references`).
