@@ -14,6 +14,7 @@ session may hold uncounted writes): the views reading it may have fallen behind;
 import hashlib
 import json
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -111,13 +112,6 @@ def observed_sources(sources: Mapping[dg.AssetKey, tuple[Source, dg.AssetSpec]])
     relations = {key: relation_name(source) for key, (source, _) in sources.items()}
     specs = [spec for _, spec in sources.values()]
 
-    @dg.multi_observable_source_asset(
-        name=OBSERVE_STEP,
-        specs=specs,
-        description="Observes every source relation the views read in one catalog look: a new data version for "
-        "each whose contents may have changed.",
-        can_subset=True,
-    )
     def observe_sources(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
         selected = {key: relations[key] for key in relations if key in context.selected_asset_keys}
         with analytics_db.connection("analytics-views observe sources") as conn:
@@ -128,6 +122,16 @@ def observed_sources(sources: Mapping[dg.AssetKey, tuple[Source, dg.AssetSpec]])
                     metadata=observation.metadata,
                     data_version=dg.DataVersion(observation.tags[keys.DATA_VERSION_TAG]),
                 )
+
+    with warnings.catch_warnings():  # beta since 1.5, yet Dagster's one public way to observe many assets in a step
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        observe_sources = dg.multi_observable_source_asset(
+            name=OBSERVE_STEP,
+            specs=specs,
+            description="Observes every source relation the views read in one catalog look: a new data version "
+            "for each whose contents may have changed.",
+            can_subset=True,
+        )(observe_sources)
 
     job = dg.define_asset_job(
         OBSERVE_JOB,
