@@ -63,6 +63,18 @@ def observe(defs: dg.Definitions, instance: dg.DagsterInstance, url: str, cursor
     return result.cursor
 
 
+def write_busy_and_observe(defs: dg.Definitions, instance: dg.DagsterInstance, url: str, cursor: str | None) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        counted = conn.execute("SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'busy'::regclass").fetchone()[0]
+        conn.execute("INSERT INTO public.busy VALUES (1000, 3)")
+    wait_until_counted(url, "busy", counted)
+    observe(defs, instance, url, cursor)
+
+
+def requested(result, views=("lag/a", "lag/b", "lag/q")) -> set[str]:
+    return {view for view in views if result.get_requested_partitions(dg.AssetKey.from_user_string(view))}
+
+
 def test_a_lag_cadence_has_no_schedule_its_own_running_automation_sensor_and_a_lag_freshness(lagged):
     defs, _ = lagged
     assert [s.name for s in defs.schedules] == []
@@ -92,16 +104,11 @@ def test_a_view_is_requested_when_its_source_changed_with_the_view_over_it_and_n
     )
     assert (first.total_requested, second.total_requested, quiet.total_requested) == (0, 0, 0)
 
-    with psycopg.connect(url, autocommit=True) as conn:
-        counted = conn.execute("SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'busy'::regclass").fetchone()[0]
-        conn.execute("INSERT INTO public.busy VALUES (1000, 3)")
-    wait_until_counted(url, "busy", counted)
-    observe(defs, instance, url, cursor)
+    write_busy_and_observe(defs, instance, url, cursor)
     changed = dg.evaluate_automation_conditions(
         defs=defs, instance=instance, cursor=quiet.cursor, evaluation_time=start + timedelta(minutes=18)
     )
-    keys = {key for key in ("lag/a", "lag/b", "lag/q") if changed.get_requested_partitions(dg.AssetKey.from_user_string(key))}
-    assert keys == {"lag/a", "lag/b"}  # the view over the source, the view over it; not the one over quiet
+    assert requested(changed) == {"lag/a", "lag/b"}  # the view over the source, the view over it; not the one over quiet
     again = dg.evaluate_automation_conditions(
         defs=defs, instance=instance, cursor=changed.cursor, evaluation_time=start + timedelta(minutes=24)
     )
@@ -138,3 +145,29 @@ def test_a_cron_cadence_stays_as_it_was_and_a_lag_beside_a_cron_adds_automation_
     assert (policy.fail_window.to_timedelta(), policy.warn_window.to_timedelta()) == (timedelta(hours=26), timedelta(minutes=15))
     lag_only = Cadence("lag_only", None, target_lag=timedelta(minutes=15))
     assert freshness_policy(lag_only).fail_window.to_timedelta() == timedelta(days=7)
+
+
+def test_a_view_whose_read_view_failed_a_blocking_check_is_not_requested(empty_db, tmp_path, monkeypatch):
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    (tmp_path / "tests" / "lag.a").mkdir(parents=True)
+    (tmp_path / "tests" / "lag.a" / "big_groups.sql").write_text(
+        "-- Every group holds a thousand rows.\n-- Severity: error\nSELECT k FROM lag.a WHERE n < 1000\n"
+    )
+    (tmp_path / "defs.yaml").write_text(DEFS + "  data_tests: tests\n")
+    monkeypatch.setenv(DEFS_ENV, str(tmp_path / "defs.yaml"))
+    monkeypatch.setenv("DATABASE_URL", empty_db)
+    discover_views()
+    defs = load_definitions()
+    instance = dg.DagsterInstance.ephemeral()
+    run = defs.resolve_job_def("fresh_refresh_job").execute_in_process(instance=instance, raise_on_error=False)
+    assert not run.success  # lag.a failed its blocking data test: lag.b was not refreshed
+    cursor = observe(defs, instance, empty_db, None)
+    start = datetime.datetime.now(datetime.timezone.utc)
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=start)
+
+    write_busy_and_observe(defs, instance, empty_db, cursor)
+    changed = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, cursor=first.cursor, evaluation_time=start + timedelta(minutes=6)
+    )
+    assert requested(changed) == {"lag/a"}  # lag.b reads lag.a, whose blocking check failed
