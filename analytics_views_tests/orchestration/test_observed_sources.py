@@ -93,3 +93,16 @@ def test_the_observation_job_observes_every_source_in_one_step(seeded_db, monkey
     assert result.success
     observed = {e.asset_key.to_user_string() for e in result.get_asset_observation_events()}
     assert observed == SOURCES
+
+
+def test_a_refresh_records_the_observed_version_of_each_source_it_read(seeded_db, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", seeded_db)
+    instance = dg.DagsterInstance.ephemeral()
+    observed = recorded(instance, evaluate(instance, seeded_db), seeded_db)
+
+    result = defs.resolve_job_def("weekly_refresh_job").execute_in_process(instance=instance)
+
+    [event] = result.get_asset_materialization_events()
+    tags = event.materialization.tags
+    inputs = {tag.removeprefix("dagster/input_data_version/"): v for tag, v in tags.items() if "input_data_version" in tag}
+    assert inputs and inputs == {source: observed[source] for source in inputs}
