@@ -7,7 +7,10 @@ follow each refresh (`unique_index` and the data tests). The checks that follow 
 checks, `matches_discovery`) are definition_checks.py's.
 """
 
+import hashlib
 import re
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -92,10 +95,13 @@ def views_asset(
                 asset=key,
                 description="The view has a unique index that REFRESH MATERIALIZED VIEW CONCURRENTLY can use "
                 "(unique, valid, no WHERE clause, plain columns).",
+                blocking=True,  # ERROR: the views reading it are not refreshed after it failed
             )
         )
         check_specs.extend(view_checks.data_test_specs(key, tests[key]))
     key_of = {view.label: key for key, view in by_key.items()}
+    code_versions = {spec.key: spec.code_version for spec in specs}
+    reads = {spec.key: [dep.asset_key for dep in spec.deps] for spec in specs}
 
     @dg.multi_asset(
         name=name or refresh_step_name(cadence),
@@ -111,10 +117,14 @@ def views_asset(
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
         selected = [view for key, view in by_key.items() if key in context.selected_asset_keys]
         checks = set(context.selected_asset_check_keys)
+        inputs = InputVersions.read(context.instance, {dep for view in selected for dep in reads[key_of[view.label]]})
 
         def refresh_one(conn, view: ViewDefinition, last_metadata: dict, options: dict) -> ViewRefresh:
             key = key_of[view.label]
-            return refresh_and_check(conn, view, key, analytics_db, last_metadata, options, tests[key], checks)
+            versions = Versions(code_versions[key], inputs.tags(reads[key]))
+            done = refresh_and_check(conn, view, key, analytics_db, last_metadata, options, tests[key], checks, versions)
+            inputs.refreshed(key, done.events)  # a view reading this one in the run reads its new version
+            return done
 
         yield from refresh_in_dependency_order(context, analytics_db, selected, refresh_one, lambda view: key_of[view.label])
 
@@ -130,9 +140,11 @@ def refresh_and_check(
     options: dict,
     tests: tuple,
     checks: set[dg.AssetCheckKey],
+    versions: "Versions | None" = None,
 ) -> ViewRefresh:
     """One view's refresh on a pool thread: its `unique_index` check, the refresh, its materialization's
-    metadata and its data tests, as events for the step to yield. A permanent failure raises dg.Failure."""
+    metadata, data version and provenance (`versions`), and its data tests, as events for the step to yield.
+    A permanent failure raises dg.Failure."""
     events: list = []
     state = database.view_state(conn, view.name, view.schema)
     if not state.exists:
@@ -161,15 +173,102 @@ def refresh_and_check(
         )
     outcome = refresh_view(conn, view.name, analytics_db.refresh_settings, view.refresh_strategy, schema=view.schema, **options)
     state = database.view_state(conn, view.name, view.schema)
+    versions = versions or Versions(None, {})
     events.append(
         dg.MaterializeResult(
-            asset_key=key, metadata=refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone)
+            asset_key=key,
+            metadata=refresh_metadata(conn, view, outcome, state, last_metadata, analytics_db.timezone),
+            data_version=data_version(outcome, last_metadata),
+            tags=versions.tags(),
         )
     )
     for test in tests:
         if dg.AssetCheckKey(key, test.name) in checks:
             events.append(view_checks.data_test_check_result(conn, key, test, analytics_db.timezone))
     return ViewRefresh(outcome, events)
+
+
+def data_version(outcome, last_metadata: dict) -> dg.DataVersion:
+    """The view's data version after `outcome`: a proven skip keeps the last refresh's (the rows are those
+    it wrote), any real refresh gives a new one, so the views reading it, Dagster's staleness and declarative
+    automation see exactly the refreshes that may have changed its rows.
+
+    The new one digests what the refresh recorded (its sources' fingerprint with the view's own mark just
+    after it) with the time: two refreshes never share a version, though their fingerprints may (a view over
+    relations the catalog cannot vouch for records none). A skip whose last materialization predates data
+    versions takes the digest of the fingerprint it kept."""
+    fingerprint = outcome.sources_fingerprint or ""
+    if outcome.mode == SKIPPED:
+        kept = last_metadata.get(keys.DATA_VERSION_TAG)
+        return dg.DataVersion(kept or hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
+    return dg.DataVersion(hashlib.sha256(f"{fingerprint}@{time.time_ns()}".encode()).hexdigest()[:16])
+
+
+class Versions:
+    """The tags that make a materialization's provenance in Dagster's terms (its data_version.py): the code
+    version it was refreshed with and the data version of each relation it read. Without them Dagster calls
+    every view stale ("has a new dependency on ...") once it records a code version."""
+
+    def __init__(self, code_version: str | None, inputs: dict[str, str]):
+        self._code_version, self._inputs = code_version, inputs
+
+    def tags(self) -> dict[str, str]:
+        return {**({keys.CODE_VERSION_TAG: self._code_version} if self._code_version else {}), **self._inputs}
+
+
+# Dagster's provenance tags of one input (dagster/_core/definitions/data_version.py names them; their helpers are
+# not public API): its data version and the storage id of the event that recorded it ("NULL": none known).
+def _input_version_tag(key: dg.AssetKey) -> str:
+    return f"dagster/input_data_version/{key.to_user_string()}"
+
+
+def _input_pointer_tag(key: dg.AssetKey) -> str:
+    return f"dagster/input_event_pointer/{key.to_user_string()}"
+
+
+class InputVersions:
+    """The data version of every relation a run's views read, as the instance last recorded it (a source's
+    last observation, a view's last materialization), read in one query; a view refreshed in the run replaces
+    its own with the new one before the views reading it start (refresh_step.py starts them after it)."""
+
+    def __init__(self, versions: dict[dg.AssetKey, tuple[str, str]]):
+        self._versions = versions
+        self._lock = threading.Lock()
+
+    @classmethod
+    def read(cls, instance: dg.DagsterInstance, asset_keys: set[dg.AssetKey]) -> "InputVersions":
+        """Views' versions from their asset records, in one query; each source's from its last observation,
+        a query per source read (asset records do not carry observations: their `last_observation_record`
+        stays empty for runless ones)."""
+        versions, unmaterialized = {}, []
+        for record in instance.get_asset_records(sorted(asset_keys, key=lambda k: k.path)) if asset_keys else ():
+            latest = record.asset_entry.last_materialization_record
+            if latest is None:
+                unmaterialized.append(record.asset_entry.asset_key)
+            elif version := (latest.event_log_entry.tags or {}).get(keys.DATA_VERSION_TAG):
+                versions[record.asset_entry.asset_key] = (version, str(latest.storage_id))
+        for key in unmaterialized:
+            for latest in instance.fetch_observations(key, limit=1).records:
+                if version := (latest.event_log_entry.tags or {}).get(keys.DATA_VERSION_TAG):
+                    versions[key] = (version, str(latest.storage_id))
+        return cls(versions)
+
+    def tags(self, reads: list[dg.AssetKey]) -> dict[str, str]:
+        """The provenance tags of a view reading `reads`; a relation never versioned counts as Dagster's
+        initial version, as Dagster's own steps record it."""
+        with self._lock:
+            known = {key: self._versions.get(key, ("INITIAL", "NULL")) for key in reads}
+        return {
+            tag: value
+            for key, (version, pointer) in known.items()
+            for tag, value in ((_input_version_tag(key), version), (_input_pointer_tag(key), pointer))
+        }
+
+    def refreshed(self, key: dg.AssetKey, events: list) -> None:
+        for event in events:
+            if isinstance(event, dg.MaterializeResult) and event.data_version is not None:
+                with self._lock:
+                    self._versions[key] = (event.data_version.value, "NULL")
 
 
 def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata: dict, timezone: str) -> dict:
@@ -192,26 +291,28 @@ def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata: 
     }
 
 
-def build_assets(
-    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
-) -> list[dg.AssetSpec | dg.AssetsDefinition]:
-    """Every managed view (default: this project's) and the sources they read, as `translator` makes them; discovered ones
-    from the state file only."""
-    config = config or ManagedConfig()
+def build_sources(config: ManagedConfig, translator: ViewTranslator = ViewTranslator()) -> dict[dg.AssetKey, tuple]:
+    """Every relation the managed views read that is not itself a managed view: {key: (source, its spec)}."""
     managed = managed_views(config)
     project = [view for view in managed.views if view.path is not None]
     discovered_keys = {source.key for source in managed.sources}
     declared = load_source_tables(config.migrations_dir) if config.migrations_dir else {}
+    sources = [
+        *(declared.get(table) or UndeclaredTable(table) for table in source_tables(tuple(project)) if (table,) not in discovered_keys),
+        *managed.sources,
+    ]
+    return {translator.get_source_key(source): (source, translator.get_source_spec(source)) for source in sources}
+
+
+def build_assets(
+    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
+) -> list[dg.AssetsDefinition]:
+    """Every managed view (default: this project's), one multi-asset per cadence, as `translator` makes them;
+    discovered ones from the state file only. The sources they read are observed_sources.py's."""
+    config = config or ManagedConfig()
+    managed = managed_views(config)
     return [
-        *(
-            translator.get_source_spec(declared.get(table) or UndeclaredTable(table))
-            for table in source_tables(tuple(project))
-            if (table,) not in discovered_keys
-        ),
-        *map(translator.get_source_spec, managed.sources),
-        *(
-            views_asset(cadence, on_it, config.data_tests, translator)
-            for cadence in config.cadences
-            if (on_it := [view for view in managed.views if view.cadence == cadence.name])
-        ),
+        views_asset(cadence, on_it, config.data_tests, translator)
+        for cadence in config.cadences
+        if (on_it := [view for view in managed.views if view.cadence == cadence.name])
     ]

@@ -7,9 +7,10 @@ reads a file of settings or the database.
 import dagster as dg
 
 from analytics_views.orchestration import definition_checks
-from analytics_views.orchestration.assets import build_assets
-from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, build_jobs, build_schedules
+from analytics_views.orchestration.assets import build_assets, build_sources
+from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, automation_sensor, build_jobs, build_schedules
 from analytics_views.orchestration.notifications import NotificationSettings, notification_sensors
+from analytics_views.orchestration.observed_sources import observed_sources
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.orchestration.translator import ViewTranslator
 from analytics_views.sql_files.discovery import managed_views
@@ -30,14 +31,22 @@ def build_definitions(
     per-view `translation:`; translator.py) and `database` as the `analytics_db` resource (default:
     DATABASE_URL, default refresh settings); with `notifications`, a sensor per destination (notifications.py)."""
     config = config or ManagedConfig()
+    translator = translator or ViewTranslator()
     jobs = build_jobs(config)
     views = list(managed_views(config).views)
+    sources = observed_sources(build_sources(config, translator))
     return dg.Definitions(
-        assets=build_assets(config, translator or ViewTranslator()),
+        assets=[*([sources.asset] if sources else []), *build_assets(config, translator)],
         asset_checks=[definition_checks.definition_checks(views)] if views else [],
-        jobs=[*jobs.values(), *([definition_checks.definition_checks_job(views)] if views else [])],
+        jobs=[
+            *jobs.values(),
+            *([definition_checks.definition_checks_job(views)] if views else []),
+            *([sources.job] if sources else []),
+        ],
         schedules=build_schedules(jobs),
         sensors=[
+            *([sources.sensor] if sources else []),
+            *automation_sensor(config),
             *([definition_checks.definition_checks_sensor(views)] if views else []),
             *(notification_sensors(notifications, config) if notifications else []),
         ],

@@ -3,6 +3,14 @@
 A view is late once its last refresh is older than the longest interval between two consecutive ticks of
 its cadence plus slack for a slow or retried run: 2 hours, or half the interval when that is shorter, so a
 missed tick is always reported before the next one is due (daily: 26 h; every 4 hours: 6 h; hourly: 90 min).
+
+A cadence with a `target_lag` gives its views an automation condition (`lag_condition`): Dagster's declarative
+automation requests a view when something it reads has a new data version (a source's observation, a view's
+refresh) since the view was last requested or refreshed, at most once per half lag, never while it runs or
+while a view it reads has a failed blocking check; nothing changed, nothing requested. Its views warn once
+their last refresh is older than the lag: Dagster's freshness counts time since the last materialization,
+not since a source changed, so a view whose sources stayed quiet would read as late: it fails only after the
+cron's window (beside a cron) or QUIET_FAIL_WINDOW (without one).
 """
 
 from datetime import date, datetime, timedelta
@@ -15,6 +23,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.sql_files.managed import Cadence
 
 MAX_SLACK = timedelta(hours=2)
+QUIET_FAIL_WINDOW = timedelta(days=7)
 # Ticks are read over up to three years, one of them a leap year, from a fixed date: the same on every load.
 _FROM = datetime(2027, 1, 1)
 _HORIZONS = (timedelta(weeks=3), timedelta(days=3 * 366), timedelta(days=13 * 366))
@@ -32,6 +41,8 @@ _ALIASES = {
 
 def check_cadence(cadence: Cadence) -> None:
     """One line naming the entry when Dagster would refuse the cadence's schedule (cron or time zone)."""
+    if cadence.cron is None:
+        return
     try:
         dg.ScheduleDefinition(
             name=cadence.schedule_name,
@@ -100,5 +111,45 @@ def longest_interval(cadence: Cadence) -> timedelta:
 
 
 def freshness_window(cadence: Cadence) -> timedelta:
+    """How old a view's last refresh may be before it is late (its freshness policy's fail window)."""
+    if cadence.cron is None:
+        return max(QUIET_FAIL_WINDOW, 2 * cadence.target_lag)
     interval = longest_interval(cadence)
     return interval + min(MAX_SLACK, interval / 2)
+
+
+def freshness_policy(cadence: Cadence) -> dg.FreshnessPolicy:
+    """Failed after `freshness_window`; with a target lag, warned once the last refresh is older than the lag."""
+    fail = freshness_window(cadence)
+    lag = cadence.target_lag
+    return dg.FreshnessPolicy.time_window(fail_window=fail, warn_window=lag if lag is not None and lag < fail else None)
+
+
+def lag_cron(lag: timedelta) -> str:
+    """A cron ticking at most every half lag, on a divisor of the hour (or of the day)."""
+    minutes = max(1, int(lag.total_seconds() // 120))
+    if minutes < 60:
+        step = max(d for d in (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30) if d <= minutes)
+        return f"*/{step} * * * *" if step > 1 else "* * * * *"
+    hours = minutes // 60
+    if hours < 24:
+        step = max(d for d in (1, 2, 3, 4, 6, 8, 12) if d <= hours)
+        return f"0 */{step} * * *" if step > 1 else "0 * * * *"
+    return "0 0 * * *"
+
+
+def lag_condition(cadence: Cadence) -> dg.AutomationCondition | None:
+    """The declarative automation of a cadence's views: None without a target lag (the cron alone)."""
+    if cadence.target_lag is None:
+        return None
+    condition = dg.AutomationCondition
+    # A view read in the same tick is requested with it (one run, in dependency order): the view over a view
+    # does not wait for the next tick.
+    read_changed = condition.any_deps_match(condition.data_version_changed() | condition.will_be_requested())
+    changed_since_refresh = read_changed.since(condition.newly_requested() | condition.newly_updated())
+    blocked = condition.any_deps_match(condition.any_checks_match(condition.check_failed(), blocking_only=True))
+    tick = condition.cron_tick_passed(lag_cron(cadence.target_lag), cadence.timezone).since_last_handled()
+    return (
+        (tick & changed_since_refresh & ~condition.in_progress() & ~blocked)
+        .with_label(f"within its target lag ({cadence.target_lag})")
+    )

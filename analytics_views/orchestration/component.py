@@ -53,8 +53,13 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class CadenceSchedule(dg.Model):
-    cron: str = Field(description='When the cadence\'s job runs, e.g. "0 */4 * * *" (5 fields).')
+    cron: str | None = Field(default=None, description='When the cadence\'s job runs, e.g. "0 */4 * * *" (5 fields).')
     timezone: str = Field(default="UTC", description="IANA time zone of the cron, e.g. Europe/Berlin.")
+    target_lag: str | None = Field(
+        default=None,
+        description="Refresh the views within this lag of a change of what they read, and not when nothing "
+        "changed (declarative automation), e.g. 15m; instead of or beside the cron. At least 2m.",
+    )
 
 
 class ViewAttributes(dg.Model):
@@ -166,7 +171,8 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
     )
     cadences: dict[str, CadenceSchedule | str] = Field(
         default_factory=dict,
-        description="Cadences by name: {cron, timezone} or just a cron (UTC). daily (0 3 * * *) and weekly "
+        description="Cadences by name: {cron, timezone, target_lag} (a cron, a target lag or both) or just a cron "
+        "(UTC). daily (0 3 * * *) and weekly "
         "(0 4 * * 1), UTC, are always defined; a name is 1 to 40 lowercase letters, digits and _.",
     )
     cadence: dict[str, str] = Field(
@@ -261,7 +267,7 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             schemas=self.schemas,
             names=self.names,
             cadences={
-                name: (entry, "UTC") if isinstance(entry, str) else (entry.cron, entry.timezone)
+                name: (entry, "UTC") if isinstance(entry, str) else (entry.cron, entry.timezone, entry.target_lag)
                 for name, entry in self.cadences.items()
             },
             cadence=self.cadence,

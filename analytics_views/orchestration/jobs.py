@@ -33,11 +33,18 @@ def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
         # With the checks that follow each refresh (unique_index, data tests), not the definition checks:
         # those have a job of their own (definition_checks.py).
         selection=dg.AssetSelection.assets(*keys) - dg.AssetSelection.checks(*definition_checks.check_keys(on_it)),
-        description=f"Refreshes the {cadence.name} materialized views ({cadence.cron}, {cadence.timezone}) "
+        description=f"Refreshes the {cadence.name} materialized views ({when(cadence)}) "
         "in one step, each once the views it reads are done.",
         tags={"cadence": cadence.name},
         executor_def=REFRESH_EXECUTOR,
     )
+
+
+def when(cadence: Cadence) -> str:
+    parts = [f"{cadence.cron}, {cadence.timezone}"] if cadence.cron else []
+    if cadence.target_lag is not None:
+        parts.append(f"within {cadence.target_lag} of a change")
+    return "; ".join(parts)
 
 
 def refresh_schedule(job, cadence: Cadence) -> dg.ScheduleDefinition:
@@ -65,4 +72,28 @@ def build_jobs(config: ManagedConfig | None = None) -> dict:
 
 
 def build_schedules(jobs: dict) -> list[dg.ScheduleDefinition]:
-    return [refresh_schedule(job, cadence) for cadence, job in jobs.items()]
+    """A schedule per cadence with a cron; a cadence with a target lag alone has none (automation_sensor)."""
+    return [refresh_schedule(job, cadence) for cadence, job in jobs.items() if cadence.cron is not None]
+
+
+AUTOMATION_SENSOR = "target_lag_automation"
+AUTOMATION_INTERVAL_S = 30
+
+
+def automation_sensor(config: ManagedConfig) -> list[dg.AutomationConditionSensorDefinition]:
+    """Dagster's declarative automation for the views of the cadences with a target lag, running from the
+    daemon's start (Dagster's default automation sensor starts stopped); none without such views."""
+    lagged = {cadence.name for cadence in config.cadences if cadence.target_lag is not None}
+    keys = [dg.AssetKey(list(view.asset_key_path)) for view in managed_views(config).views if view.cadence in lagged]
+    if not keys:
+        return []
+    return [
+        dg.AutomationConditionSensorDefinition(
+            AUTOMATION_SENSOR,
+            target=dg.AssetSelection.assets(*keys),
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=AUTOMATION_INTERVAL_S,
+            description="Requests the refresh of the views of cadences with a target_lag once what they read "
+            "changed (each view's automation condition says why it was or was not requested).",
+        )
+    ]

@@ -30,6 +30,12 @@ REFRESH_MODE = ours("refresh_mode")  # refresh.py's modes: initial plain, concur
 REFRESH_NOTE = ours("refresh_note")  # why a swap fell back or a skip was not possible; absent when none
 REFRESH_TIMEZONE = ours("refresh_timezone")
 
+# Tags Dagster reads the versions of a materialization or an observation from (its data_version.py): a step
+# that yields AssetMaterialization events itself (refresh_step.as_event) writes them itself.
+DATA_VERSION_TAG = "dagster/data_version"
+DATA_VERSION_IS_USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
+CODE_VERSION_TAG = "dagster/code_version"
+
 # On asset check results (assets.py, view_checks.py).
 INDEX = ours("index")  # the unique_index check: the usable unique index, or "none"
 FINDINGS = ours("findings")  # static checks: Markdown list of findings and fixes
@@ -42,6 +48,7 @@ ERROR = ours("error")
 # Dagster's standard keys, written under their own names.
 ROW_COUNT = "dagster/row_count"
 TABLE_NAME = "dagster/table_name"
+STORAGE_KIND = "dagster/storage_kind"  # with dagster/table_name, the storage address the UI links tools' assets by
 COLUMN_SCHEMA = "dagster/column_schema"
 COLUMN_LINEAGE = "dagster/column_lineage"
 CODE_REFERENCES = "dagster/code_references"

@@ -7,6 +7,8 @@ others go on. A view is started once every view it reads in the selection is don
 the views reading it are not started, and the step fails at the end naming every failed view, why, and the
 views left out because of them. A transient failure (lost connection, lock timeout, deadlock, ...) is retried
 with TRANSIENT_RETRY's backoff, for that view only. Terminating the run cancels every query in flight at once.
+A view that failed a blocking check (ERROR severity) is done, but the views reading it are not started either,
+and say which check stopped them.
 """
 
 import queue
@@ -122,6 +124,7 @@ def refresh_in_dependency_order(
     refreshed: set[dg.AssetKey] = set()  # refreshed, not skipped
     done: set[dg.AssetKey] = set()
     failed: dict[dg.AssetKey, str] = {}
+    blocked: dict[dg.AssetKey, list[str]] = {}  # the blocking checks each view failed
 
     with ExitStack() as stack:
         sessions = Sessions(analytics_db, context.run.run_id, stack)
@@ -162,6 +165,8 @@ def refresh_in_dependency_order(
                     context.log.warning(payload)
                     continue
                 running -= 1
+                if checks := failed_blocking_checks(payload.events):
+                    blocked[key] = checks
                 if kind == "failed":
                     failed[key] = str(payload)
                     context.log.error(f"{by_key[key].label}: {payload}")
@@ -171,7 +176,8 @@ def refresh_in_dependency_order(
                     refreshed.add(key)
                 done.add(key)
                 yield from map(as_event, payload.events)
-                order.done(key)
+                if key not in blocked:  # else the views reading it never become ready
+                    order.done(key)
         except BaseException:  # the run was terminated (or the step broke): start nothing more, cancel the queries
             stopping.set()
             sessions.cancel_all()
@@ -181,7 +187,7 @@ def refresh_in_dependency_order(
             for thread in threads:
                 thread.join()
 
-    left_out = _left_out(by_key, reads, failed, done)
+    left_out = _left_out(by_key, reads, failed, done, blocked)
     for key, reason in left_out.items():
         context.log.error(f"{by_key[key].label}: {reason}")
     context.log.info(
@@ -197,13 +203,29 @@ def refresh_in_dependency_order(
         )
 
 
+def failed_blocking_checks(events) -> list[str]:
+    """The names of the blocking checks among `events` that failed. Our blocking checks are exactly those of
+    ERROR severity (unique_index, data tests of severity error: assets.py and view_checks.py)."""
+    return [
+        event.check_name
+        for event in events
+        if isinstance(event, dg.AssetCheckResult) and not event.passed and event.severity == dg.AssetCheckSeverity.ERROR
+    ]
+
+
 def as_event(result: dg.MaterializeResult | dg.AssetCheckResult) -> dg.AssetMaterialization | dg.AssetCheckEvaluation:
     """A view's result as the event it records, not as an output of the step: an output adds a STEP_OUTPUT
     event per view and per check, and dagster-postgres writes each event on connections of its own
     (docs/benchmarks.md, *Scale*). The outputs are optional (can_subset), so the run records the same
     materializations and check evaluations, two events a view fewer."""
     if isinstance(result, dg.MaterializeResult):
-        return dg.AssetMaterialization(asset_key=result.asset_key, metadata=result.metadata)
+        # An event yielded by the step gets no version tags from Dagster (only outputs do): they are written here.
+        version = result.data_version
+        tags = {
+            **(result.tags or {}),
+            **({keys.DATA_VERSION_TAG: version.value, keys.DATA_VERSION_IS_USER_PROVIDED_TAG: "true"} if version else {}),
+        }
+        return dg.AssetMaterialization(asset_key=result.asset_key, metadata=result.metadata, tags=tags or None)
     return dg.AssetCheckEvaluation(
         asset_key=result.asset_key,
         check_name=result.check_name,
@@ -252,7 +274,8 @@ def _with_retries(
 
 
 def _last_metadata(context: dg.AssetExecutionContext, asset_keys: list[dg.AssetKey]) -> dict[dg.AssetKey, dict]:
-    """Each view's last materialization's metadata, as plain values, read in one query for all the views. A
+    """Each view's last materialization's metadata, as plain values, and its data version (under
+    `dagster/data_version`, which a skip keeps), read in one query for all the views. A
     materialization recorded before the fingerprint's key was namespaced (plain `sources_fingerprint`) gives
     none: the first refresh after the upgrade runs, and records the new key."""
     last = {}
@@ -261,6 +284,8 @@ def _last_metadata(context: dg.AssetExecutionContext, asset_keys: list[dg.AssetK
         materialization = entry.asset_materialization if entry else None
         if materialization is not None:
             last[record.asset_entry.asset_key] = {name: value.value for name, value in materialization.metadata.items()}
+            if version := (entry.tags or {}).get(keys.DATA_VERSION_TAG):
+                last[record.asset_entry.asset_key][keys.DATA_VERSION_TAG] = version
     return last
 
 
@@ -269,14 +294,17 @@ def _left_out(
     reads: dict[dg.AssetKey, list[dg.AssetKey]],
     failed: dict[dg.AssetKey, str],
     done: set[dg.AssetKey],
+    blocked: dict[dg.AssetKey, list[str]] | None = None,
 ) -> dict[dg.AssetKey, str]:
-    """Why each view neither done nor failed was left out: the failed views it reads, directly or not."""
+    """Why each view neither done nor failed was left out: the failed views it reads, directly or not, naming
+    the blocking checks they failed."""
     reasons: dict[dg.AssetKey, str] = {}
+    blocked = blocked or {}
 
     def failed_below(key: dg.AssetKey, seen: set) -> set[dg.AssetKey]:
         below: set[dg.AssetKey] = set()
         for dep in reads[key]:
-            if dep in failed:
+            if dep in failed or dep in blocked:
                 below.add(dep)
             elif dep not in done and dep not in seen:
                 seen.add(dep)
@@ -286,8 +314,14 @@ def _left_out(
     for key in by_key:
         if key in done or key in failed:
             continue
-        culprits = sorted(by_key[dep].label for dep in failed_below(key, set()))
+        below = failed_below(key, set())
+        culprits = sorted(by_key[dep].label for dep in below if dep in failed)
+        checked = sorted(
+            f"{by_key[dep].label}, whose blocking check {', '.join(blocked[dep])} failed" for dep in below if dep in blocked and dep not in failed
+        )
         reasons[key] = (
-            f"not refreshed: it reads {', '.join(culprits)}, which failed" if culprits else "not refreshed: the run stopped"
+            "not refreshed: it reads " + "; ".join([*([f"{', '.join(culprits)}, which failed"] if culprits else []), *checked])
+            if below
+            else "not refreshed: the run stopped"
         )
     return reasons

@@ -10,6 +10,7 @@ by a view, created elsewhere) or a `SourceRelation` (read by a discovered view, 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any, final
 import dagster as dg
 
 from analytics_views.orchestration import metadata_keys as keys
-from analytics_views.orchestration.cadences import freshness_window
+from analytics_views.orchestration.cadences import freshness_policy, lag_condition
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.database import Column
 from analytics_views.sql_files.discovery import SourceRelation
@@ -36,6 +37,17 @@ SOURCES_GROUP = "sources"
 OWNERS = ("team:analytics",)
 KINDS = frozenset({"postgres"})
 CADENCE_TAG = "cadence"
+STORAGE_KIND = "postgres"
+# The schema a project view or a declared table lives in: the project's migrations create them unqualified, in
+# the first schema of the refresher's search_path, which is `public` unless the role or database says otherwise.
+PROJECT_SCHEMA = "public"
+
+
+def table_name(schema: str | None, name: str) -> str:
+    """`dagster/table_name` of a definition: `schema.name`. The database is the one DATABASE_URL names when a
+    run connects, unknown while definitions load (they never connect, and one code location may serve several
+    databases); each materialization records the full `database.schema.name` it refreshed."""
+    return f"{schema or PROJECT_SCHEMA}.{name}"
 
 
 @dataclass(frozen=True)
@@ -219,7 +231,9 @@ class ViewTranslator:
             owners=self.get_owners(view, cadence),
             tags=self.get_tags(view, cadence),
             kinds=set(self.get_kinds(view, cadence)),
+            code_version=self.get_code_version(view, cadence),
             freshness_policy=self.get_freshness_policy(view, cadence),
+            automation_condition=self.get_automation_condition(view, cadence),
             metadata={
                 **self.get_metadata(view, cadence),
                 **({keys.CODE_REFERENCES: code_references} if code_references is not None else {}),
@@ -317,6 +331,21 @@ class ViewTranslator:
         """
         return set(KINDS)
 
+    def get_code_version(self, view: ViewDefinition, cadence: Cadence) -> str | None:
+        """The view's code version: a changed definition shows in the UI (the view's materializations record
+        the version they were refreshed with) and makes the view stale.
+
+        Args:
+            view: The view.
+            cadence: Its cadence.
+
+        Returns:
+            str | None: The first 16 hex digits of the SHA-256 of the view's query (`view.query`: the SQL file's
+            `AS <query>`, or the catalog definition discovery recorded). Its header, column comments and index
+            do not change what it computes, and do not change it. None: no code version.
+        """
+        return hashlib.sha256(view.query.encode()).hexdigest()[:16]
+
     def get_metadata(self, view: ViewDefinition, cadence: Cadence) -> Mapping[str, Any]:
         """The view's definition metadata, besides its code references (`get_code_references`).
 
@@ -326,12 +355,15 @@ class ViewTranslator:
 
         Returns:
             Mapping[str, Any]: Dagster's `dagster/column_schema` (from the file's COMMENT ON COLUMN or the
-            catalog) and, for a project view, `dagster/column_lineage`; ours under `analytics_views/`
+            catalog), its `dagster/table_name` (`schema.name`, see `table_name`) and `dagster/storage_kind`
+            (`postgres`) and, for a project view, `dagster/column_lineage`; ours under `analytics_views/`
             (metadata_keys.py): a project view's grain, SQL file and lineage table, a discovered view's schema,
             definition and discovery fingerprint. A subclass's own keys belong in a namespace of its own.
         """
+        identity = {keys.TABLE_NAME: table_name(view.schema, view.name), keys.STORAGE_KIND: STORAGE_KIND}
         if view.path is not None:
             return {
+                **identity,
                 keys.GRAIN: view.grain,
                 keys.SQL_FILE: f"sql/views/{view.path.name}",
                 keys.COLUMN_SCHEMA: table_schema(view.columns),
@@ -339,6 +371,7 @@ class ViewTranslator:
                 keys.COLUMN_LINEAGE_TABLE: column_lineage_table(view),
             }
         return {
+            **identity,
             keys.SCHEMA: view.schema,
             keys.COLUMN_SCHEMA: table_schema(view.columns),
             keys.DEFINITION: dg.MetadataValue.md(f"```sql\n{view.sql}\n```"),
@@ -354,10 +387,25 @@ class ViewTranslator:
 
         Returns:
             dg.FreshnessPolicy | None: Failed once the last refresh is older than the cadence's longest
-            interval between ticks plus slack (cadences.freshness_window: daily 26 h, weekly 7 d 2 h); None
-            for no freshness policy.
+            interval between ticks plus slack (cadences.freshness_window: daily 26 h, weekly 7 d 2 h); with a
+            target lag, warned once it is older than the lag (cadences.freshness_policy); None for no
+            freshness policy.
         """
-        return dg.FreshnessPolicy.time_window(fail_window=freshness_window(cadence))
+        return freshness_policy(cadence)
+
+    def get_automation_condition(self, view: ViewDefinition, cadence: Cadence) -> dg.AutomationCondition | None:
+        """When Dagster's declarative automation requests the view's refresh.
+
+        Args:
+            view: The view.
+            cadence: Its cadence.
+
+        Returns:
+            dg.AutomationCondition | None: For a cadence with a `target_lag`, a refresh once what the view
+            reads has a new data version, within the lag (cadences.lag_condition); None on a cron-only
+            cadence, refreshed by its schedule alone.
+        """
+        return lag_condition(cadence)
 
     def get_code_references(self, view: ViewDefinition, cadence: Cadence) -> dg.CodeReferencesMetadataValue | None:
         """The UI's "View source" link (`dagster/code_references`).
@@ -481,14 +529,21 @@ class ViewTranslator:
             source: The source.
 
         Returns:
-            Mapping[str, Any]: A declared table's `dagster/table_name` and typed `dagster/column_schema`; a
-            catalog relation's column schema and `analytics_views/schema`; nothing for an undeclared table.
+            Mapping[str, Any]: Every source's `dagster/table_name` (`schema.name`) and `dagster/storage_kind`
+            (`postgres`); a declared table's typed `dagster/column_schema`; a catalog relation's column schema
+            and `analytics_views/schema`.
         """
         if isinstance(source, SourceRelation):
-            return {keys.COLUMN_SCHEMA: table_schema(source.columns), keys.SCHEMA: source.schema}
+            return {
+                keys.TABLE_NAME: table_name(source.schema, source.name),
+                keys.STORAGE_KIND: STORAGE_KIND,
+                keys.COLUMN_SCHEMA: table_schema(source.columns),
+                keys.SCHEMA: source.schema,
+            }
+        identity = {keys.TABLE_NAME: table_name(None, source.name), keys.STORAGE_KIND: STORAGE_KIND}
         if isinstance(source, UndeclaredTable):
-            return {}
-        return {keys.TABLE_NAME: f"public.{source.name}", keys.COLUMN_SCHEMA: table_schema(source.columns)}
+            return identity
+        return {**identity, keys.COLUMN_SCHEMA: table_schema(source.columns)}
 
     def get_source_code_references(self, source: Source) -> dg.CodeReferencesMetadataValue | None:
         """The UI's "View source" link for the source.

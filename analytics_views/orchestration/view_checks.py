@@ -43,8 +43,15 @@ def static_specs(key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
 
 
 def data_test_specs(key: dg.AssetKey, tests: tuple[DataTest, ...]) -> list[dg.AssetCheckSpec]:
+    """A data test of severity error is blocking, as dagster-dbt maps a dbt test's `severity: error`: the
+    views reading the view are not refreshed after it failed (refresh_step.py, and automation)."""
     return [
-        dg.AssetCheckSpec(test.name, asset=key, description=f"{test.asserts} (data test {_relative(test.path)})")
+        dg.AssetCheckSpec(
+            test.name,
+            asset=key,
+            description=f"{test.asserts} (data test {_relative(test.path)})",
+            blocking=test.severity == "error",
+        )
         for test in tests
     ]
 

@@ -12,6 +12,7 @@ views made elsewhere only from the discovery state (`state_file`), never from th
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from fnmatch import fnmatchcase
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,18 +21,24 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import SQL_DIR
 
 DEFAULT_CADENCE = "daily"
+# `target_lag: 15m`: a number and a unit (s, m, h, d). At least 2 minutes: sources are observed every minute.
+TARGET_LAG = re.compile(r"\s*(?P<number>\d+)\s*(?P<unit>s|m|min|h|d)\s*")
+_LAG_UNITS = {"s": "seconds", "m": "minutes", "min": "minutes", "h": "hours", "d": "days"}
+MIN_TARGET_LAG = timedelta(minutes=2)
 # A cadence names `<cadence>_refresh_job` and `_schedule` and is a tag value: Dagster names, at most 63 characters.
 CADENCE_NAME = re.compile(r"[a-z0-9_]{1,40}")
 
 
 @dataclass(frozen=True)
 class Cadence:
-    """When a cadence's job runs: a cron in a time zone (the schedule's execution_timezone)."""
+    """When a cadence's views are refreshed: on a cron in a time zone (the schedule's execution_timezone), and/or
+    within a target lag of their sources' changes (declarative automation), neither when nothing changed."""
 
     name: str
-    cron: str
+    cron: str | None  # None: no schedule, only the target lag
     timezone: str = "UTC"
     where: str = field(default="", compare=False)  # the entry that defines it, for messages
+    target_lag: timedelta | None = None  # refresh within this of a source's change; None: the cron only
 
     @property
     def job_name(self) -> str:
@@ -104,8 +111,22 @@ def matches(pattern: str, schema: str | None, name: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
-def _cadence(source: Path, name: str, cron: str, timezone: str) -> Cadence:
+def parse_target_lag(text: str, where: str) -> timedelta:
+    """`15m`, `2h`, `90s`, `1d` as a timedelta of at least MIN_TARGET_LAG; one line naming the entry otherwise."""
+    match = TARGET_LAG.fullmatch(text)
+    lag = timedelta(**{_LAG_UNITS[match["unit"]]: int(match["number"])}) if match else None
+    if lag is None or lag < MIN_TARGET_LAG:
+        raise AnalyticsViewsError(
+            f"{where}: target_lag {text!r} is not a lag of at least 2 minutes: write a number and a unit (s, m, h, "
+            "d), like 15m (sources are observed every minute)"
+        )
+    return lag
+
+
+def _cadence(source: Path, name: str, cron: str | None, timezone: str, target_lag: str | None = None) -> Cadence:
     where = f"{source}: attributes.cadences.{name}"
+    if cron is None and target_lag is None:
+        raise AnalyticsViewsError(f"{where}: give it a cron, a target_lag, or both")
     if not CADENCE_NAME.fullmatch(name):
         raise AnalyticsViewsError(
             f"{where}: a cadence name is 1 to 40 lowercase letters, digits and _ (it names {name}_refresh_job)"
@@ -116,7 +137,8 @@ def _cadence(source: Path, name: str, cron: str, timezone: str) -> Cadence:
         raise AnalyticsViewsError(
             f"{where}: timezone {timezone!r} is not an IANA time zone; use one like UTC or Europe/Berlin"
         ) from None
-    return Cadence(name, cron.strip(), timezone, where=where)
+    lag = parse_target_lag(target_lag, where) if target_lag is not None else None
+    return Cadence(name, cron.strip() if cron is not None else None, timezone, where=where, target_lag=lag)
 
 
 def managed_config(
@@ -125,13 +147,13 @@ def managed_config(
     sql_dir: Path | None,
     schemas: Sequence[str] = (),
     names: Sequence[str] = (),
-    cadences: Mapping[str, tuple[str, str]] | None = None,
+    cadences: Mapping[str, tuple[str | None, str] | tuple[str | None, str, str | None]] | None = None,
     cadence: Mapping[str, str] | None = None,
     data_tests: Path | None = None,
     state_file: Path | None = None,
 ) -> ManagedConfig:
     """The settings of the component configured in `source`, checked: `cadences` maps a name to (cron, time
-    zone), `cadence` a view pattern to a cadence name, in file order. Crons are checked by Dagster, where the
+    zone[, target lag]), `cadence` a view pattern to a cadence name, in file order. Crons are checked by Dagster, where the
     schedules are built (orchestration/cadences.py)."""
     defined = {**DEFAULT_CADENCES, **{n: _cadence(source, n, *entry) for n, entry in (cadences or {}).items()}}
     for pattern, name in (cadence or {}).items():

@@ -66,6 +66,13 @@ class ViewDefinition:
         return self.key or (self.name,)
 
     @property
+    def query(self) -> str:
+        """What the view computes: a file's `CREATE MATERIALIZED VIEW ... AS <query> WITH NO DATA`, or the
+        definition discovery read from the catalog (`pg_get_viewdef`); its code version hashes this."""
+        match = _CREATE_VIEW.search(self.sql) if self.path is not None else None
+        return (match["query"] if match else self.sql).strip()
+
+    @property
     def label(self) -> str:
         """How messages and the CLI name the view: schema-qualified when discovered."""
         return f"{self.schema}.{self.name}" if self.schema else self.name

@@ -41,6 +41,8 @@ def test_dg_list_defs_lists_the_views_jobs_and_schedules_workspace_yaml_loads(ru
         "campaign_aggregations", "campaign_spend", "campaigns", "cohort_aggregations", "daily_aggregations",
         "events", "payments", "users", "weekly_aggregations",
     ]
-    assert sorted(job["name"] for job in listed["jobs"]) == ["daily_refresh_job", "definition_checks_job", "weekly_refresh_job"]
+    assert sorted(job["name"] for job in listed["jobs"]) == [
+        "daily_refresh_job", "definition_checks_job", "observe_sources_job", "weekly_refresh_job"
+    ]
     assert sorted(schedule["name"] for schedule in listed["schedules"]) == ["daily_refresh_schedule", "weekly_refresh_schedule"]
     assert [resource["name"] for resource in listed["resources"]] == ["analytics_db"]

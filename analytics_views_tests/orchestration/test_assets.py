@@ -128,6 +128,15 @@ def test_every_view_asset_has_description_kind_cadence_and_lineage():
             assert dep in specs, f"{dep} read by {view.name} is not an asset"
 
 
+def materialization_tags(result: dg.ExecuteInProcessResult, view: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(view)]
+    return dict(event.materialization.tags or {})
+
+
+def data_version(result: dg.ExecuteInProcessResult, view: str) -> str:
+    return materialization_tags(result, view)["dagster/data_version"]
+
+
 def refresh_mode(result: dg.ExecuteInProcessResult, view: str) -> str:
     return materialization_metadata(result, view)["analytics_views/refresh_mode"]
 
@@ -148,6 +157,8 @@ def test_a_refresh_is_skipped_while_no_source_changed_and_runs_after_any_change(
     first, second = weekly(), weekly()
     assert refresh_mode(first, "weekly_aggregations") == INITIAL_PLAIN
     assert refresh_mode(second, "weekly_aggregations") == SKIPPED
+    # A proven skip keeps the view's data version; every real refresh below gives a new one.
+    assert data_version(second, "weekly_aggregations") == data_version(first, "weekly_aggregations")
     assert materialization_metadata(second, "weekly_aggregations")["dagster/row_count"] == materialization_metadata(
         first, "weekly_aggregations"
     )["dagster/row_count"]
@@ -159,12 +170,26 @@ def test_a_refresh_is_skipped_while_no_source_changed_and_runs_after_any_change(
             " SELECT user_id, 'late_arrival', now() - interval '8 days' FROM users LIMIT 1"
         )
     wait_until_counted(database_url, "events", counted)
-    assert refresh_mode(weekly(), "weekly_aggregations") == CONCURRENT
-    assert refresh_mode(weekly(), "weekly_aggregations") == SKIPPED
+    changed = weekly()
+    assert refresh_mode(changed, "weekly_aggregations") == CONCURRENT
+    assert data_version(changed, "weekly_aggregations") != data_version(first, "weekly_aggregations")
+    quiet = weekly()
+    assert refresh_mode(quiet, "weekly_aggregations") == SKIPPED
+    assert data_version(quiet, "weekly_aggregations") == data_version(changed, "weekly_aggregations")
     forced = weekly(
         run_config={"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": False}}}}
     )
     assert refresh_mode(forced, "weekly_aggregations") == CONCURRENT
+    assert data_version(forced, "weekly_aggregations") not in {
+        data_version(first, "weekly_aggregations"), data_version(changed, "weekly_aggregations")
+    }
+    # Its provenance: the code version it was refreshed with, and a data version for each relation it reads.
+    tags = materialization_tags(forced, "weekly_aggregations")
+    [spec] = [spec for spec in defs.resolve_all_asset_specs() if spec.key == dg.AssetKey("weekly_aggregations")]
+    assert tags["dagster/code_version"] == spec.code_version
+    assert {tag.removeprefix("dagster/input_data_version/") for tag in tags if tag.startswith("dagster/input_data_version/")} == {
+        dep.asset_key.to_user_string() for dep in spec.deps
+    }
 
 
 def test_view_assets_show_owner_column_descriptions_lineage_and_their_sql_file():

@@ -218,6 +218,15 @@ def test_the_longest_interval_is_the_one_dagsters_ticks_have_over_a_year(cron, t
             'cadences: {every_4_hours: {cron: "0 */4 * * *", zone: UTC}}',
             "{path}: attributes.cadences.every_4_hours.zone: Extra inputs are not permitted: remove it or fix its name",
         ),
+        (
+            "cadences: {live: {timezone: UTC}}",
+            "{path}: attributes.cadences.live: give it a cron, a target_lag, or both",
+        ),
+        (
+            "cadences: {live: {target_lag: 30s}}",
+            "{path}: attributes.cadences.live: target_lag '30s' is not a lag of at least 2 minutes: write a number "
+            "and a unit (s, m, h, d), like 15m (sources are observed every minute)",
+        ),
     ],
 )
 def test_configuration_mistakes_are_one_line_naming_the_file_and_entry(tmp_path, monkeypatch, attributes, message):

@@ -52,6 +52,7 @@ def test_the_projects_defs_yaml_builds_what_the_code_defaults_build(monkeypatch)
         "daily_refresh_job": ["campaign_aggregations", "cohort_aggregations", "daily_aggregations"],
         "weekly_refresh_job": ["weekly_aggregations"],
         "definition_checks_job": [],  # the views' definition checks, no asset (definition_checks.py)
+        "observe_sources_job": SOURCES,  # observations (observed_sources.py)
     }
     assert from_yaml["schedules"] == [
         ("daily_refresh_schedule", "daily_refresh_job", "0 3 * * *", "UTC"),
@@ -262,7 +263,9 @@ def test_another_dg_project_manages_its_own_views_with_one_defs_yaml(shop, empty
     assert sorted(assets) == ["legacy/big_orders", "order_totals", "orders"]
     assert (assets["order_totals"]["group_name"], assets["order_totals"]["owners"]) == ("shop", [{"team": "shop"}])
     assert assets["legacy/big_orders"]["dependency_keys"] == ["orders"]
-    assert sorted(job["name"] for job in listed["jobs"]) == ["daily_refresh_job", "definition_checks_job", "hourly_refresh_job"]
+    assert sorted(job["name"] for job in listed["jobs"]) == [
+        "daily_refresh_job", "definition_checks_job", "hourly_refresh_job", "observe_sources_job"
+    ]
     assert sorted(schedule["name"] for schedule in listed["schedules"]) == ["daily_refresh_schedule", "hourly_refresh_schedule"]
 
     # Materializing the view populates it, in the shop's own database.

@@ -337,10 +337,10 @@ def test_an_unreachable_destination_is_logged_as_one_line_and_retried_until_it_t
 
 
 def test_sensors_exist_only_for_the_configured_destinations_and_run_by_default(tmp_path, monkeypatch):
-    # Besides the definition checks' sensor (definition_checks.py), which every configuration with views has.
+    # Besides the sources' and the definition checks' sensors, which every configuration with views has.
     without = write_defs_yaml(tmp_path / "none" / "defs.yaml", f"sql_folder: {SQL_DIR}")
     assert [s.name for s in MaterializedViewsComponent.from_defs_yaml(without).definitions(None).sensors] == [
-        "definition_checks_sensor"
+        "observe_sources_sensor", "definition_checks_sensor"
     ]
 
     only_webhook = write_defs_yaml(
@@ -348,7 +348,7 @@ def test_sensors_exist_only_for_the_configured_destinations_and_run_by_default(t
     )
     [sensor] = [
         s for s in MaterializedViewsComponent.from_defs_yaml(only_webhook).definitions(None).sensors
-        if s.name != "definition_checks_sensor"
+        if s.name not in ("definition_checks_sensor", "observe_sources_sensor")
     ]
     assert sensor.name == "webhook_notifications" and sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert sensor.minimum_interval_seconds == 30

@@ -207,3 +207,34 @@ def test_the_definition_checks_run_when_a_definition_changes_and_not_in_refresh_
         evaluations = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
         assert set(evaluations) == {(view, check) for view in VIEWS for check in ("matches_discovery", *STATIC_CHECKS)}
         assert evaluations[("mv/b", "matches_discovery")].passed
+
+
+def test_a_failed_blocking_check_stops_the_views_reading_its_view_naming_the_check(empty_db, tmp_path, monkeypatch):
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(CHAIN)
+    for folder, test in (
+        ("mv.a", "-- Every group holds a thousand rows.\n-- Severity: error\nSELECT k FROM mv.a WHERE n < 1000\n"),
+        ("mv.d", "-- Every top id is over a thousand.\n-- Severity: warn\nSELECT k FROM mv.d WHERE top < 1000\n"),
+    ):
+        (tmp_path / "tests" / folder).mkdir(parents=True)
+        (tmp_path / "tests" / folder / "big_groups.sql").write_text(test)
+    config = tmp_path / "defs.yaml"
+    config.write_text("type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: [mv]\n  data_tests: tests\n")
+    monkeypatch.setenv(DEFS_ENV, str(config))
+    monkeypatch.setenv("DATABASE_URL", empty_db)
+    discover_views()
+    defs = load_definitions()
+    graph = defs.resolve_asset_graph()
+    blocking = {key.to_user_string() for key in graph.asset_check_keys if graph.get_check_spec(key).blocking}
+    assert blocking == {f"{view}:unique_index" for view in VIEWS} | {"mv/a:big_groups"}  # the warn test is not
+
+    result = run_daily(defs, dg.DagsterInstance.ephemeral())
+
+    assert not result.success
+    assert sorted(materialized(result)) == ["mv/a", "mv/d", "mv/e"]  # mv.d's failed warn test blocks nothing
+    [failure] = [event for event in result.all_events if event.is_step_failure]
+    not_refreshed = failure.step_failure_data.user_failure_data.metadata[NOT_REFRESHED].value
+    assert not_refreshed == {
+        "mv.b": "not refreshed: it reads mv.a, whose blocking check big_groups failed",
+        "mv.c": "not refreshed: it reads mv.a, whose blocking check big_groups failed",
+    }

@@ -75,6 +75,8 @@ VIEW_CASES = [
             "deps": [["users"]],
             "tags": {"cadence": "daily"},
             "metadata": [
+                "dagster/table_name",
+                "dagster/storage_kind",
                 "analytics_views/grain",
                 "analytics_views/sql_file",
                 "dagster/column_schema",
@@ -97,6 +99,8 @@ VIEW_CASES = [
             "deps": [["reporting", "orders"]],
             "tags": {"cadence": "weekly"},
             "metadata": [
+                "dagster/table_name",
+                "dagster/storage_kind",
                 "analytics_views/schema",
                 "dagster/column_schema",
                 "analytics_views/definition",
@@ -117,6 +121,8 @@ VIEW_CASES = [
             "deps": [],
             "tags": {"cadence": "every_4_hours"},
             "metadata": [
+                "dagster/table_name",
+                "dagster/storage_kind",
                 "analytics_views/schema",
                 "dagster/column_schema",
                 "analytics_views/definition",
@@ -182,14 +188,14 @@ SOURCE_CASES = [
         ),
         ["users"],
         "People who signed up.",
-        ["dagster/table_name", "dagster/column_schema", "dagster/code_references"],
+        ["dagster/table_name", "dagster/storage_kind", "dagster/column_schema", "dagster/code_references"],
         id="declared-table",
     ),
     pytest.param(
         UndeclaredTable("campaign_spend"),
         ["campaign_spend"],
         "Source table `campaign_spend`, not created by sql/migrations.",
-        [],
+        ["dagster/table_name", "dagster/storage_kind"],
         id="undeclared-table",
     ),
     pytest.param(
@@ -203,7 +209,7 @@ SOURCE_CASES = [
         ),
         ["reporting", "orders"],
         "Source table `reporting.orders`.",
-        ["dagster/column_schema", "analytics_views/schema"],
+        ["dagster/table_name", "dagster/storage_kind", "dagster/column_schema", "analytics_views/schema"],
         id="catalog-relation",
     ),
 ]
@@ -220,6 +226,41 @@ def test_a_sources_spec_has_its_key_group_owners_kinds_and_metadata(source, key,
     assert spec.kinds == {"postgres"}
     assert list(spec.metadata) == metadata
     assert spec.freshness_policy is None  # the application writes source tables continuously
+
+
+@pytest.mark.parametrize(
+    ("item", "table_name"),
+    [
+        (PROJECT_VIEW, "public.daily_signups"),
+        (DISCOVERED_VIEW, "reporting.weekly_rollup"),
+        (WEIRD_VIEW, "reporting.revenue report"),
+        (SOURCE_CASES[0].values[0], "public.users"),
+        (UndeclaredTable("campaign_spend"), "public.campaign_spend"),
+        (SOURCE_CASES[2].values[0], "reporting.orders"),
+    ],
+)
+def test_every_view_and_source_carries_its_table_name_and_storage_kind(item, table_name):
+    translator = ViewTranslator()
+    spec = translator.get_asset_spec(item, DAILY) if isinstance(item, ViewDefinition) else translator.get_source_spec(item)
+
+    assert spec.metadata["dagster/table_name"] == table_name
+    assert spec.metadata["dagster/storage_kind"] == "postgres"
+    assert spec.kinds == {"postgres"}
+
+
+def test_a_views_code_version_follows_its_query_not_its_header():
+    from dataclasses import replace
+
+    version = ViewTranslator().get_asset_spec(PROJECT_VIEW, DAILY).code_version
+    reworded = replace(PROJECT_VIEW, sql="-- Signups per day, reworded.\n" + PROJECT_VIEW.sql.split("\n", 1)[1])
+    changed = replace(PROJECT_VIEW, sql=PROJECT_VIEW.sql.replace("SELECT ...", "SELECT 1"))
+    discovered = ViewTranslator().get_asset_spec(DISCOVERED_VIEW, WEEKLY).code_version
+
+    assert len(version) == 16
+    assert ViewTranslator().get_asset_spec(reworded, DAILY).code_version == version
+    assert ViewTranslator().get_asset_spec(changed, DAILY).code_version != version
+    assert PROJECT_VIEW.query == "SELECT ..."
+    assert discovered != ViewTranslator().get_asset_spec(replace(DISCOVERED_VIEW, sql=DISCOVERED_VIEW.sql + " 2"), WEEKLY).code_version
 
 
 class FinanceTranslator(ViewTranslator):
