@@ -81,10 +81,15 @@ class Sessions:
             conn.execute("SELECT set_config('application_name', %s, false)", [name])
         return conn
 
-    def others(self, conn: psycopg.Connection) -> frozenset[int]:
-        """The backend pids of the step's other connections."""
+    def __iter__(self):
+        """The backend pids of the step's connections as of now: a skip's proof looks at the database twice and
+        reads them at each look, so a connection another pool thread opens in between is known as the run's."""
         with self._lock:
-            return frozenset(c.info.backend_pid for c in self._by_thread.values() if c is not conn and not c.closed)
+            return iter([c.info.backend_pid for c in self._by_thread.values() if not c.closed])
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_thread)
 
     def cancel_all(self) -> None:
         with self._lock:
@@ -255,7 +260,7 @@ def _with_retries(
         try:
             conn = sessions.connection(view.label)
             # The pool's other connections: their writes are this run's refreshes, which the skip accounts for.
-            options: dict = {"skip_if_unchanged_since": skip_since, "own_sessions": sessions.others(conn)}
+            options: dict = {"skip_if_unchanged_since": skip_since, "own_sessions": sessions}
             return refresh_one(conn, view, last_metadata, options)
         except ViewFailed:
             raise
