@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as stop:
         received = getattr(stop, "signal", signal.SIGINT)
-        cancelled = "; the refresh in progress was cancelled and its view keeps its previous contents"
+        cancelled = "; its runs were terminated: a refresh in progress was cancelled, and its view keeps its previous contents"
         print(
             f"analytics-views {args.command}: stopped by {received.name}{cancelled if args.command == 'refresh' else ''}",
             file=sys.stderr,

@@ -188,6 +188,7 @@ def refresh(
     # the defs.yaml's): every setting of the defs.yaml, with skip_unchanged off when forced.
     refresh_settings = {name: value for name, value in loaded.component.refresh.model_dump().items() if value is not None}
     settings = {**refresh_settings, "url": {"env": url_env}, **({"skip_unchanged": False} if force else {})}
+    lock_timeout_s = refresh_settings.get("lock_timeout_s", RefreshSettings.lock_timeout_s)  # as the run has it
     run_config = {"resources": {"analytics_db": {"config": settings}}}
     env = {**os.environ, url_env: url}
     with instance() as dagster_instance:
@@ -218,7 +219,7 @@ def refresh(
                 dagster_instance,
                 submitted,
                 wait_s=wait_s,
-                watch=lambda: [_say_lock_waits(conn, run.run_id, told) for run in submitted],
+                watch=lambda: [_say_lock_waits(conn, run.run_id, told, lock_timeout_s) for run in submitted],
             )
         reports = []
         for run, chosen in zip(submitted, chosen_views):
@@ -257,7 +258,7 @@ WHERE waiting.application_name LIKE %s AND waiting.wait_event_type = 'Lock'
 """
 
 
-def _say_lock_waits(conn, run_id: str, told: set) -> None:
+def _say_lock_waits(conn, run_id: str, told: set, lock_timeout_s: float) -> None:
     """One stderr line for each session a refresh of the run newly waits for."""
     suffix = f" run {run_id[:8]}"
     try:
@@ -270,7 +271,7 @@ def _say_lock_waits(conn, run_id: str, told: set) -> None:
             view = application.removeprefix("analytics-views ").removesuffix(suffix)
             runs.say(
                 f"{view} waits for a lock held by pid {pid} ({holder}, since {since} UTC), at most lock_timeout_s "
-                f"({RefreshSettings.lock_timeout_s:g} s) per attempt"
+                f"({lock_timeout_s:g} s) per attempt"
             )
 
 
@@ -340,7 +341,12 @@ def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, views: d
                     view.label,
                     "skipped" if metadata[keys.REFRESH_MODE] == SKIPPED else "refreshed",
                     f"{metadata[keys.ROW_COUNT]} rows, {metadata[keys.SIZE]}, "
-                    f"{metadata[keys.REFRESH_MODE]} in {metadata[keys.REFRESH_DURATION_S]:.2f} s, run {run.run_id[:8]}",
+                    + (
+                        "proven unchanged since its last refresh"  # its rows and size are that refresh's
+                        if metadata[keys.REFRESH_MODE] == SKIPPED
+                        else f"{metadata[keys.REFRESH_MODE]} in {metadata[keys.REFRESH_DURATION_S]:.2f} s"
+                    )
+                    + f", run {run.run_id[:8]}",
                     tuple(sorted(checks.get(key, []))),  # ERROR before WARN
                 )
             )

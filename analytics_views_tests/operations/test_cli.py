@@ -168,7 +168,7 @@ def test_refresh_skips_unchanged_views_unless_forced(seeded_db, dagster_home):
     forced = run("refresh", "--weekly", "--force", env=dagster_home, DATABASE_URL=seeded_db)
     assert [r.returncode for r in (first, again, forced)] == [0, 0, 0]
     assert "weekly_aggregations: refreshed (" in first.stdout and "plain (first population)" in first.stdout
-    assert "weekly_aggregations: skipped (" in again.stdout and "skipped (sources unchanged)" in again.stdout
+    assert "weekly_aggregations: skipped (52 rows, " in again.stdout and "proven unchanged since its last refresh" in again.stdout
     assert "weekly_aggregations: refreshed (" in forced.stdout and "concurrent in" in forced.stdout
 
 
@@ -347,8 +347,8 @@ def test_a_signal_stops_a_blocked_refresh_at_once_and_cancels_its_run(seeded_db,
     assert process.returncode == code
     *waits, stopped = stderr.splitlines()  # the line saying what it waited for, if it came before the signal
     assert stopped == (
-        f"analytics-views refresh: stopped by {signum.name}; the refresh in progress was cancelled and its view "
-        "keeps its previous contents"
+        f"analytics-views refresh: stopped by {signum.name}; its runs were terminated: a refresh in progress was "
+        "cancelled, and its view keeps its previous contents"
     )
     assert len(waits) <= 1
     assert stdout == "" and gone
