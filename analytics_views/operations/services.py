@@ -5,6 +5,7 @@
 then kill whatever is still alive after a grace period.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -64,16 +65,25 @@ def _process_tree(processes: list[subprocess.Popen]) -> list[psutil.Process]:
 
 
 def stop_processes(processes: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM every process in the trees (and their sessions) once, SIGKILL the ones still alive after grace_s.
+    """SIGTERM each leader (webserver, daemon), then once each process left in their trees and sessions, SIGKILL
+    the ones still alive after grace_s.
 
     Once: Dagster's processes turn SIGTERM into KeyboardInterrupt, and a second one landing while the first
     is handled ends a code server with a traceback ("release unlocked lock") instead of a clean stop."""
     tree = _process_tree(processes)
     groups = {process.pid for process in processes}  # each child leads its own session and process group
-    for group in groups:
+    # The leaders first: the daemon, stopped while its code server still serves, launches no run into a code
+    # server that is going (its sensors' launches failed with tracebacks when the whole group was signalled
+    # at once), and stops the code servers it started; what is left of their groups is signalled after.
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+    psutil.wait_procs([p for p in tree if p.pid in groups], timeout=grace_s)
+    for member in tree:
         try:
-            os.killpg(group, signal.SIGTERM)
-        except ProcessLookupError:
+            if member.is_running() and member.pid not in groups and os.getpgid(member.pid) in groups:
+                member.terminate()  # once: the leaders' signal did not reach it
+        except (ProcessLookupError, psutil.NoSuchProcess):
             pass
     for member in tree:
         try:

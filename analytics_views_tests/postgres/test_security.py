@@ -2,6 +2,7 @@
 never reach output, logs, run records or metadata."""
 
 import os
+import re
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -71,8 +72,8 @@ def test_the_refresher_role_sees_other_roles_sessions_so_a_skip_can_be_proven(re
         admin.execute("SELECT 1")
         second = refresh_view(conn, "daily_aggregations", skip_if_unchanged_since=first.sources_fingerprint)
         admin_pid = admin.info.backend_pid
-    # The superuser's session is seen, idle for under a second, not hidden (pg_read_all_stats).
-    assert f"client backend pid {admin_pid} went idle 0 s ago" in second.note, second.note
+    # The superuser's session is seen, idle for a moment, not hidden (pg_read_all_stats).
+    assert re.search(rf"client backend pid {admin_pid} went idle \d+ s ago", second.note), second.note
 
 
 def test_the_refresher_role_sql_can_run_twice(refresher, seeded_db):

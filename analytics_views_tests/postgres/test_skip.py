@@ -34,16 +34,22 @@ def write_counters(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT sum(n_tup_ins + n_tup_upd + n_tup_del) FROM pg_stat_all_tables").fetchone()[0]
 
 
-def write(url: str, statement: str, *, counted: bool = True) -> None:
-    """Run `statement` in its own session and wait until PostgreSQL has counted its rows (a session reports
-    its counters when it goes idle); `counted=False` for a statement that counts no rows."""
-    with psycopg.connect(url, autocommit=True) as watcher, psycopg.connect(url, autocommit=True) as writer:
-        before = write_counters(watcher)
+def write(url: str, statement: str, observer: psycopg.Connection, *, counted: bool = True) -> None:
+    """Run `statement` in its own session; wait, looking from `observer` (the test's refreshing connection),
+    until PostgreSQL has counted its rows (a session reports its counters when it goes idle) and the session
+    has left pg_stat_activity (a closed session is listed a moment longer, and a skip is proven only when no
+    other session may hold uncounted writes). `counted=False` for a statement that counts no rows."""
+    before = write_counters(observer)
+    with psycopg.connect(url, autocommit=True) as writer:
         writer.execute(statement)
         writer.execute("SELECT pg_stat_force_next_flush()")
-        deadline = time.monotonic() + 10
-        while counted and write_counters(watcher) == before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        pid = writer.info.backend_pid
+    deadline = time.monotonic() + 10
+    while counted and write_counters(observer) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while observer.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[0]:
+        assert time.monotonic() < deadline + 20, f"session {pid} never left"
+        time.sleep(0.05)
 
 
 def rows_differing_from_query(conn: psycopg.Connection, view: str, schema: str = "product") -> int:
@@ -97,6 +103,7 @@ def test_fifty_purchases_into_a_weekly_partition_reach_the_view_over_the_plain_v
         url,
         "INSERT INTO product.events (user_id, kind, payload, received_at)"
         " SELECT g, 'purchase', jsonb_build_object('amount', 10), now() - interval '1 minute' FROM generate_series(1, 50) AS g",
+        conn,
     )
     after = refresh(conn, "weekly_purchases", before)
     assert after.mode == CONCURRENT
@@ -112,6 +119,7 @@ def test_a_write_to_a_leaf_partition_two_levels_down_is_seen(product):
         url,
         "INSERT INTO product.events (user_id, kind, payload, received_at)"
         " VALUES (7, 'purchase', '{\"amount\": 99}', now() - interval '300 days')",
+        conn,
     )
     leaf = conn.execute(
         "SELECT tableoid::regclass::text FROM product.events WHERE received_at < now() - interval '299 days'"
@@ -131,6 +139,7 @@ def test_an_attached_partition_and_a_detached_one_change_the_fingerprint(product
         url,
         "INSERT INTO product.events_future (event_id, user_id, kind, payload, received_at)"
         " VALUES (-1, 1, 'purchase', '{\"amount\": 5}', now() + interval '400 days')",
+        conn,
     )
     assert refresh(conn, "weekly_purchases", before).mode == SKIPPED
     conn.execute(
@@ -155,7 +164,7 @@ def test_an_attached_partition_and_a_detached_one_change_the_fingerprint(product
 def test_a_write_to_an_inheritance_child_is_seen(product):
     url, conn = product
     before = refresh(conn, "refund_totals")
-    write(url, "INSERT INTO product.refunds_archive VALUES (3, 5, 2.50, now() - interval '40 days')")
+    write(url, "INSERT INTO product.refunds_archive VALUES (3, 5, 2.50, now() - interval '40 days')", conn)
     assert refresh(conn, "refund_totals", before).mode == CONCURRENT
     assert conn.execute("SELECT refunded FROM product.refund_totals WHERE user_id = 5").fetchone()[0] == 10
     assert rows_differing_from_query(conn, "refund_totals") == 0
@@ -178,12 +187,13 @@ def test_a_refreshed_materialized_view_makes_the_view_reading_it_refresh(product
     before = refresh(conn, "cohort_stats")
     cost = conn.execute("SELECT sum(campaign_cost) FROM product.cohort_stats").fetchone()[0]
     # campaigns is read by campaign_stats only: until campaign_stats is refreshed, cohort_stats is current.
-    write(url, "UPDATE product.campaigns SET cost = cost * 2")
+    write(url, "UPDATE product.campaigns SET cost = cost * 2", conn)
     assert refresh(conn, "cohort_stats", before).mode == SKIPPED
     # CONCURRENTLY applies its diff as counted deletes and inserts; a plain REFRESH gives a new file node.
     write(
         url,
         f"REFRESH MATERIALIZED VIEW {'CONCURRENTLY' if concurrently else ''} product.campaign_stats",
+        conn,
         counted=concurrently,
     )
     after = refresh(conn, "cohort_stats", before)
@@ -206,7 +216,7 @@ def test_a_view_calling_a_function_that_reads_a_table_is_never_skipped(product):
     create_view(conn, "refund_count", "SELECT product.refund_count() AS refunds", "refunds")
     first = refresh(conn, "refund_count")
     assert first.sources_fingerprint is None
-    write(url, "INSERT INTO product.refunds VALUES (4, 9, 1.00, now())")
+    write(url, "INSERT INTO product.refunds VALUES (4, 9, 1.00, now())", conn)
     second = refresh(conn, "refund_count", first)
     assert second.mode == CONCURRENT
     assert second.note == (
@@ -271,6 +281,7 @@ def test_our_views_skip_without_writes_and_each_refreshes_after_a_payment(seeded
         write(
             seeded_db,
             "INSERT INTO payments (user_id, amount, paid_at) SELECT user_id, 1.00, now() - interval '3 days' FROM users LIMIT 1",
+            conn,
         )
         third = {view: refresh_view(conn, view, skip_if_unchanged_since=first[view].sources_fingerprint) for view in OUR_VIEWS}
         assert {view: outcome.mode for view, outcome in third.items()} == {view: CONCURRENT for view in OUR_VIEWS}
