@@ -310,8 +310,11 @@ def test_refresh_command_refreshes_discovered_views_by_schema_qualified_name(ado
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["public.daily_aggregations", "reporting.events"]
     assert all("refreshed (" in line for line in lines)
-    assert cli.main(["refresh", "events"]) == 1
-    assert "unknown view 'events'" in capsys.readouterr().err
+    # A bare name finds the one view bearing it, whatever its schema; a name no view bears is refused.
+    assert cli.main(["refresh", "events"]) == 0
+    assert capsys.readouterr().out.startswith("reporting.events: ")
+    assert cli.main(["refresh", "event"]) == 1
+    assert "unknown view 'event'" in capsys.readouterr().err
 
 
 def test_config_mistakes_are_one_line_errors(tmp_path, monkeypatch):
