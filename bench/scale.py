@@ -38,6 +38,7 @@ SOURCE_ROWS = 200_000
 SCHEMA = "mv"
 READS_ANOTHER_EVERY = 5
 COMMAND = Path(sys.executable).parent / "analytics-views"
+PROJECT = Path(__file__).resolve().parent.parent
 
 
 def view_name(number: int) -> str:
@@ -90,7 +91,8 @@ class Tool:
 
     def __init__(self, url: str, storage_url: str, work_dir: Path, project: Path | None):
         self.url, self.storage_url = url, storage_url
-        self.home = prepare_dagster_home(work_dir / "dagster_home")
+        # The instance settings of the checkout that runs (its storage's pooling is part of what is compared).
+        self.home = prepare_dagster_home(work_dir / "dagster_home", (project or PROJECT) / "deploy" / "dagster.yaml")
         defs_yaml = work_dir / "defs" / "defs.yaml"
         defs_yaml.parent.mkdir(parents=True)
         defs_yaml.write_text(f"type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: [{SCHEMA}]\n")
@@ -102,7 +104,7 @@ class Tool:
             "ANALYTICS_VIEWS_DEFS": str(defs_yaml),
         }
         os.environ["DAGSTER_POSTGRES_URL"] = storage_url  # what the instance's dagster.yaml reads, here too
-        self.cwd = project or Path(__file__).resolve().parent.parent
+        self.cwd = project or PROJECT
         if project is not None:
             self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project), os.environ.get("PYTHONPATH")]))
 

@@ -16,7 +16,7 @@ from psycopg import sql
 from analytics_views.postgres.database import connect
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.postgres.ownership import refuse_foreign_objects
-from analytics_views.paths import MIGRATIONS_DIR
+from analytics_views.paths import MIGRATIONS_DIR, defs_yaml_in_use
 from analytics_views.sql_files.views import load_views
 
 LEDGER = "analytics_views_migrations"
@@ -80,7 +80,8 @@ def migrate(url: str) -> list[str]:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [_LOCK_KEY])
         applied = _applied(conn)
         # Never clobber: a relation a pending file creates must not exist already (made by someone else).
-        refuse_foreign_objects(conn, [f for f in (*migrations, *view_files.values()) if f.name not in applied])
+        pending = [f for f in (*migrations, *view_files.values()) if f.name not in applied]
+        refuse_foreign_objects(conn, pending, defs_yaml_in_use())
         for file in migrations:
             if file.name not in applied:
                 _execute(conn, file)

@@ -28,13 +28,13 @@ DAGSTER_YAML = PROJECT_ROOT / "deploy" / "dagster.yaml"  # not in the root: see 
 STOP_GRACE_S = 10.0
 
 
-def prepare_dagster_home(path: Path) -> Path:
+def prepare_dagster_home(path: Path, dagster_yaml: Path = DAGSTER_YAML) -> Path:
     """A DAGSTER_HOME whose dagster.yaml is the project's own (linked, so there is one copy)."""
     path.mkdir(parents=True, exist_ok=True)
     link = path / "dagster.yaml"
-    if not link.is_symlink() or link.resolve() != DAGSTER_YAML:
+    if not link.is_symlink() or link.resolve() != dagster_yaml.resolve():
         link.unlink(missing_ok=True)
-        link.symlink_to(DAGSTER_YAML)
+        link.symlink_to(dagster_yaml)
     return path
 
 

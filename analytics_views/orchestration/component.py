@@ -40,14 +40,13 @@ from analytics_views.orchestration.destinations import Email, Slack, Webhook
 from analytics_views.orchestration.notifications import KINDS, NotificationSettings
 from analytics_views.orchestration.translator import ViewOverride, ViewTranslator, ViewTranslatorSettings
 from analytics_views.orchestration.resources import AnalyticsDatabase
-from analytics_views.paths import DEFS_YAML, PROJECT_ROOT
+from analytics_views.paths import DEFS_ENV, DEFS_YAML, PROJECT_ROOT, defs_yaml_in_use
 from analytics_views.postgres.database import database_url_from_env
 from analytics_views.postgres.refresh import RefreshSettings
 from analytics_views.sql_files.discovery import discover, state_text
 from analytics_views.sql_files.managed import ManagedConfig, managed_config
 
 COMPONENT_TYPE = "analytics_views.MaterializedViewsComponent"
-DEFS_ENV = "ANALYTICS_VIEWS_DEFS"  # another defs.yaml to load instead of this project's
 OLD_CONFIG_ENV = "ANALYTICS_VIEWS_CONFIG"  # named a views.toml before the component; refused with the fix
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -476,7 +475,7 @@ def discover_views() -> tuple[Path, dict, ManagedConfig, str]:
     """Writes the discovery state of the component the definitions load; returns where, the state, the
     settings and the name of the database URL's variable."""
     refuse_views_toml()
-    with one_line_errors(Path(os.environ.get(DEFS_ENV) or DEFS_YAML)):
+    with one_line_errors(defs_yaml_in_use()):
         if os.environ.get(DEFS_ENV):
             component = MaterializedViewsComponent.from_defs_yaml(Path(os.environ[DEFS_ENV]))
             write = lambda: component.write_state_to_path(component.beside_state_file())  # noqa: E731

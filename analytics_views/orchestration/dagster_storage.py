@@ -1,5 +1,6 @@
-"""Dagster's run, event-log and schedule storage: dagster-postgres's own `storage: postgres:` block in
-dagster.yaml, with its URL checked once before Dagster loads it.
+"""Dagster's run, event-log and schedule storage: dagster-postgres's storage, configured in dagster.yaml
+(`storage: custom:` naming PooledPostgresStorage below, or dagster-postgres's own `storage: postgres:`), with
+its URL checked once before Dagster loads it.
 
 dagster-postgres is written for psycopg2: its event log sends `NOTIFY run_events, %(notify_id)s`, which
 psycopg 3 rejects (`syntax error at or near "$1"`) on every event (dagster-io/dagster#33958). SQLAlchemy 2.1
@@ -13,8 +14,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import yaml
+from dagster_postgres import DagsterPostgresStorage
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
+from sqlalchemy.pool import QueuePool
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.postgres.database import connect, parse_url
@@ -22,6 +26,44 @@ from analytics_views.postgres.database import connect, parse_url
 STORAGE_VARIABLE = "DAGSTER_POSTGRES_URL"
 STORAGE_DRIVER = "psycopg2"
 STORAGE_CHECK_TIMEOUT_S = 5
+# The pool each process keeps (dagster-postgres's webserver pool: one connection held, more opened while busy).
+POOL_RECYCLE_S = 3600  # dagster-webserver's --db-pool-recycle default
+POOL_MAX_OVERFLOW = 20  # dagster-webserver's --db-pool-max-overflow default
+NO_STATEMENT_TIMEOUT = 0  # as dagster-postgres's unpooled connections (the webserver sets 15 s for its reads)
+
+
+class PooledPostgresStorage(DagsterPostgresStorage):
+    """dagster-postgres's storage on a pool of connections in every process that loads the instance (the CLI,
+    the daemon, the run worker), not only in the webserver.
+
+    Outside the webserver dagster-postgres opens a new connection for every query (NullPool): every event a run
+    writes cost a connection, about 10 a view per run (docs/benchmarks.md, *Scale*). dagster.yaml has no pool
+    setting (dagster-io/dagster#33935, open pull request #33936; dagster-io/dagster#20325), so this class asks
+    each storage for the pool the webserver gives itself, through the storages' public `optimize_for_webserver`.
+    Configured in dagster.yaml as `storage: custom: {module: analytics_views.orchestration.dagster_storage,
+    class: PooledPostgresStorage, config: <the postgres: block's settings>}`.
+    """
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value):
+        storage = DagsterPostgresStorage.from_config_value(inst_data, config_value)
+        for part in (storage.run_storage, storage.event_log_storage, storage.schedule_storage):
+            part.optimize_for_webserver(
+                statement_timeout=NO_STATEMENT_TIMEOUT, pool_recycle=POOL_RECYCLE_S, max_overflow=POOL_MAX_OVERFLOW
+            )
+        return storage
+
+
+@event.listens_for(QueuePool, "checkout")
+def _ping_pooled_connection(dbapi_connection, connection_record, connection_proxy) -> None:
+    """A held connection the storage server dropped (a restart) is replaced before use, as a new connection
+    would have been: SQLAlchemy's pessimistic disconnect handling (the engine's pool_pre_ping, which
+    optimize_for_webserver does not set)."""
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except Exception as error:  # psycopg2's OperationalError/InterfaceError: the connection is gone
+        raise DisconnectionError(str(error)) from error
 
 
 def storage_driver(url: str) -> str | None:
@@ -66,12 +108,13 @@ def check_storage_url(url: str, variable: str = STORAGE_VARIABLE) -> None:
 
 def storage_url(dagster_yaml: Path, environ: Mapping[str, str] = os.environ) -> tuple[str, str] | None:
     """(variable, URL) of the PostgreSQL storage that dagster.yaml configures (`storage: postgres:
-    postgres_url: env: VARIABLE`), when that variable is set; None otherwise (Dagster then reports what is
-    missing)."""
+    postgres_url: env: VARIABLE`, or the same under `storage: custom: config:`), when that variable is set;
+    None otherwise (Dagster then reports what is missing)."""
     if not dagster_yaml.is_file():
         return None
     storage = (yaml.safe_load(dagster_yaml.read_text()) or {}).get("storage") or {}
-    config = storage.get("postgres") if isinstance(storage, dict) else None
+    custom = storage.get("custom") if isinstance(storage, dict) else None
+    config = custom.get("config") if isinstance(custom, dict) else storage.get("postgres") if isinstance(storage, dict) else None
     source = config.get("postgres_url") if isinstance(config, dict) else None
     variable = source.get("env") if isinstance(source, dict) else None
     if not isinstance(variable, str) or not environ.get(variable, "").strip():

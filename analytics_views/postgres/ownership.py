@@ -7,12 +7,13 @@ the ledger was made elsewhere: migrate stops with one line naming it, and nothin
 
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Protocol
 
 import psycopg
 
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.paths import DEFS_YAML, PROJECT_ROOT
+from analytics_views.paths import PROJECT_ROOT
 
 _COMMENT = re.compile(r"--[^\n]*")
 # CREATE [UNIQUE] TABLE|INDEX|[MATERIALIZED] VIEW|SEQUENCE [CONCURRENTLY] name; IF NOT EXISTS never clobbers.
@@ -33,8 +34,9 @@ def created_relations(text: str) -> list[str]:
     return [name.lower() for name in _CREATES.findall(_COMMENT.sub("", text))]
 
 
-def refuse_foreign_objects(conn: psycopg.Connection, pending: Iterable[SqlFile]) -> None:
-    """Stop before anything runs when a file not yet applied would create a relation that already exists."""
+def refuse_foreign_objects(conn: psycopg.Connection, pending: Iterable[SqlFile], defs_yaml: Path) -> None:
+    """Stop before anything runs when a file not yet applied would create a relation that already exists;
+    the refusal names defs_yaml, the component's defs.yaml in use, as where existing views are managed."""
     creators = {name: file for file in pending for name in created_relations(file.sql)}
     if not creators:
         return
@@ -51,5 +53,9 @@ def refuse_foreign_objects(conn: psycopg.Connection, pending: Iterable[SqlFile])
         raise AnalyticsViewsError(
             f'relation "{name}" already exists and was not created by analytics-views (sql/{creators[name].name} '
             "would create it): use another schema (search_path in DATABASE_URL's options) or manage the existing "
-            f"views instead ({DEFS_YAML.relative_to(PROJECT_ROOT)}); nothing was changed"
+            f"views instead (a defs.yaml with `schemas:` and no `sql_folder`, like {_shown(defs_yaml)}); nothing was changed"
         )
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(PROJECT_ROOT)) if path.is_relative_to(PROJECT_ROOT) else str(path)

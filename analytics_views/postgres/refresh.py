@@ -48,8 +48,11 @@ SELECT pg_stat_clear_snapshot(), concat_ws(':', c.oid, c.relfilenode,
     pg_stat_get_tuples_inserted(c.oid), pg_stat_get_tuples_updated(c.oid), pg_stat_get_tuples_deleted(c.oid))
 FROM pg_class AS c WHERE c.oid = %s::regclass
 """
-# Tries of the proof when only a transaction started elsewhere between its two looks broke it.
-_PROOF_TRIES = 3
+# Tries of the proof when only a transaction started elsewhere between its two looks broke it: the next
+# transaction id is the cluster's, so every database's writes move it (Dagster's own events when its storage
+# shares the server); each try waits a little longer for a gap between them.
+_PROOF_TRIES = 8
+_PROOF_RETRY_S = 0.005
 
 # First key of the two-key advisory lock, so ours never collide with other applications' locks:
 # pg_advisory_xact_lock(ADVISORY_LOCK_NAMESPACE, hashtext(view)).
@@ -272,7 +275,8 @@ def _decide(
     """The sources' fingerprint now, whether the view may be skipped, and the note that says why (not)."""
     previous_sources, marked, previous_view = (last or "").partition(_VIEW_MARK)
     last = last if marked else None  # recorded before the view's mark was: refresh once, and record it
-    for _ in range(_PROOF_TRIES):
+    for attempt in range(_PROOF_TRIES):
+        time.sleep(_PROOF_RETRY_S * attempt)
         before = write_quiescence.look(conn, own_sessions) if last else None
         sources = source_fingerprint(conn, relation.as_string(conn), previous_sources or None)
         if not last or sources.value != previous_sources:

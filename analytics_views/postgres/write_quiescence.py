@@ -25,7 +25,8 @@ longer than QUIET_AFTER_S, or one that cannot write rows (autovacuum, a WAL send
 pg_stat_activity before the counters are read and again after, and compares the next transaction id
 (pg_snapshot_xmax of a new snapshot) at both looks: an unchanged id means that no transaction that could
 have written was started in between, so no session can have connected, written and left between the looks
-unseen. Sessions the caller owns (the other connections of the same run) are named by pid and left out.
+unseen. Sessions the caller owns (the other connections of the same run) are named by pid and left out, with
+their parallel workers (which only read: the leader writes a refresh's rows).
 
 On a database where some session is always busy, in a transaction or recently active, this proves nothing
 and every view is refreshed: that is the price of never reporting a stale view as unchanged.
@@ -55,6 +56,7 @@ SELECT pg_stat_clear_snapshot(), pg_snapshot_xmax(pg_current_snapshot())::text,
      FROM pg_stat_activity AS a
      WHERE a.datid = (SELECT oid FROM pg_database WHERE datname = current_database())
        AND a.pid <> pg_backend_pid() AND a.pid <> ALL(%(own)s::int[])
+       AND coalesce(a.leader_pid, 0) <> pg_backend_pid() AND coalesce(a.leader_pid, 0) <> ALL(%(own)s::int[])
        AND a.backend_type <> ALL(%(non_writing)s::text[])
        AND NOT (a.backend_type = 'client backend' AND a.state = 'idle'
                 AND a.state_change < coalesce(%(quiet_before)s, clock_timestamp() - make_interval(secs => %(quiet_after_s)s))))

@@ -1,7 +1,9 @@
-"""Dagster's storage from the project's dagster.yaml: dagster-postgres's own, on psycopg2, and a URL that
-would select another driver refused in one line before Dagster loads it."""
+"""Dagster's storage from the project's dagster.yaml: dagster-postgres's own, on psycopg2 and on a pool of
+connections in every process, and a URL that would select another driver refused in one line before Dagster
+loads it."""
 
 import dagster as dg
+import psycopg
 import pytest
 
 from analytics_views.errors import AnalyticsViewsError
@@ -51,7 +53,7 @@ def test_check_storage_refuses_another_driver_before_connecting(tmp_path):
         check_storage(home, {"DAGSTER_POSTGRES_URL": url})
 
 
-def test_dagster_yaml_names_the_stock_postgres_storage_by_its_variable():
+def test_dagster_yaml_names_the_pooled_postgres_storage_by_its_variable():
     assert storage_url(DAGSTER_YAML, {"DAGSTER_POSTGRES_URL": "postgresql://u@h/d"}) == ("DAGSTER_POSTGRES_URL", "postgresql://u@h/d")
     assert storage_url(DAGSTER_YAML, {}) is None  # Dagster itself then names the missing variable
 
@@ -61,6 +63,7 @@ def test_instance_from_dagster_yaml_stores_runs_in_postgres_with_psycopg2(empty_
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", libpq_url(empty_db))
     home = prepare_dagster_home(tmp_path / "dagster_home")
     with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_ref().storage_data.class_name == "PooledPostgresStorage"  # what run workers load too
         connections = {
             type(instance.run_storage).__name__: instance.run_storage.connect,
             type(instance.event_log_storage).__name__: instance.event_log_storage.index_connection,
@@ -90,3 +93,45 @@ def test_a_socket_directory_in_the_host_is_refused_naming_the_form_that_works():
         "and so dagster-postgres, reads as a host name: write it as postgresql://USER@/DATABASE?host=/var/run/postgresql"
     )
     check_storage_url("postgresql://postgres@/db?host=/var/run/postgresql")  # the form that works
+
+
+def _sessions(url: str) -> int:
+    """Connections ever opened to url's database (pg_stat_database.sessions), this one's included."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_force_next_flush()")
+        return conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
+
+
+def _storage_backends(conn: psycopg.Connection) -> list[int]:
+    return [pid for (pid,) in conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )]
+
+
+def test_runs_write_their_events_over_a_few_held_connections_not_one_per_query(empty_db, tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", libpq_url(empty_db))
+    home = prepare_dagster_home(tmp_path / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        noop_job.execute_in_process(instance=instance)  # tables created, pools filled
+        before = _sessions(empty_db)
+        for _ in range(5):
+            result = noop_job.execute_in_process(instance=instance)
+            assert result.success
+        opened = _sessions(empty_db) - before - 1  # the count's own connection
+        events = sum(len(instance.all_logs(run.run_id)) for run in instance.get_runs(limit=5))
+    # dagster-postgres alone opens one for every query: more than the runs' events (50 here).
+    assert events >= 50 and opened <= 3
+
+
+def test_a_held_storage_connection_the_server_dropped_is_replaced_before_use(empty_db, tmp_path, monkeypatch):
+    """A restart of the storage server (here: its backends terminated) costs no failed write."""
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", libpq_url(empty_db))
+    home = prepare_dagster_home(tmp_path / "dagster_home")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        noop_job.execute_in_process(instance=instance)
+        with psycopg.connect(empty_db, autocommit=True) as conn:
+            held = _storage_backends(conn)
+            assert held  # the pools keep their connections between queries
+            conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [held])
+        result = noop_job.execute_in_process(instance=instance)
+        assert result.success and instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.SUCCESS

@@ -9,6 +9,7 @@ counts for as long as they work. A write by a pg_cron job (a background worker) 
 server has pg_cron; write_quiescence.py refuses any background worker connected to the database.
 """
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -219,6 +220,45 @@ def test_the_run_s_own_sessions_do_not_prevent_a_skip(schema):
         sibling.execute("SELECT 1")
         assert refresh(conn, "refund_totals", first).mode != SKIPPED
         assert refresh(conn, "refund_totals", first, own_sessions=[sibling.info.backend_pid]).mode == SKIPPED
+
+
+@contextmanager
+def parallel_scan(conn: psycopg.Connection, leader: psycopg.Connection) -> Iterator[list[int]]:
+    """A parallel scan running in `leader` (in a thread, cancelled on exit): the pids of its workers."""
+    leader.execute("CREATE TABLE product.spread AS SELECT g FROM generate_series(1, 50000) AS g")
+    for setting in ("parallel_setup_cost", "parallel_tuple_cost", "min_parallel_table_scan_size"):
+        leader.execute(f"SET {setting} = 0")
+    leader.execute("SET max_parallel_workers_per_gather = 2")
+
+    def scan() -> None:  # the workers scan; the leader sleeps on each row, so they wait on their full queues
+        with contextlib.suppress(errors.QueryCanceled):
+            leader.execute("SELECT count(*) FROM product.spread WHERE pg_sleep(0.0001) IS NOT NULL")
+
+    scanning = threading.Thread(target=scan)
+    scanning.start()
+    try:
+        for _ in range(100):
+            workers = [pid for (pid,) in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE leader_pid = %s AND pid <> leader_pid", [leader.info.backend_pid]
+            )]
+            if workers:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.skip("the server started no parallel worker (max_worker_processes taken?)")
+        yield workers
+    finally:
+        leader.cancel_safe()
+        scanning.join()
+
+
+def test_the_parallel_workers_of_the_run_s_own_sessions_do_not_prevent_a_skip_and_others_do(schema):
+    url, conn = schema
+    with psycopg.connect(url, autocommit=True) as leader, parallel_scan(conn, leader) as workers:
+        mine = write_quiescence.look(conn, own_sessions=[leader.info.backend_pid])
+        theirs = write_quiescence.look(conn)
+    assert not [busy for busy in mine.busy if busy[0] in workers]
+    assert {busy[0] for busy in theirs.busy if busy[1] == "parallel worker"} & set(workers)
 
 
 @pytest.mark.parametrize(

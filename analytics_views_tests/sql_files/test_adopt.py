@@ -250,6 +250,15 @@ def test_migrate_refuses_to_overwrite_a_foreign_table_and_changes_nothing(foreig
     assert catalog(foreign_db) == before
 
 
+def test_migrate_refusal_names_the_defs_yaml_in_use(foreign_db, tmp_path, monkeypatch):
+    defs_yaml = tmp_path / "defs" / "defs.yaml"
+    monkeypatch.setenv(DEFS_ENV, str(defs_yaml))
+    with pytest.raises(AnalyticsViewsError) as error:
+        migrate(foreign_db)
+    assert f"and no `sql_folder`, like {defs_yaml})" in str(error.value)
+    assert "analytics_views/orchestration/defs/views/defs.yaml" not in str(error.value)
+
+
 def test_migrate_refuses_a_view_of_the_same_name_defined_differently(empty_db):
     execute(
         empty_db,
