@@ -159,7 +159,7 @@ def test_a_failed_refresh_exits_non_zero_naming_the_view_and_the_fix(seeded_db, 
     # One line per view, and nothing else: no Dagster log or stack trace (46 lines for this view before).
     assert len(result.stdout.splitlines()) == 3 and result.stderr == ""
     # Its sources did not change in between, and the run's other connections are its own (write_quiescence.py).
-    assert "cohort_aggregations: skipped (" in result.stdout
+    assert "cohort_aggregations: skipped (" in result.stdout, run("stats", env=dagster_home, DATABASE_URL=seeded_db).stdout
 
 
 def test_refresh_skips_unchanged_views_unless_forced(seeded_db, dagster_home):
