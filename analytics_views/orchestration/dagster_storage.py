@@ -9,12 +9,14 @@ means psycopg2; a URL naming another driver is refused here in one line.
 """
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote
 
 import yaml
-from dagster_postgres import DagsterPostgresStorage
+from dagster_postgres import DagsterPostgresStorage, PostgresEventLogStorage
+from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
@@ -30,6 +32,30 @@ STORAGE_CHECK_TIMEOUT_S = 5
 POOL_RECYCLE_S = 3600  # dagster-webserver's --db-pool-recycle default
 POOL_MAX_OVERFLOW = 20  # dagster-webserver's --db-pool-max-overflow default
 NO_STATEMENT_TIMEOUT = 0  # as dagster-postgres's unpooled connections (the webserver sets 15 s for its reads)
+PING_AFTER_IDLE_S = 1.0
+_RETURNED_AT = "analytics_views_returned_at"  # in SQLAlchemy's per-connection info dict
+
+
+class PooledPostgresEventLogStorage(PostgresEventLogStorage):
+    """dagster-postgres's event log, asking the catalog once per process whether a table it found exists.
+
+    Upstream asks on every asset and check event (dagster-io/dagster#34058), and on a second connection while
+    the event's transaction holds the first: on a pool of one held connection, that second one was opened and
+    closed again for every event (a connection a view per run, the run worker's largest single cost at 500
+    views). A table that exists stays: only a table found is remembered.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tables_found: set[str] = set()
+
+    def has_table(self, table_name: str) -> bool:
+        if table_name in self._tables_found:
+            return True
+        found = super().has_table(table_name)
+        if found:
+            self._tables_found.add(table_name)
+        return found
 
 
 class PooledPostgresStorage(DagsterPostgresStorage):
@@ -39,26 +65,49 @@ class PooledPostgresStorage(DagsterPostgresStorage):
     Outside the webserver dagster-postgres opens a new connection for every query (NullPool): every event a run
     writes cost a connection, about 10 a view per run (docs/benchmarks.md, *Scale*). dagster.yaml has no pool
     setting (dagster-io/dagster#33935, open pull request #33936; dagster-io/dagster#20325), so this class asks
-    each storage for the pool the webserver gives itself, through the storages' public `optimize_for_webserver`.
+    each storage for the pool the webserver gives itself, through the storages' public `optimize_for_webserver`,
+    and keeps its event log from opening a second connection per event (PooledPostgresEventLogStorage).
     Configured in dagster.yaml as `storage: custom: {module: analytics_views.orchestration.dagster_storage,
     class: PooledPostgresStorage, config: <the postgres: block's settings>}`.
     """
 
-    @classmethod
-    def from_config_value(cls, inst_data, config_value):
-        storage = DagsterPostgresStorage.from_config_value(inst_data, config_value)
-        for part in (storage.run_storage, storage.event_log_storage, storage.schedule_storage):
+    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True, inst_data=None, token_provider=None):
+        super().__init__(postgres_url, should_autocreate_tables, inst_data, token_provider)
+        self._pooled_event_log = PooledPostgresEventLogStorage(
+            postgres_url, should_autocreate_tables, token_provider=token_provider
+        )
+        for part in (self.run_storage, self._pooled_event_log, self.schedule_storage):
             part.optimize_for_webserver(
                 statement_timeout=NO_STATEMENT_TIMEOUT, pool_recycle=POOL_RECYCLE_S, max_overflow=POOL_MAX_OVERFLOW
             )
-        return storage
+
+    @property
+    def event_log_storage(self) -> PostgresEventLogStorage:
+        return self._pooled_event_log
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value):
+        return cls(
+            pg_url_from_config(config_value),
+            config_value.get("should_autocreate_tables", True),
+            inst_data,
+            get_token_provider_from_config(config_value),
+        )
+
+
+@event.listens_for(QueuePool, "checkin")
+def _note_return(dbapi_connection, connection_record) -> None:
+    connection_record.info[_RETURNED_AT] = time.monotonic()
 
 
 @event.listens_for(QueuePool, "checkout")
 def _ping_pooled_connection(dbapi_connection, connection_record, connection_proxy) -> None:
     """A held connection the storage server dropped (a restart) is replaced before use, as a new connection
     would have been: SQLAlchemy's pessimistic disconnect handling (the engine's pool_pre_ping, which
-    optimize_for_webserver does not set)."""
+    optimize_for_webserver does not set), for a connection idle for over PING_AFTER_IDLE_S (one used a moment
+    ago is alive, and a run writes its events back to back)."""
+    if time.monotonic() - connection_record.info.get(_RETURNED_AT, 0.0) < PING_AFTER_IDLE_S:
+        return
     try:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SELECT 1")

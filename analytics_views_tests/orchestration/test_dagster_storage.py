@@ -2,13 +2,21 @@
 connections in every process, and a URL that would select another driver refused in one line before Dagster
 loads it."""
 
+import time
+
 import dagster as dg
 import psycopg
 import pytest
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.operations.services import DAGSTER_YAML, prepare_dagster_home
-from analytics_views.orchestration.dagster_storage import check_storage, check_storage_url, storage_driver, storage_url
+from analytics_views.orchestration.dagster_storage import (
+    PING_AFTER_IDLE_S,
+    check_storage,
+    check_storage_url,
+    storage_driver,
+    storage_url,
+)
 from analytics_views.postgres.database import libpq_url
 
 @dg.op
@@ -75,7 +83,7 @@ def test_instance_from_dagster_yaml_stores_runs_in_postgres_with_psycopg2(empty_
                 drivers[name] = conn.dialect.driver
         assert drivers == {
             "PostgresRunStorage": "psycopg2",
-            "PostgresEventLogStorage": "psycopg2",
+            "PooledPostgresEventLogStorage": "psycopg2",
             "PostgresScheduleStorage": "psycopg2",
         }
         # And it really writes there: a run's events (each one NOTIFYs) are stored and read back from PostgreSQL.
@@ -133,5 +141,6 @@ def test_a_held_storage_connection_the_server_dropped_is_replaced_before_use(emp
             held = _storage_backends(conn)
             assert held  # the pools keep their connections between queries
             conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [held])
+        time.sleep(PING_AFTER_IDLE_S)  # a restart takes longer; a connection used a moment ago is not pinged
         result = noop_job.execute_in_process(instance=instance)
         assert result.success and instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.SUCCESS
