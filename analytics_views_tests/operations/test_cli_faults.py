@@ -1,10 +1,12 @@
 """What `refresh` does when the world fails under it (issue 26): Dagster's storage gone for a moment, the run
-worker killed with its code server, a process that exits while it is being stopped."""
+worker killed with its code server, a process that exits while it is being stopped; and twenty calls at once
+(issue 25)."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,3 +103,58 @@ def test_stopping_what_a_launcher_left_tolerates_a_process_that_already_ended(mo
     monkeypatch.setattr(runs.psutil, "process_iter", lambda *args, **kwargs: [process])
     monkeypatch.setattr(runs, "_process_group", lambda pid: child.pid)
     runs.stop_launched([child.pid], grace_s=0.1)  # no psutil.NoSuchProcess
+
+
+# Twenty calls at once (issue 25): the same views and different ones, forced and not.
+SELECTIONS = (
+    [["--daily", "--force"]] * 6 + [["--daily"]] * 4 + [["--weekly", "--force"]] * 4
+    + [["daily_aggregations", "--force"]] * 3 + [["campaign_aggregations", "weekly_aggregations"]] * 3
+)
+VIEWS_OF = {"--daily": 3, "--weekly": 1}
+
+
+def refreshes_at_once(url: str, stop) -> dict[str, int]:
+    """The most refreshes of each view seen running at the same moment, until `stop` is set."""
+    most: dict[str, int] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not stop.is_set():
+            for view, running in conn.execute(
+                "SELECT substring(query from 'REFRESH MATERIALIZED VIEW (?:CONCURRENTLY )?(?:\"?\\w+\"?\\.)?\"?(\\w+)'), count(*)"
+                " FROM pg_stat_activity WHERE state = 'active' AND query ILIKE 'REFRESH MATERIALIZED VIEW%' GROUP BY 1"
+            ):
+                most[view] = max(most.get(view, 0), running)
+            time.sleep(0.05)
+    return most
+
+
+def test_twenty_refreshes_at_once_report_without_traceback_never_overlap_and_leave_nothing_running(seeded_db, dagster_home):
+    stop, seen = threading.Event(), {}
+    watcher = threading.Thread(target=lambda: seen.update(refreshes_at_once(seeded_db, stop)))
+    watcher.start()
+    try:
+        calls = [
+            subprocess.Popen(
+                [COMMAND, "refresh", *selection, "--wait", "900"],
+                env={**os.environ, **dagster_home, "DATABASE_URL": seeded_db},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for selection in SELECTIONS
+        ]
+        outputs = [call.communicate(timeout=1200) for call in calls]
+    finally:
+        stop.set()
+        watcher.join()
+    # A server's connections may run out with twenty calls' processes (100 by default; each call has a
+    # command, a launcher, a code server and a run worker, each keeping Dagster's storage connections, and up to
+    # refresh_connections of its own): a call may then fail, but in one line per view or one error line.
+    for selection, call, (out, err) in zip(SELECTIONS, calls, outputs):
+        assert call.returncode in (0, 1) and "Traceback" not in err, (selection, out, err)
+        views = VIEWS_OF.get(selection[0], len([arg for arg in selection if not arg.startswith("--")]))
+        lines = out.splitlines()
+        assert len(lines) == views or (not lines and len(err.strip().splitlines()[-1:]) == 1), (selection, out, err)
+        if call.returncode == 0:
+            assert all(": refreshed (" in line or ": skipped (" in line for line in lines), out
+    assert seen and max(seen.values()) == 1, seen  # no view refreshed by two calls at once
+    assert left_behind(dagster_home, grace_s=30) == []
