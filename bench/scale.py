@@ -25,14 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 from psycopg import sql
 
-from analytics_views.operations.services import dagster_services, prepare_dagster_home
+from analytics_views.operations.services import dagster_services, prepare_dagster_home, wait_for_webserver
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.postgres.refresh import SKIPPED
 from analytics_views.postgres.database import libpq_url
@@ -253,16 +252,9 @@ def through_webserver(tool: Tool, work_dir: Path, repeats: int) -> dict:
     from dagster_graphql import DagsterGraphQLClient
 
     port = free_port()
-    with dagster_services(env=tool.env, port=port, log_dir=work_dir / "services", workspace=tool.cwd / "workspace.yaml"):
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    workspace = tool.cwd / "workspace.yaml"
+    with dagster_services(env=tool.env, port=port, log_dir=work_dir / "services", workspace=workspace) as processes:
+        wait_for_webserver("127.0.0.1", port, processes, timeout_s=300)
         client = DagsterGraphQLClient("127.0.0.1", port_number=port)
         _timed_submission(client, tool.home, force=True)  # the code server loads the definitions
         forced = [_timed_submission(client, tool.home, force=True) for _ in range(repeats)]

@@ -162,8 +162,10 @@ def storage_url(dagster_yaml: Path, environ: Mapping[str, str] = os.environ) -> 
     if not dagster_yaml.is_file():
         return None
     storage = (yaml.safe_load(dagster_yaml.read_text()) or {}).get("storage") or {}
-    custom = storage.get("custom") if isinstance(storage, dict) else None
-    config = custom.get("config") if isinstance(custom, dict) else storage.get("postgres") if isinstance(storage, dict) else None
+    if not isinstance(storage, dict):
+        return None
+    custom = storage.get("custom")
+    config = custom.get("config") if isinstance(custom, dict) else storage.get("postgres")
     source = config.get("postgres_url") if isinstance(config, dict) else None
     variable = source.get("env") if isinstance(source, dict) else None
     if not isinstance(variable, str) or not environ.get(variable, "").strip():
