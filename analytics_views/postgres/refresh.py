@@ -20,8 +20,9 @@ The lock ends with the transaction, on success and on failure alike. An interrup
 terminated in the UI) cancels its query in the server before the error goes on.
 """
 
+import contextlib
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import psycopg
@@ -169,6 +170,7 @@ def refresh_view(
     schema: str | None = None,
     skip_if_unchanged_since: str | None = None,
     own_sessions: Collection[int] = (),
+    own_writes_held: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> RefreshOutcome:
     """REFRESH MATERIALIZED VIEW CONCURRENTLY (or build-and-swap, see `strategy` and swap.py), or a plain
     REFRESH when the view was never populated.
@@ -177,6 +179,9 @@ def refresh_view(
     view, found on the search_path. With `skip_if_unchanged_since` (the `sources_fingerprint` of the last refresh), a populated
     view proven unchanged since then is left as it is: the cost is catalog look-ups. `own_sessions` are the
     backend pids of the caller's other connections (a run's pool), whose writes the caller accounts for.
+    `own_writes_held()` keeps the caller's own writes to the server from starting while a skip's proof looks
+    (Dagster's event log on the same server moves the transaction id the proof compares); the proof holds
+    without it, it only fails less often.
     `conn` must be in autocommit mode; the refresh makes its own transaction.
     """
     name, view = view, view if schema is None else f"{schema}.{view}"  # `view` names it in messages and locks
@@ -229,7 +234,7 @@ def refresh_view(
                     transient=False,
                 )
             last = skip_if_unchanged_since if state.populated else None
-            sources, skip, decision = _decide(conn, relation, last, own_sessions)
+            sources, skip, decision = _decide(conn, relation, last, own_sessions, own_writes_held)
             if skip:
                 return RefreshOutcome(view, SKIPPED, 0.0, note=decision, sources_fingerprint=last)
             fingerprint = sources.value
@@ -270,20 +275,25 @@ def _view_mark(conn: psycopg.Connection, relation: sql.Composable) -> str:
 
 
 def _decide(
-    conn: psycopg.Connection, relation: sql.Composable, last: str | None, own_sessions: Collection[int]
+    conn: psycopg.Connection,
+    relation: sql.Composable,
+    last: str | None,
+    own_sessions: Collection[int],
+    own_writes_held: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[Fingerprint, bool, str]:
     """The sources' fingerprint now, whether the view may be skipped, and the note that says why (not)."""
     previous_sources, marked, previous_view = (last or "").partition(_VIEW_MARK)
     last = last if marked else None  # recorded before the view's mark was: refresh once, and record it
     for attempt in range(_PROOF_TRIES):
         time.sleep(_PROOF_RETRY_S * attempt)
-        before = write_quiescence.look(conn, own_sessions) if last else None
-        sources = source_fingerprint(conn, relation.as_string(conn), previous_sources or None)
-        if not last or sources.value != previous_sources:
-            return sources, False, ""
-        if _view_mark(conn, relation) != previous_view:
-            return sources, False, f"not skipped: {VIEW_WRITTEN}"
-        reason = write_quiescence.unproven(before, write_quiescence.look(conn, own_sessions, before.quiet_before))
+        with own_writes_held() if last else contextlib.nullcontext():
+            before = write_quiescence.look(conn, own_sessions) if last else None
+            sources = source_fingerprint(conn, relation.as_string(conn), previous_sources or None)
+            if not last or sources.value != previous_sources:
+                return sources, False, ""
+            if _view_mark(conn, relation) != previous_view:
+                return sources, False, f"not skipped: {VIEW_WRITTEN}"
+            reason = write_quiescence.unproven(before, write_quiescence.look(conn, own_sessions, before.quiet_before))
         if reason is None:
             return sources, True, SKIP_PROOF
         if before.busy or before.version < write_quiescence.FIRST_VERSION:
