@@ -36,7 +36,7 @@ LAUNCHED_BY = "analytics-views refresh"
 SLOT_WAIT_S = 30.0  # longest wait of `analytics-views refresh` for a view's pool slot held by another run
 STOP_GRACE_S = 10.0  # longest wait, after a signal, for the terminated runs to record their end
 LAUNCH_TIMEOUT_S = 300.0
-_POLL_S = 0.5
+_POLL_S = 0.25  # how often the command reads its runs' new events (a query on a pooled connection)
 # A slot held under a run id with no run record: a run between its claim and its record, or one killed in
 # that instant; after this long, the second.
 _UNRECORDED_GRACE_S = 60.0
@@ -224,10 +224,14 @@ def wait(instance: dg.DagsterInstance, runs: list[Submitted], *, wait_s: float, 
         terminate(instance, [run.run_id for run in runs])
         raise
     finally:
-        stop_launched([run.process_group for run in runs])
+        # A run worker whose run has ended is only winding down (its interpreter's shutdown took 0.8 to 1.5 s
+        # here, after its last event): it is not waited for long.
+        ended = all(run.ended for run in runs)
+        stop_launched([run.process_group for run in runs], grace_s=ENDED_GRACE_S if ended else 1.0)
 
 
 SAY_EVERY_S = 30.0  # the longest the command stays silent while it waits
+ENDED_GRACE_S = 0.25  # the wait for a run worker to exit after SIGTERM once its run has ended
 STORAGE_OUTAGE_S = 300.0  # the longest it waits for Dagster's storage to answer again
 
 
@@ -294,16 +298,29 @@ def follow(instance: dg.DagsterInstance, run: Submitted) -> None:
 
 def stop_launched(process_groups: list[int], grace_s: float = 1.0) -> None:
     """Stops what the launchers left once their runs have ended: the code server a launcher started serves its
-    run until the run ends, and was seen to outlive it (after a terminated run), deaf to SIGTERM. Their runs
-    have ended: nothing is left for them to do, so the grace is short (it was the last 5 s of every command)."""
+    run until the run ends, and was seen to outlive it (after a terminated run), deaf to SIGTERM (its gRPC
+    server's shutdown waits on its heartbeat thread). A run worker gets `grace_s` at most after SIGTERM; then
+    it is killed, with the code servers and their multiprocessing helpers, which have nothing left to do."""
     left = [p for p in psutil.process_iter(["pid"]) if _process_group(p.pid) in process_groups]
-    for process in left:
+    servers = [p for p in left if _serves_runs_only(p)]
+    others = [p for p in left if p not in servers]
+    for process in others:
         with contextlib.suppress(psutil.NoSuchProcess):  # it may end between the listing and the signal
             process.terminate()
-    _, alive = psutil.wait_procs(left, timeout=grace_s)
-    for process in alive:
+    _, alive = psutil.wait_procs(others, timeout=grace_s)
+    for process in alive + servers:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
+    psutil.wait_procs(alive + servers, timeout=grace_s)
+
+
+def _serves_runs_only(process: psutil.Process) -> bool:
+    """A code server (`dagster api grpc`) or its multiprocessing resource tracker."""
+    try:
+        command = " ".join(process.cmdline())
+    except psutil.Error:  # ended meanwhile
+        return False
+    return " api grpc " in command or "multiprocessing.resource_tracker" in command
 
 
 def _process_group(pid: int) -> int | None:
