@@ -1,7 +1,10 @@
 """A cadence's one step over many views (refresh_step.py): dependency order, a failed view failing alone and
 naming the views it held back, skips, retries, and the definition checks' own job and sensor."""
 
+import contextlib
 import json
+import threading
+import time
 
 import dagster as dg
 import psycopg
@@ -238,3 +241,64 @@ def test_a_failed_blocking_check_stops_the_views_reading_its_view_naming_the_che
         "mv.b": "not refreshed: it reads mv.a, whose blocking check big_groups failed",
         "mv.c": "not refreshed: it reads mv.a, whose blocking check big_groups failed",
     }
+
+
+def test_the_event_write_gate_keeps_the_steps_event_writes_and_the_skip_proofs_looks_apart(monkeypatch):
+    from analytics_views.orchestration.refresh_step import EventWriteGate
+
+    gate, seen = EventWriteGate(), []
+    looking, write_waits = threading.Event(), threading.Event()
+
+    def look():
+        with gate.looking():
+            seen.append("look starts")
+            looking.set()
+            write_waits.wait(5)
+            time.sleep(0.1)  # the write is waiting meanwhile
+            seen.append("look ends")
+
+    def write():
+        looking.wait(5)
+        write_waits.set()
+        with gate.writing():
+            seen.append("write")
+
+    threads = [threading.Thread(target=look), threading.Thread(target=write)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == ["look starts", "look ends", "write"]
+
+    # A look waits for a write in progress, and goes on after LOOK_WAIT_S if the write never ends (a step
+    # whose consumer never came back): the gate spares tries, the proof does not rely on it.
+    monkeypatch.setattr(EventWriteGate, "LOOK_WAIT_S", 0.2)
+    with gate.writing():
+        started = time.monotonic()
+        with gate.looking():
+            assert 0.15 < time.monotonic() - started < 2
+
+
+def test_a_skip_proof_looks_while_the_steps_own_event_writes_are_held(chain):
+    from analytics_views.postgres import write_quiescence
+    from analytics_views.postgres.refresh import RefreshSettings, refresh_view
+
+    defs, url = chain
+    assert run_daily(defs, dg.DagsterInstance.ephemeral()).success
+    held = []
+
+    @contextlib.contextmanager
+    def own_writes_held():
+        held.append("held")
+        yield
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        forced = refresh_view(conn, "a", RefreshSettings(), schema="mv", own_writes_held=own_writes_held)
+        assert forced.mode != SKIPPED and held == []  # no proof, nothing held
+        time.sleep(write_quiescence.QUIET_AFTER_S + 0.5)  # the fixture's sessions, idle since their writes, reported
+        skipped = refresh_view(
+            conn, "a", RefreshSettings(), schema="mv", skip_if_unchanged_since=forced.sources_fingerprint,
+            own_writes_held=own_writes_held,
+        )
+    assert skipped.mode == SKIPPED, skipped.note
+    assert held and len(held) <= 8  # once a try
