@@ -229,7 +229,7 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             raise AnalyticsViewsError(f"{path} is not valid YAML{where}: fix it") from None
         except RecursionError:
             raise AnalyticsViewsError(f"{path} nests deeper than a defs.yaml can: fix it") from None
-        if not isinstance(document, dict) or document.get("type") not in (COMPONENT_TYPE, f"{__name__}.{cls.__name__}"):
+        if not isinstance(document, dict) or document.get("type") not in (COMPONENT_TYPE, f"{__name__}.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}"):
             raise AnalyticsViewsError(f"{path}: type must be {COMPONENT_TYPE}, with its settings under attributes:")
         if unknown := sorted(set(map(str, document)) - DEFS_YAML_KEYS):
             raise AnalyticsViewsError(
@@ -348,12 +348,26 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
     def definitions(self, state_file: Path | None) -> dg.Definitions:
         """The definitions of the settings, with the views made elsewhere as the state at `state_file` has them."""
         config = self.managed_config(state_file)
-        translator = ViewTranslator(ViewTranslatorSettings.from_env(overrides=self.overrides))
         defs = build_definitions(
-            config, translator=translator, database=self.analytics_db, notifications=self.notification_settings()
+            config, translator=self.translator(), database=self.analytics_db, notifications=self.notification_settings()
         )
         self._built = config
         return defs
+
+    def translator(self) -> ViewTranslator:
+        """What each view's asset is called and shows (translator.py), with the defs.yaml's per-view
+        `translation:`. The override point of a team's subclass, which its defs.yaml names as its `type:`, so
+        the defs.yaml configures everything else still:
+
+            class FinanceViews(MaterializedViewsComponent):
+                def translator(self) -> ViewTranslator:
+                    return FinanceTranslator(self.translator_settings())
+        """
+        return ViewTranslator(self.translator_settings())
+
+    def translator_settings(self) -> ViewTranslatorSettings:
+        """The translator's settings: the defs.yaml's `translation:` and the environment's source links."""
+        return ViewTranslatorSettings.from_env(overrides=self.overrides)
 
     def beside_state_file(self) -> Path:
         """Where a defs.yaml outside a dg project keeps its state: as Dagster keeps it in a defs folder."""

@@ -347,3 +347,30 @@ def test_code_references_follow_the_git_environment_variables_unless_settings_ar
 
     assert from_env.url == "https://github.com/acme/analytics-views/blob/release/sql/views/daily_signups.sql#L4"
     assert local.file_path == str(PROJECT_VIEW.path)
+
+
+def test_the_readmes_translator_subclass_composes_with_its_defs_yaml(tmp_path, monkeypatch):
+    """The README's example, as written: a component subclass whose translator changes group, owners and tags,
+    named by a defs.yaml whose settings (here a per-view `translation:`) still apply."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme[readme.index("### Translator") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    (tmp_path / "finance_views.py").write_text(code[: code.index("```")])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    project_yaml = (PROJECT_ROOT / "analytics_views/orchestration/defs/views/defs.yaml").read_text()
+    defs_yaml = tmp_path / "defs.yaml"
+    defs_yaml.write_text(
+        project_yaml.replace("type: analytics_views.MaterializedViewsComponent", "type: finance_views.FinanceViews")
+        .replace("sql_folder: ../../../../sql", f"sql_folder: {PROJECT_ROOT / 'sql'}")
+        .replace("translation: {}", "translation:\n    daily_aggregations: {description: Daily numbers for finance.}")
+    )
+    import finance_views
+
+    defs = finance_views.FinanceViews.from_defs_yaml(defs_yaml).definitions(None)
+    specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
+    daily = specs[dg.AssetKey("daily_aggregations")]
+    assert daily.group_name == "finance_reporting"
+    assert daily.owners == ["team:finance", "dana@example.com"]
+    assert daily.tags["domain"] == "finance"
+    assert daily.description == "Daily numbers for finance."
+    assert specs[dg.AssetKey("weekly_aggregations")].group_name == "finance_reporting"
