@@ -9,7 +9,7 @@ Builds N small materialized views over one source table (200k rows), refreshes e
   database (the views' sources do not change): no skip can be proven, so each view is refreshed. Prints the
   time of the proof's two looks alone, the share of views skipped (0 expected) and the writers' throughput
   with and without refreshes running beside them.
-No change log is built (see README, "Skipping unchanged views"), so no writer pays for one.
+No change log is built (see docs/reliability-and-security.md), so no writer pays for one.
 """
 
 import argparse

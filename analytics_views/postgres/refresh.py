@@ -155,7 +155,7 @@ def _explain(view: str, error: psycopg.Error, settings: RefreshSettings) -> Refr
     elif isinstance(error, errors.UndefinedTable):
         fix = "a relation it needs is missing: run `analytics-views migrate`"
     elif isinstance(error, errors.InsufficientPrivilege):
-        fix = "the role lacks privileges: grant them with sql/roles/refresher.sql (see README)"
+        fix = "the role lacks privileges: grant them with sql/roles/refresher.sql (see docs/reliability-and-security.md)"
     else:
         fix = "fix the view's SQL or the database, then refresh again"
     return RefreshError(f"refresh of {view} failed and it keeps its previous contents: {fix} ({reason})", transient=False)

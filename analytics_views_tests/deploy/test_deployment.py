@@ -1,4 +1,4 @@
-"""Dagster's own deployments (README: "Past one machine"), checked without a Docker daemon, registry or cluster:
+"""Dagster's own deployments (docs/deployment.md), checked without a Docker daemon, registry or cluster:
 the Compose deployment's instance loads and launches runs in containers, compose.yaml agrees with it and with
 the image, the image's command serves the definitions, and the Helm values use only keys the chart defines."""
 

@@ -15,7 +15,7 @@ from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.database import libpq_url
 from analytics_views_tests.deploy.test_deployment import DOCKER_DAGSTER_YAML, HELM_VALUES, load_yaml
 
-RELEASE = "dagster"  # `helm upgrade --install dagster dagster/dagster` (README): the chart's full name is the release's
+RELEASE = "dagster"  # `helm upgrade --install dagster dagster/dagster` (docs/deployment.md): the chart's full name is the release's
 NAMESPACE = "analytics"
 DAGSTER_HOME = "/opt/dagster/dagster_home"  # the chart's global.dagsterHome default
 RUN_MEMORY = PROJECT_ROOT / "bench" / "results" / "run_memory.daily.json"

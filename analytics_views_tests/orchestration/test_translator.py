@@ -349,11 +349,11 @@ def test_code_references_follow_the_git_environment_variables_unless_settings_ar
     assert local.file_path == str(PROJECT_VIEW.path)
 
 
-def test_the_readmes_translator_subclass_composes_with_its_defs_yaml(tmp_path, monkeypatch):
-    """The README's example, as written: a component subclass whose translator changes group, owners and tags,
+def test_the_docs_translator_subclass_composes_with_its_defs_yaml(tmp_path, monkeypatch):
+    """The docs' example (docs/adopting.md, *Translator*), as written: a component subclass whose translator changes group, owners and tags,
     named by a defs.yaml whose settings (here a per-view `translation:`) still apply."""
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    section = readme[readme.index("### Translator") :]
+    guide = (PROJECT_ROOT / "docs" / "adopting.md").read_text()
+    section = guide[guide.index("## Translator") :]
     code = section[section.index("```python\n") + len("```python\n") :]
     (tmp_path / "finance_views.py").write_text(code[: code.index("```")])
     monkeypatch.syspath_prepend(str(tmp_path))
