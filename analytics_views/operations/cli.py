@@ -6,13 +6,11 @@ import os
 import signal
 import sys
 import threading
-from contextlib import ExitStack
 from pathlib import Path
 
 from analytics_views.postgres.database import database_url_from_env
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import PROJECT_ROOT
-from analytics_views.operations import code_server
 from analytics_views.operations.runs import SLOT_WAIT_S
 
 DEV_DIR = PROJECT_ROOT / ".dev"
@@ -49,22 +47,16 @@ def _beside_dev() -> None:
 
 
 def _refresh(args: argparse.Namespace) -> int:
-    _beside_dev()
-    with ExitStack() as stack:
-        server = None
-        if os.environ.get("DAGSTER_HOME"):
-            # First: the code server loads the definitions while this command imports Dagster and loads them.
-            server = code_server.start(dict(os.environ), Path(stack.enter_context(code_server.temporary_directory())))
-            stack.callback(server.stop)
-        from analytics_views.operations.commands import refresh, selected_views
-        from analytics_views.orchestration.component import load_views
+    from analytics_views.operations.commands import refresh, selected_views
+    from analytics_views.orchestration.component import load_views
 
-        loaded = load_views()
-        views = selected_views(
-            all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views, loaded=loaded
-        )
-        url = database_url_from_env(loaded.component.database.url_env)
-        outcomes = refresh(url, views, force=args.force, wait_s=args.wait, loaded=loaded, server=server)
+    _beside_dev()
+    loaded = load_views()
+    views = selected_views(
+        all_views=args.all, daily=args.daily, weekly=args.weekly, cadence=args.cadence, names=args.views, loaded=loaded
+    )
+    url = database_url_from_env(loaded.component.database.url_env)
+    outcomes = refresh(url, views, force=args.force, wait_s=args.wait, loaded=loaded)
     for outcome in outcomes:
         print(outcome.line())
     return 0 if all(outcome.ok for outcome in outcomes) else 1

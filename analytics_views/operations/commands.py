@@ -3,7 +3,6 @@
 import os
 import re
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +15,7 @@ from analytics_views.postgres import database
 from analytics_views.sql_files.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.component import LoadedViews, load_views
-from analytics_views.operations import code_server, runs
+from analytics_views.operations import runs
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.operations.migrate import LEDGER
@@ -172,14 +171,12 @@ def refresh(
     force: bool = False,
     wait_s: float = runs.SLOT_WAIT_S,
     loaded: LoadedViews | None = None,
-    server: code_server.CodeServer | None = None,
 ) -> list[RefreshReport]:
     """One run of each cadence's job for the selected views, submitted through the code location and
     recorded in the Dagster instance like a scheduled run (runs.py); waits for them to end.
 
     Views whose sources did not change since their last refresh are skipped unless `force` is set. A view
-    whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED. The runs are
-    launched through `server` (code_server.py), started here when not given, and stopped here.
+    whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED.
     """
     loaded = loaded or load_views()
     config, defs, url_env = loaded.config, loaded.defs, loaded.component.database.url_env
@@ -193,44 +190,40 @@ def refresh(
     settings = {**refresh_settings, "url": {"env": url_env}, **({"skip_unchanged": False} if force else {})}
     lock_timeout_s = refresh_settings.get("lock_timeout_s", RefreshSettings.lock_timeout_s)  # as the run has it
     run_config = {"resources": {"analytics_db": {"config": settings}}}
-    with ExitStack() as stack:
-        if server is None:
-            directory = Path(stack.enter_context(code_server.temporary_directory()))
-            server = code_server.start({**os.environ, url_env: url}, directory)
-        stack.callback(server.stop)  # had its runs ended, runs.wait stopped it with them
-        with instance() as dagster_instance:
-            launches, chosen_views, pools = [], [], []
-            for cadence in config.cadences:
-                chosen = {_key(view): view for view in managed if view.cadence == cadence.name and view.label in views}
-                if not chosen:
-                    continue
-                job = defs.resolve_job_def(cadence.job_name)
-                every = len(chosen) == len(job.asset_layer.executable_asset_keys)
-                checks = [
-                    (list(check.asset_key.path), check.name)
-                    for check in job.asset_layer.asset_graph.asset_check_keys
-                    if check.asset_key in chosen
-                ]
-                assets = None if every else [list(key.path) for key in chosen]
-                launches.append(runs.Launch(job.name, assets, run_config, checks))
-                chosen_views.append(chosen)
-                pools.append({node.name: node.definition.pool for node in job.graph.nodes})
-            launched = runs.launch(launches, server)
-            submitted = [
-                runs.Submitted(run_id, launch.job, run_pools, group)
-                for (run_id, group), launch, run_pools in zip(launched, launches, pools)
+    env = {**os.environ, url_env: url}
+    with instance() as dagster_instance:
+        launches, chosen_views, pools = [], [], []
+        for cadence in config.cadences:
+            chosen = {_key(view): view for view in managed if view.cadence == cadence.name and view.label in views}
+            if not chosen:
+                continue
+            job = defs.resolve_job_def(cadence.job_name)
+            every = len(chosen) == len(job.asset_layer.executable_asset_keys)
+            checks = [
+                (list(check.asset_key.path), check.name)
+                for check in job.asset_layer.asset_graph.asset_check_keys
+                if check.asset_key in chosen
             ]
-            with _watcher(url) as conn:
-                told: set = set()
-                runs.wait(
-                    dagster_instance,
-                    submitted,
-                    wait_s=wait_s,
-                    watch=lambda: [_say_lock_waits(conn, run.run_id, told, lock_timeout_s) for run in submitted],
-                )
-            reports = []
-            for run, chosen in zip(submitted, chosen_views):
-                reports += _reports(dagster_instance, run, chosen)
+            assets = None if every else [list(key.path) for key in chosen]
+            launches.append(runs.Launch(job.name, assets, run_config, checks))
+            chosen_views.append(chosen)
+            pools.append({node.name: node.definition.pool for node in job.graph.nodes})
+        launched = runs.launch(launches, env)
+        submitted = [
+            runs.Submitted(run_id, launch.job, run_pools, group)
+            for (run_id, group), launch, run_pools in zip(launched, launches, pools)
+        ]
+        with _watcher(url) as conn:
+            told: set = set()
+            runs.wait(
+                dagster_instance,
+                submitted,
+                wait_s=wait_s,
+                watch=lambda: [_say_lock_waits(conn, run.run_id, told, lock_timeout_s) for run in submitted],
+            )
+        reports = []
+        for run, chosen in zip(submitted, chosen_views):
+            reports += _reports(dagster_instance, run, chosen)
     return reports
 
 

@@ -1,7 +1,7 @@
 """The runs `analytics-views refresh` submits: real runs, launched through the code location.
 
 Each is launched as the daemon launches a scheduled run: Dagster's own GraphQL `launchRun` (run in process by
-`dagster-graphql`, no webserver needed) asks the command's code server (code_server.py) and submits the
+`dagster-graphql -w workspace.yaml`, no webserver needed) loads the workspace's code location and submits the
 run, for the chosen views (an asset selection of the cadence's job), to the instance's run launcher, which
 starts a run worker with the jobs' executor. So the run carries its code-location origin (the UI's Overview
 timeline shows it, "Re-execute" runs the same job) and a tag naming who launched it. (`dagster job launch`
@@ -28,10 +28,9 @@ import dagster as dg
 import psutil
 
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.operations import code_server
-from analytics_views.operations.code_server import LOCATION_NAME, CodeServer
 from analytics_views.paths import PROJECT_ROOT
 
+WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 LAUNCHED_BY_TAG = "analytics_views/launched_by"
 LAUNCHED_BY = "analytics-views refresh"
 SLOT_WAIT_S = 30.0  # longest wait of `analytics-views refresh` for a view's pool slot held by another run
@@ -54,7 +53,7 @@ class Submitted:
     run_id: str
     job: str
     pools: dict[str, str | None]  # step key -> pool
-    process_group: int  # of the code server that serves the run until it ends, its launcher and its run worker
+    process_group: int  # of its launcher, whose code server serves the run until it ends
     waiting_since: dict[str, float] = field(default_factory=dict)  # steps waiting for their pool slot
     blocked: dict[str, str] = field(default_factory=dict)  # steps not run, with the one-line reason
     cursor: str | None = None  # of its event log, read so far
@@ -74,6 +73,7 @@ class Launch:
     checks: list[tuple[list[str], str]] = field(default_factory=list)  # with `assets`: (asset key path, check name)
 
 
+LOCATION_NAME = "analytics_views"  # workspace.yaml's
 REPOSITORY_NAME = "__repository__"  # Dagster's name for a Definitions object's repository
 _LAUNCH_RUN = """
 mutation LaunchRun($executionParams: ExecutionParams!) {
@@ -88,7 +88,7 @@ mutation LaunchRun($executionParams: ExecutionParams!) {
 """
 
 
-def _launch_arguments(request: Launch, output: Path) -> list[str]:
+def _launch_command(request: Launch, output: Path) -> list[str]:
     selector: dict = {"repositoryLocationName": LOCATION_NAME, "repositoryName": REPOSITORY_NAME, "jobName": request.job}
     if request.assets is not None:
         # With the checks the job holds for those assets only: left out, Dagster would add every check of the
@@ -104,7 +104,10 @@ def _launch_arguments(request: Launch, output: Path) -> list[str]:
             "executionMetadata": {"tags": [{"key": LAUNCHED_BY_TAG, "value": LAUNCHED_BY}]},
         }
     }
-    return ["-t", _LAUNCH_RUN, "-v", json.dumps(variables), "-o", str(output)]
+    return [
+        str(Path(sys.executable).parent / "dagster-graphql"),
+        *("-w", str(WORKSPACE), "-t", _LAUNCH_RUN, "-v", json.dumps(variables), "-o", str(output)),
+    ]
 
 
 def _launched_run_id(job: str, output: Path, log: str) -> str:
@@ -119,34 +122,37 @@ def _launched_run_id(job: str, output: Path, log: str) -> str:
     raise AnalyticsViewsError(f"could not launch {job}: {' '.join(reason.split())[:500]}")
 
 
-def launch(launches: list[Launch], server: CodeServer) -> list[tuple[str, int]]:
-    """Submits the runs through the code location that `server` serves, all at once; returns each run's id and
-    the process group that serves it (stop_launched stops it once the runs have ended), in order."""
+def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]:
+    """Submits the runs through the code location, all at once; returns each run's id and the process group
+    of its launcher (stop_launched stops what is left of it once the run has ended), in order."""
     with ExitStack() as stack:
         answers = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="analytics-views-launch-")))
         started: list = []
         launched: list[tuple[str, int]] = []
-        # Stopped with the server and its runs if this command stops before every run is launched (a signal,
-        # a launch that failed).
-        stack.callback(lambda: None if len(launched) == len(launches) else stop_launched([server.process_group]))
         for number, request in enumerate(launches):
-            server.check_alive()
             answer = answers / f"{number}.json"
+            # The run worker inherits this output and writes its log there after the launcher has returned: a
+            # file, not a pipe that would close under it. Its own session: a Ctrl-C in the terminal reaches
+            # this command only, which terminates the run through the instance.
             output = stack.enter_context(tempfile.TemporaryFile())
             process = subprocess.Popen(
-                code_server.launcher_command(server, _launch_arguments(request, answer)),
+                _launch_command(request, answer),
+                env=env,
                 cwd=PROJECT_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                process_group=server.process_group,  # a Ctrl-C in the terminal reaches this command only
+                start_new_session=True,
             )
+            # Left to serve its run once it is launched; stopped, with its code server and run, if this command
+            # stops before every run is launched (a signal, a launch that failed).
+            stack.callback(lambda group=process.pid: None if len(launched) == len(launches) else stop_launched([group]))
             started.append((request.job, answer, process, output))
         for job, answer, process, output in started:
-            # The launcher writes its answer once the run is submitted, then ends.
+            # The launcher writes its answer once the run is submitted, then waits for its code server, which
+            # serves the run until it ends: the answer, not the launcher's exit, says the run is launched.
             deadline = time.monotonic() + LAUNCH_TIMEOUT_S
             while _answer(answer) is None and process.poll() is None:
-                server.check_alive()
                 if time.monotonic() > deadline:
                     raise AnalyticsViewsError(
                         f"launching {job} took over {LAUNCH_TIMEOUT_S:g} s: check that the code location loads "
@@ -154,7 +160,7 @@ def launch(launches: list[Launch], server: CodeServer) -> list[tuple[str, int]]:
                     )
                 time.sleep(0.05)
             output.seek(0)
-            launched.append((_launched_run_id(job, answer, output.read().decode(errors="replace")), server.process_group))
+            launched.append((_launched_run_id(job, answer, output.read().decode(errors="replace")), process.pid))
         return launched
 
 
@@ -196,18 +202,17 @@ def wait(instance: dg.DagsterInstance, runs: list[Submitted], *, wait_s: float, 
         told: set[tuple[str, str]] = set()
         outage: float | None = None
         while pending := [run for run in runs if not run.ended]:
-            each_second = time.monotonic() - last_watch >= 1.0
             try:
                 for run in pending:
                     follow(instance, run)
                     if not run.ended and run.started:
                         _watch_pools(instance, run, wait_s, told)
-                    if not run.ended and each_second:  # it lists every process of the machine
+                    if not run.ended:
                         _notice_dead_worker(instance, run)
                 outage = None
             except Exception as error:  # noqa: BLE001 - dagster-postgres and SQLAlchemy raise many kinds
                 outage = _ride_out(error, outage)
-            if each_second:
+            if time.monotonic() - last_watch >= 1.0:
                 watch()
                 last_watch = time.monotonic()
             if time.monotonic() - last_said >= SAY_EVERY_S:
@@ -255,7 +260,7 @@ def _state(run: Submitted) -> str:
 
 
 def _notice_dead_worker(instance: dg.DagsterInstance, run: Submitted) -> None:
-    """A started run whose code server's process group is gone has no worker left (the code server that spawned
+    """A started run whose launcher's process group is gone has no worker left (the code server that spawned
     it, and it, were killed: out of memory, kill -9): report it failed now, not after max_runtime_seconds."""
     if not run.started or any(
         _process_group(p.pid) == run.process_group and p.info["status"] != psutil.STATUS_ZOMBIE  # the launcher, unreaped

@@ -75,7 +75,7 @@ def test_a_run_worker_killed_with_its_code_server_is_reported_at_once(seeded_db,
     groups = set()
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if " api grpc " in " ".join(process.info["cmdline"] or []) and (
+            if "dagster-graphql" in " ".join(process.info["cmdline"] or []) and (
                 process.environ().get("DAGSTER_HOME") == dagster_home["DAGSTER_HOME"]
             ):
                 groups.add(os.getpgid(process.pid))
