@@ -218,15 +218,13 @@ def refresh_in_dependency_order(
                 if kind == "failed":
                     failed[key] = str(payload)
                     context.log.error(f"{by_key[key].label}: {payload}")
-                    with gate.writing():
-                        yield from map(as_event, payload.events)
-                    continue  # the views reading it never become ready
-                if payload.outcome.mode != SKIPPED:
-                    refreshed.add(key)
-                done.add(key)
+                else:
+                    if payload.outcome.mode != SKIPPED:
+                        refreshed.add(key)
+                    done.add(key)
                 with gate.writing():  # Dagster writes each event as it takes it, before it asks for the next
                     yield from map(as_event, payload.events)
-                if key not in blocked:  # else the views reading it never become ready
+                if kind != "failed" and key not in blocked:  # else the views reading it never become ready
                     order.done(key)
         except BaseException:  # the run was terminated (or the step broke): start nothing more, cancel the queries
             stopping.set()
