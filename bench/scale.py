@@ -93,6 +93,14 @@ def storage_sessions(storage_url: str) -> int:
         return conn.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()").fetchone()[0]
 
 
+# What the `analytics-views` console script runs (`run`; `main` in checkouts older than it), from the checkout's own
+# folder: `python -c` puts the working directory first on sys.path.
+_CONSOLE_SCRIPT = (
+    "import sys, analytics_views.operations.cli as cli; run = getattr(cli, 'run', None); "
+    "run() if run else sys.exit(cli.main())"
+)
+
+
 class Tool:
     """`analytics-views refresh` against one N's database, instance and defs.yaml."""
 
@@ -117,7 +125,7 @@ class Tool:
 
     def command(self, *args: str, timeout_s: float = 7200) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-c", "from analytics_views.operations.cli import main; raise SystemExit(main())", *args],
+            [sys.executable, "-c", _CONSOLE_SCRIPT, *args],
             env=self.env,
             cwd=self.cwd,  # `python -c` puts the working directory first on sys.path: the project's own folder
             capture_output=True,

@@ -1,5 +1,6 @@
 """What the command line does with Dagster: refresh views as recorded runs, and report view stats."""
 
+import contextlib
 import os
 import re
 import time
@@ -16,6 +17,7 @@ from analytics_views.sql_files.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.component import LoadedViews, load_views
 from analytics_views.operations import runs
+from analytics_views.operations.launcher import SLOT_WAIT_S, Launch, Launcher, stop_launched
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.operations.migrate import LEDGER
@@ -169,16 +171,27 @@ def refresh(
     views: list[str],
     *,
     force: bool = False,
-    wait_s: float = runs.SLOT_WAIT_S,
+    wait_s: float = SLOT_WAIT_S,
     loaded: LoadedViews | None = None,
+    launcher: Launcher | None = None,
 ) -> list[RefreshReport]:
     """One run of each cadence's job for the selected views, submitted through the code location and
     recorded in the Dagster instance like a scheduled run (runs.py); waits for them to end.
 
     Views whose sources did not change since their last refresh are skipped unless `force` is set. A view
-    whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED.
+    whose pool slot another run holds is waited for at most `wait_s`, then reported FAILED. `launcher` is one
+    started beforehand with this environment (the command starts it first); None starts one here.
     """
     loaded = loaded or load_views()
+    with contextlib.ExitStack() as stack:
+        if launcher is None:
+            launcher = stack.enter_context(Launcher({**os.environ, loaded.component.database.url_env: url}))
+        return _refresh(url, views, force=force, wait_s=wait_s, loaded=loaded, launcher=launcher)
+
+
+def _refresh(
+    url: str, views: list[str], *, force: bool, wait_s: float, loaded: LoadedViews, launcher: Launcher
+) -> list[RefreshReport]:
     config, defs, url_env = loaded.config, loaded.defs, loaded.component.database.url_env
     with database.connect(url) as conn:  # fail in one line before Dagster starts a run
         if config.project_views:
@@ -190,7 +203,6 @@ def refresh(
     settings = {**refresh_settings, "url": {"env": url_env}, **({"skip_unchanged": False} if force else {})}
     lock_timeout_s = refresh_settings.get("lock_timeout_s", RefreshSettings.lock_timeout_s)  # as the run has it
     run_config = {"resources": {"analytics_db": {"config": settings}}}
-    env = {**os.environ, url_env: url}
     with instance() as dagster_instance:
         launches, chosen_views, pools = [], [], []
         for cadence in config.cadences:
@@ -205,13 +217,18 @@ def refresh(
                 if check.asset_key in chosen
             ]
             assets = None if every else [list(key.path) for key in chosen]
-            launches.append(runs.Launch(job.name, assets, run_config, checks))
+            launches.append(Launch(job.name, assets, run_config, checks))
             chosen_views.append(chosen)
             pools.append({node.name: node.definition.pool for node in job.graph.nodes})
-        launched = runs.launch(launches, env)
+        launched = launcher.launch(launches)
+        if failed := [error for error in launched if isinstance(error, AnalyticsViewsError)]:
+            # The runs it did launch, and any whose answer was lost (found by the command's tag), end now.
+            runs.terminate(dagster_instance, runs.launched_by(dagster_instance, launcher.launch_id))
+            stop_launched([launcher.process_group])
+            raise failed[0]
         submitted = [
-            runs.Submitted(run_id, launch.job, run_pools, group)
-            for (run_id, group), launch, run_pools in zip(launched, launches, pools)
+            runs.Submitted(run_id, launch.job, run_pools, launcher.process_group)
+            for run_id, launch, run_pools in zip(launched, launches, pools)
         ]
         with _watcher(url) as conn:
             told: set = set()

@@ -1,41 +1,25 @@
-"""The runs `analytics-views refresh` submits: real runs, launched through the code location.
+"""The runs `analytics-views refresh` submits, followed until they end.
 
-Each is launched as the daemon launches a scheduled run: Dagster's own GraphQL `launchRun` (run in process by
-`dagster-graphql -w workspace.yaml`, no webserver needed) loads the workspace's code location and submits the
-run, for the chosen views (an asset selection of the cadence's job), to the instance's run launcher, which
-starts a run worker with the jobs' executor. So the run carries its code-location origin (the UI's Overview
-timeline shows it, "Re-execute" runs the same job) and a tag naming who launched it. (`dagster job launch`
-selects ops, not assets: a cadence's views are one op.) The command then follows the run's events with a
-cursor, saying on stderr what it waits for: its step's pool slot held by another run (asked only while the step
-waits; at most `wait_s`, after which the run is terminated and its views reported not refreshed; a slot left to
-a run that ended is freed at once), or a lock held by another session. SIGINT or SIGTERM terminate the run as
-the UI's "Terminate" does: the run worker cancels its queries, and the views keep their previous contents.
+They are real runs, launched through the code location as the daemon launches a scheduled run (launcher.py).
+The command follows the runs' events with a cursor, saying on stderr what it waits for: its step's pool slot
+held by another run (asked only while the step waits; at most `wait_s`, after which the run is terminated and
+its views reported not refreshed; a slot left to a run that ended is freed at once), or a lock held by another
+session. SIGINT or SIGTERM terminate the runs as the UI's "Terminate" does: the run worker cancels its queries,
+and the views keep their previous contents.
 """
 
-import contextlib
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import dagster as dg
 import psutil
 
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.paths import PROJECT_ROOT
+from analytics_views.operations.launcher import LAUNCHED_BY, LAUNCH_TAG, stop_launched, process_group
 
-WORKSPACE = PROJECT_ROOT / "workspace.yaml"
-LAUNCHED_BY_TAG = "analytics_views/launched_by"
-LAUNCHED_BY = "analytics-views refresh"
-SLOT_WAIT_S = 30.0  # longest wait of `analytics-views refresh` for a view's pool slot held by another run
 STOP_GRACE_S = 10.0  # longest wait, after a signal, for the terminated runs to record their end
-LAUNCH_TIMEOUT_S = 300.0
 _POLL_S = 0.25  # how often the command reads its runs' new events (a query on a pooled connection)
 # A slot held under a run id with no run record: a run between its claim and its record, or one killed in
 # that instant; after this long, the second.
@@ -60,123 +44,6 @@ class Submitted:
     started: bool = False
     started_steps: set[str] = field(default_factory=set)
     ended: bool = False
-
-
-@dataclass(frozen=True)
-class Launch:
-    """A run to submit: `job`, only the assets `assets` (key paths) and their `checks` when given, with
-    `run_config`."""
-
-    job: str
-    assets: list[list[str]] | None
-    run_config: dict
-    checks: list[tuple[list[str], str]] = field(default_factory=list)  # with `assets`: (asset key path, check name)
-
-
-LOCATION_NAME = "analytics_views"  # workspace.yaml's
-REPOSITORY_NAME = "__repository__"  # Dagster's name for a Definitions object's repository
-_LAUNCH_RUN = """
-mutation LaunchRun($executionParams: ExecutionParams!) {
-  launchRun(executionParams: $executionParams) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on RunConfigValidationInvalid { errors { message } }
-    ... on PythonError { message }
-    ... on Error { message }
-  }
-}
-"""
-
-
-def _launch_command(request: Launch, output: Path) -> list[str]:
-    selector: dict = {"repositoryLocationName": LOCATION_NAME, "repositoryName": REPOSITORY_NAME, "jobName": request.job}
-    if request.assets is not None:
-        # With the checks the job holds for those assets only: left out, Dagster would add every check of the
-        # assets, the definition checks too (definition_checks.py), which have a job of their own.
-        selector["assetSelection"] = [{"path": path} for path in request.assets]
-        selector["assetCheckSelection"] = [
-            {"assetKey": {"path": path}, "name": name} for path, name in request.checks
-        ]
-    variables = {
-        "executionParams": {
-            "selector": selector,
-            "runConfigData": request.run_config,
-            "executionMetadata": {"tags": [{"key": LAUNCHED_BY_TAG, "value": LAUNCHED_BY}]},
-        }
-    }
-    return [
-        str(Path(sys.executable).parent / "dagster-graphql"),
-        *("-w", str(WORKSPACE), "-t", _LAUNCH_RUN, "-v", json.dumps(variables), "-o", str(output)),
-    ]
-
-
-def _launched_run_id(job: str, output: Path, log: str) -> str:
-    """The run id of `launchRun`'s answer, or one line saying why it launched nothing."""
-    answer = _answer(output)
-    if answer is None:
-        raise AnalyticsViewsError(f"could not launch {job}: {_last_error(log)}")
-    result = (answer.get("data") or {}).get("launchRun") or {}
-    if result.get("__typename") == "LaunchRunSuccess":
-        return result["run"]["runId"]
-    reason = result.get("message") or "; ".join(e["message"] for e in result.get("errors", [])) or json.dumps(answer)[:500]
-    raise AnalyticsViewsError(f"could not launch {job}: {' '.join(reason.split())[:500]}")
-
-
-def launch(launches: list[Launch], env: dict[str, str]) -> list[tuple[str, int]]:
-    """Submits the runs through the code location, all at once; returns each run's id and the process group
-    of its launcher (stop_launched stops what is left of it once the run has ended), in order."""
-    with ExitStack() as stack:
-        answers = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="analytics-views-launch-")))
-        started: list = []
-        launched: list[tuple[str, int]] = []
-        for number, request in enumerate(launches):
-            answer = answers / f"{number}.json"
-            # The run worker inherits this output and writes its log there after the launcher has returned: a
-            # file, not a pipe that would close under it. Its own session: a Ctrl-C in the terminal reaches
-            # this command only, which terminates the run through the instance.
-            output = stack.enter_context(tempfile.TemporaryFile())
-            process = subprocess.Popen(
-                _launch_command(request, answer),
-                env=env,
-                cwd=PROJECT_ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            # Left to serve its run once it is launched; stopped, with its code server and run, if this command
-            # stops before every run is launched (a signal, a launch that failed).
-            stack.callback(lambda group=process.pid: None if len(launched) == len(launches) else stop_launched([group]))
-            started.append((request.job, answer, process, output))
-        for job, answer, process, output in started:
-            # The launcher writes its answer once the run is submitted, then waits for its code server, which
-            # serves the run until it ends: the answer, not the launcher's exit, says the run is launched.
-            deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-            while _answer(answer) is None and process.poll() is None:
-                if time.monotonic() > deadline:
-                    raise AnalyticsViewsError(
-                        f"launching {job} took over {LAUNCH_TIMEOUT_S:g} s: check that the code location loads "
-                        "(`dg check defs`) and that Dagster's storage answers"
-                    )
-                time.sleep(0.05)
-            output.seek(0)
-            launched.append((_launched_run_id(job, answer, output.read().decode(errors="replace")), process.pid))
-        return launched
-
-
-def _answer(path: Path) -> dict | None:
-    """The launcher's whole answer, once written."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _last_error(text: str) -> str:
-    """The line of the launcher's output that says what went wrong."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line.split(":")[0] or line.startswith("Error")]
-    return (errors or lines or ["no output"])[-1][:500]
 
 
 # What the command follows in a run's event log: its start, its steps' starts and its end.
@@ -225,13 +92,13 @@ def wait(instance: dg.DagsterInstance, runs: list[Submitted], *, wait_s: float, 
         raise
     finally:
         # A run worker whose run has ended is only winding down (its interpreter's shutdown took 0.8 to 1.5 s
-        # here, after its last event): it is not waited for long.
+        # here, after its last event): it is not waited for.
         ended = all(run.ended for run in runs)
         stop_launched([run.process_group for run in runs], grace_s=ENDED_GRACE_S if ended else 1.0)
 
 
 SAY_EVERY_S = 30.0  # the longest the command stays silent while it waits
-ENDED_GRACE_S = 0.25  # the wait for a run worker to exit after SIGTERM once its run has ended
+ENDED_GRACE_S = 0.0  # the wait for a run worker to exit after SIGTERM once its run has ended: none, it is killed
 STORAGE_OUTAGE_S = 300.0  # the longest it waits for Dagster's storage to answer again
 
 
@@ -263,7 +130,7 @@ def _notice_dead_worker(instance: dg.DagsterInstance, run: Submitted) -> None:
     """A started run whose launcher's process group is gone has no worker left (the code server that spawned
     it, and it, were killed: out of memory, kill -9): report it failed now, not after max_runtime_seconds."""
     if not run.started or any(
-        _process_group(p.pid) == run.process_group and p.info["status"] != psutil.STATUS_ZOMBIE  # the launcher, unreaped
+        process_group(p.pid) == run.process_group and p.info["status"] != psutil.STATUS_ZOMBIE  # the launcher, unreaped
         for p in psutil.process_iter(["pid", "status"])
     ):
         return
@@ -296,43 +163,14 @@ def follow(instance: dg.DagsterInstance, run: Submitted) -> None:
         run.ended = record is not None and record.is_finished
 
 
-def stop_launched(process_groups: list[int], grace_s: float = 1.0) -> None:
-    """Stops what the launchers left once their runs have ended: the code server a launcher started serves its
-    run until the run ends, and was seen to outlive it (after a terminated run), deaf to SIGTERM (its gRPC
-    server's shutdown waits on its heartbeat thread). A run worker gets `grace_s` at most after SIGTERM; then
-    it is killed, with the code servers and their multiprocessing helpers, which have nothing left to do."""
-    left = [p for p in psutil.process_iter(["pid"]) if _process_group(p.pid) in process_groups]
-    servers = [p for p in left if _serves_runs_only(p)]
-    others = [p for p in left if p not in servers]
-    for process in others:
-        with contextlib.suppress(psutil.NoSuchProcess):  # it may end between the listing and the signal
-            process.terminate()
-    _, alive = psutil.wait_procs(others, timeout=grace_s)
-    for process in alive + servers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(alive + servers, timeout=grace_s)
-
-
-def _serves_runs_only(process: psutil.Process) -> bool:
-    """A code server (`dagster api grpc`) or its multiprocessing resource tracker."""
-    try:
-        command = " ".join(process.cmdline())
-    except psutil.Error:  # ended meanwhile
-        return False
-    return " api grpc " in command or "multiprocessing.resource_tracker" in command
-
-
-def _process_group(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except OSError:
-        return None
-
-
 def _finished(instance: dg.DagsterInstance, run_id: str) -> bool:
     run = instance.get_run_by_id(run_id)
     return run is not None and run.is_finished
+
+
+def launched_by(instance: dg.DagsterInstance, launch_id: str) -> list[str]:
+    """The runs one command launched (Launcher.launch_id), whether or not their launch was answered."""
+    return [run.run_id for run in instance.get_runs(dg.RunsFilter(tags={LAUNCH_TAG: launch_id}))]
 
 
 def terminate(instance: dg.DagsterInstance, run_ids: list[str]) -> None:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from analytics_views.postgres.refresh import ADVISORY_LOCK_NAMESPACE
-from analytics_views.operations.runs import LAUNCHED_BY_TAG
+from analytics_views.operations.launcher import LAUNCHED_BY_TAG
 from analytics_views.operations.services import prepare_dagster_home
 from analytics_views_tests.postgres.test_reliability import held, in_thread, wait_for_activity
 
@@ -43,7 +43,8 @@ def left_behind(dagster_home: dict[str, str], grace_s: float = 10) -> list[str]:
         for process in psutil.process_iter(["cmdline"]):
             try:
                 cmdline = " ".join(process.info["cmdline"] or [])
-                if "dagster" in cmdline and process.environ().get("DAGSTER_HOME") == dagster_home["DAGSTER_HOME"]:
+                ours = "dagster" in cmdline or "analytics_views.operations.launcher" in cmdline
+                if ours and process.environ().get("DAGSTER_HOME") == dagster_home["DAGSTER_HOME"]:
                     left.append(cmdline[:120])
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
@@ -187,6 +188,13 @@ def test_unreachable_database_is_one_line_naming_the_fix(args):
 def test_unknown_view_is_one_line_listing_the_views(seeded_db):
     result = run("refresh", "daily_aggregations", "dayly_aggregations", DATABASE_URL=seeded_db)
     assert_one_line_error(result, "unknown view 'dayly_aggregations'", "daily_aggregations")
+
+
+def test_a_mistake_found_after_the_launcher_started_leaves_no_process_behind(seeded_db, dagster_home):
+    # The launcher starts first (launcher.py) and loads the code location while the command checks its arguments.
+    result = run("refresh", "dayly_aggregations", DATABASE_URL=seeded_db, **dagster_home)
+    assert_one_line_error(result, "unknown view 'dayly_aggregations'")
+    assert left_behind(dagster_home, grace_s=2) == []
 
 
 def test_stats_on_a_database_never_migrated_says_to_migrate(empty_db):

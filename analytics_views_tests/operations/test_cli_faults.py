@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from analytics_views.operations import runs
+from analytics_views.operations import launcher
 from analytics_views_tests.operations.test_cli import dagster_home, left_behind  # noqa: F401 - a fixture
 
 COMMAND = str(Path(sys.executable).parent / "analytics-views")
@@ -75,7 +75,7 @@ def test_a_run_worker_killed_with_its_code_server_is_reported_at_once(seeded_db,
     groups = set()
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if "dagster-graphql" in " ".join(process.info["cmdline"] or []) and (
+            if "analytics_views.operations.launcher" in " ".join(process.info["cmdline"] or []) and (
                 process.environ().get("DAGSTER_HOME") == dagster_home["DAGSTER_HOME"]
             ):
                 groups.add(os.getpgid(process.pid))
@@ -100,9 +100,9 @@ def test_stopping_what_a_launcher_left_tolerates_a_process_that_already_ended(mo
     process = psutil.Process(child.pid)
     child.kill()
     child.wait()  # gone between the listing and the signal, as under load
-    monkeypatch.setattr(runs.psutil, "process_iter", lambda *args, **kwargs: [process])
-    monkeypatch.setattr(runs, "_process_group", lambda pid: child.pid)
-    runs.stop_launched([child.pid], grace_s=0.1)  # no psutil.NoSuchProcess
+    monkeypatch.setattr(launcher.psutil, "process_iter", lambda *args, **kwargs: [process])
+    monkeypatch.setattr(launcher, "process_group", lambda pid: child.pid)
+    launcher.stop_launched([child.pid], grace_s=0.1)  # no psutil.NoSuchProcess
 
 
 # Twenty calls at once (issue 25): the same views and different ones, forced and not.

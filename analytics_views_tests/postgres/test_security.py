@@ -13,7 +13,7 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 from psycopg import sql
 
-from analytics_views.operations.runs import LAUNCHED_BY_TAG
+from analytics_views.operations.launcher import LAUNCHED_BY_TAG
 from analytics_views.postgres.embedded import embedded_server
 from analytics_views.operations.migrate import migrate
 from analytics_views.postgres.refresh import CONCURRENT, refresh_view
