@@ -21,6 +21,7 @@ imports it before anything else.
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import yaml
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.paths import PROJECT_ROOT
@@ -41,6 +43,8 @@ LAUNCHED_BY_TAG = "analytics_views/launched_by"
 LAUNCHED_BY = "analytics-views refresh"
 SLOT_WAIT_S = 30.0  # longest wait of `analytics-views refresh` for a view's pool slot held by another run
 LAUNCH_TIMEOUT_S = 300.0
+ANSWER = "answer.json"  # in the launcher's directory
+KILLED_WAIT_S = 2.0  # the longest wait, on close, for a launcher stopped with its runs' end to be gone
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,15 @@ class Launcher:
 
     def __init__(self, env: dict[str, str]):
         self._stack = ExitStack()
-        answers = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="analytics-views-launch-")))
-        self._answer = answers / "answer.json"
+        # Its answer, and the code server's socket and workspace: a short path, as a socket's must be (108 bytes).
+        self._directory = Path(tempfile.mkdtemp(prefix="av-launch-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self._answer = self._directory / ANSWER
         # The run worker inherits this output and writes its log there after the launcher has returned: a file,
         # not a pipe that would close under it. Its own session: a Ctrl-C in the terminal reaches this command
         # only, which terminates the runs through the instance.
         self._output = self._stack.enter_context(tempfile.TemporaryFile())
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "analytics_views.operations.launcher", "-w", str(WORKSPACE), "-o", str(self._answer)],
+            [sys.executable, "-m", "analytics_views.operations.launcher", str(self._directory)],
             env=env,
             cwd=PROJECT_ROOT,
             stdin=subprocess.PIPE,
@@ -169,6 +174,10 @@ class Launcher:
             with contextlib.suppress(BrokenPipeError):
                 self._process.stdin.close()
             self._process.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed with its runs' end: gone in milliseconds
+            self._process.wait(timeout=KILLED_WAIT_S)
+        if self._process.poll() is not None:  # else it serves runs still, and removes it once they have ended
+            shutil.rmtree(self._directory, ignore_errors=True)
         self._stack.close()
 
 
@@ -222,21 +231,78 @@ def process_group(pid: int) -> int | None:
 
 
 def main() -> None:
-    """The launcher process: dagster-graphql, with its document read once the workspace has loaded."""
-    import dagster_graphql.cli as graphql_cli
+    """The launcher process: starts the code server, then imports dagster-graphql while the server loads the
+    definitions; runs the document it reads once the workspace has loaded; then waits for the server, which
+    serves the runs until they end."""
+    directory = Path(sys.argv[1])
+    try:
+        server, workspace, location_name = _start_code_server(directory)
+        import dagster_graphql.cli as graphql_cli
 
-    execute_query = graphql_cli.execute_query_from_cli
+        execute_query = graphql_cli.execute_query_from_cli
+        requested = []
 
-    def execute_query_from_stdin(workspace_process_context, query, variables=None, output=None):
-        line = sys.stdin.readline().strip()
-        if not line:  # the command stopped before it launched anything
-            return None
-        request = json.loads(line)
-        return execute_query(workspace_process_context, request["query"], json.dumps(request["variables"]), output)
+        def execute_query_from_stdin(workspace_process_context, query, variables=None, output=None):
+            line = sys.stdin.readline().strip()
+            if not line:  # the command stopped before it launched anything
+                return None
+            requested.append(json.loads(line))
+            document = requested[0]
+            answer = execute_query(workspace_process_context, document["query"], json.dumps(document["variables"]), output)
+            # The server ends once the runs it started have ended (ShutdownServer), as a code server dagster-graphql
+            # starts itself does when dagster-graphql is done.
+            graphql_cli.execute_query(workspace_process_context, _SHUT_DOWN_ONCE_RUNS_END, {"location": location_name})
+            return answer
 
-    graphql_cli.execute_query_from_cli = execute_query_from_stdin
-    sys.argv = ["dagster-graphql", *sys.argv[1:], "--text", "read from standard input once the workspace has loaded"]
-    graphql_cli.main()
+        graphql_cli.execute_query_from_cli = execute_query_from_stdin
+        _wait_until_serving(server, workspace.parent / "code.sock")
+        sys.argv = ["dagster-graphql", "-w", str(workspace), "-o", str(directory / ANSWER), "--text", "read from stdin"]
+        try:
+            graphql_cli.main()
+        except SystemExit as done:
+            if done.code:
+                raise
+        if requested:
+            server.wait()  # it serves the runs until they end, then stops
+        else:
+            server.kill()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_until_serving(server: subprocess.Popen, socket: Path) -> None:
+    """Until the server listens (it opens its socket once it has loaded the definitions); its error, printed
+    to this launcher's output, and exit 1, if it ended."""
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not socket.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(1)  # its output, this launcher's, says why
+        time.sleep(0.02)
+
+
+def _start_code_server(directory: Path) -> tuple[subprocess.Popen, Path, str]:
+    """workspace.yaml's code location, served on a socket in `directory` by a code server started now, and a
+    workspace naming it under the same location name (so the runs carry the same code location)."""
+    (location,) = [entry["python_module"] for entry in yaml.safe_load(WORKSPACE.read_text())["load_from"]]
+    socket, workspace = directory / "code.sock", directory / "workspace.yaml"
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "dagster", "api", "grpc",
+            *("-m", location["module_name"], "-a", location["attribute"]),
+            *("--socket", str(socket), "--location-name", location["location_name"]),
+            *("--heartbeat", "--heartbeat-timeout", str(int(2 * LAUNCH_TIMEOUT_S))),
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    workspace.write_text(
+        yaml.safe_dump({"load_from": [{"grpc_server": {"socket": str(socket), "location_name": location["location_name"]}}]})
+    )
+    return server, workspace, location["location_name"]
+
+
+_SHUT_DOWN_ONCE_RUNS_END = """
+mutation ShutDown($location: String!) { shutdownRepositoryLocation(repositoryLocationName: $location) { __typename } }
+"""
 
 
 if __name__ == "__main__":

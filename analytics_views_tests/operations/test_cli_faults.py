@@ -157,4 +157,5 @@ def test_twenty_refreshes_at_once_report_without_traceback_never_overlap_and_lea
         if call.returncode == 0:
             assert all(": refreshed (" in line or ": skipped (" in line for line in lines), out
     assert seen and max(seen.values()) == 1, seen  # no view refreshed by two calls at once
-    assert left_behind(dagster_home, grace_s=30) == []
+    ended = [f"{' '.join(selection)}: exit {call.returncode}, {(err.strip().splitlines() or [''])[-1][:200]}" for selection, call, (out, err) in zip(SELECTIONS, calls, outputs)]
+    assert left_behind(dagster_home, grace_s=30) == [], ended
