@@ -1,21 +1,23 @@
 """How `analytics-views refresh` launches its runs through the code location, and stops what the launch left.
 
-The launcher is `dagster-graphql`, run by this module (`python -m analytics_views.operations.launcher -w
-workspace.yaml -o ANSWER`) as the daemon launches a scheduled run: Dagster's GraphQL `launchRun` loads the
-workspace's code location (a code server it starts) and submits each run, for the chosen views (an asset
-selection of the cadence's job), to the instance's run launcher, which starts a run worker from that code
+The launcher (`python -m analytics_views.operations.launcher DIRECTORY`) runs `dagster-graphql` as the daemon
+launches a scheduled run: Dagster's GraphQL `launchRun` submits each run, for the chosen views (an asset
+selection of the cadence's job), to the instance's run launcher, which starts a run worker from the code
 server. So the run carries its code-location origin (the UI's Overview timeline shows it, "Re-execute" runs the
 same job) and tags naming who launched it. (`dagster job launch` selects ops, not assets: a cadence's views are
 one op.)
 
-`dagster-graphql` reads its GraphQL document and variables from its arguments, before it imports and loads the
-workspace (its imports, then the code server, which loads the definitions: seconds at hundreds of views). This
-one reads them (one JSON line, `{"query": ..., "variables": ...}`) from its standard input once the workspace has
-loaded, so that the command starts it first, before its own imports, and works out what to launch meanwhile;
-an empty line or a closed input launches nothing. It is built on `dagster_graphql.cli` (`main`, the console
-script, and `execute_query_from_cli`, which `main` calls once the workspace has loaded): dagster-graphql has no
-option to read the document later (no upstream issue found). This module imports no Dagster: the command
-imports it before anything else.
+It is started first, before the command imports Dagster, and it starts the code server of workspace.yaml's
+location before its own imports (`dagster api grpc` on a socket in DIRECTORY, reached through a `grpc_server:`
+workspace under the same location name): the server loads the definitions while the launcher and the command
+import Dagster. `dagster-graphql` reads its GraphQL document from its arguments; this one reads it (one JSON
+line, `{"query": ..., "variables": ...}`) from its standard input once the workspace has loaded, so that the
+command works out what to launch meanwhile; an empty line or a closed input launches nothing. Once the runs are
+launched it asks the server to end when they have (`shutdownRepositoryLocation`, as dagster-graphql does with a
+server it starts), and waits for it. Built on `dagster_graphql.cli` (`main`, the console script, and
+`execute_query_from_cli`, which `main` calls once the workspace has loaded, and `execute_query`): dagster-graphql
+has no option to read the document later (no upstream issue found). This module imports no Dagster at its top:
+the command imports it before anything else.
 """
 
 import contextlib
@@ -250,8 +252,10 @@ def main() -> None:
             document = requested[0]
             answer = execute_query(workspace_process_context, document["query"], json.dumps(document["variables"]), output)
             # The server ends once the runs it started have ended (ShutdownServer), as a code server dagster-graphql
-            # starts itself does when dagster-graphql is done.
-            graphql_cli.execute_query(workspace_process_context, _SHUT_DOWN_ONCE_RUNS_END, {"location": location_name})
+            # starts itself does when dagster-graphql is done. Failing that, the command stops it with its runs'
+            # end, or its heartbeat timeout does.
+            with contextlib.suppress(Exception):
+                graphql_cli.execute_query(workspace_process_context, _SHUT_DOWN_ONCE_RUNS_END, {"location": location_name})
             return answer
 
         graphql_cli.execute_query_from_cli = execute_query_from_stdin
@@ -260,7 +264,8 @@ def main() -> None:
         try:
             graphql_cli.main()
         except SystemExit as done:
-            if done.code:
+            if done.code:  # the workspace did not load: no run was launched
+                server.kill()
                 raise
         if requested:
             server.wait()  # it serves the runs until they end, then stops
@@ -276,6 +281,7 @@ def _wait_until_serving(server: subprocess.Popen, socket: Path) -> None:
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while not socket.exists():
         if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
             raise SystemExit(1)  # its output, this launcher's, says why
         time.sleep(0.02)
 
