@@ -47,6 +47,10 @@ def commands(text: str) -> list[list[str]]:
     return [command for command in found if command]
 
 
+# What ./bootstrap installs into .venv/bin (pyproject.toml's dependencies), when the tests run from elsewhere.
+INSTALLED_BY_BOOTSTRAP = {"analytics-views", "dagster-webserver", "dagster-daemon", "pytest", "dg", "dagster"}
+
+
 SHELL_COMMANDS = [(where, command) for where, text in blocks("sh") for command in commands(text)]
 
 
@@ -64,10 +68,6 @@ def test_every_command_in_the_docs_is_one_that_exists(where, command):
         assert (PROJECT_ROOT / program).is_file() or program.removeprefix(".venv/bin/") in INSTALLED_BY_BOOTSTRAP, where
     else:
         assert (PROJECT_ROOT / program).is_file(), f"{where}: {program}"
-
-
-# What ./bootstrap installs into .venv/bin (pyproject.toml's dependencies), when the tests run from elsewhere.
-INSTALLED_BY_BOOTSTRAP = {"analytics-views", "dagster-webserver", "dagster-daemon", "pytest", "dg", "dagster"}
 
 
 YAML_BLOCKS = blocks("yaml")

@@ -183,15 +183,6 @@ def refresh(
     started beforehand with this environment (the command starts it first); None starts one here.
     """
     loaded = loaded or load_views()
-    with contextlib.ExitStack() as stack:
-        if launcher is None:
-            launcher = stack.enter_context(Launcher({**os.environ, loaded.component.database.url_env: url}))
-        return _refresh(url, views, force=force, wait_s=wait_s, loaded=loaded, launcher=launcher)
-
-
-def _refresh(
-    url: str, views: list[str], *, force: bool, wait_s: float, loaded: LoadedViews, launcher: Launcher
-) -> list[RefreshReport]:
     config, defs, url_env = loaded.config, loaded.defs, loaded.component.database.url_env
     with database.connect(url) as conn:  # fail in one line before Dagster starts a run
         if config.project_views:
@@ -203,7 +194,8 @@ def _refresh(
     settings = {**refresh_settings, "url": {"env": url_env}, **({"skip_unchanged": False} if force else {})}
     lock_timeout_s = refresh_settings.get("lock_timeout_s", RefreshSettings.lock_timeout_s)  # as the run has it
     run_config = {"resources": {"analytics_db": {"config": settings}}}
-    with instance() as dagster_instance:
+    given = contextlib.nullcontext(launcher) if launcher else Launcher({**os.environ, url_env: url})
+    with given as launcher, instance() as dagster_instance:
         launches, chosen_views, pools = [], [], []
         for cadence in config.cadences:
             chosen = {_key(view): view for view in managed if view.cadence == cadence.name and view.label in views}

@@ -45,7 +45,7 @@ LAUNCHED_BY_TAG = "analytics_views/launched_by"
 LAUNCHED_BY = "analytics-views refresh"
 SLOT_WAIT_S = 30.0  # longest wait of `analytics-views refresh` for a view's pool slot held by another run
 LAUNCH_TIMEOUT_S = 300.0
-ANSWER = "answer.json"  # in the launcher's directory
+ANSWER, SOCKET = "answer.json", "code.sock"  # in the launcher's directory
 KILLED_WAIT_S = 2.0  # the longest wait, on close, for a launcher stopped with its runs' end to be gone
 
 
@@ -140,6 +140,8 @@ class Launcher:
 
     def launch(self, launches: list[Launch]) -> list[str | AnalyticsViewsError]:
         """Submits the runs, each a run id, or the error saying why it was not launched, in order."""
+        if not launches:  # nothing to send: closing stops the launcher
+            return []
         self._sent = True
         with contextlib.suppress(BrokenPipeError):  # it ended already: its output says why
             try:
@@ -156,13 +158,14 @@ class Launcher:
                     "check that the code location loads (`dg check defs`) and that Dagster's storage answers"
                 )
             time.sleep(0.05)
-        results = (answer or {}).get("data") or {}
+        if answer is None:  # it ended without answering
+            self._output.seek(0)
+            reason = _last_error(self._output.read().decode(errors="replace"))
+            return [AnalyticsViewsError(f"could not launch {request.job}: {reason}") for request in launches]
+        results = answer.get("data") or {}
         launched: list[str | AnalyticsViewsError] = []
         for number, request in enumerate(launches):
             try:
-                if answer is None:
-                    self._output.seek(0)
-                    raise AnalyticsViewsError(f"could not launch {request.job}: {_last_error(self._output.read().decode(errors='replace'))}")
                 launched.append(_launched_run_id(request.job, results.get(f"run{number}") or answer))
             except AnalyticsViewsError as error:
                 launched.append(error)
@@ -175,8 +178,7 @@ class Launcher:
                 os.killpg(self.process_group, signal.SIGKILL)
             with contextlib.suppress(BrokenPipeError):
                 self._process.stdin.close()
-            self._process.wait()
-        with contextlib.suppress(subprocess.TimeoutExpired):  # killed with its runs' end: gone in milliseconds
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed, here or with its runs' end: milliseconds
             self._process.wait(timeout=KILLED_WAIT_S)
         if self._process.poll() is not None:  # else it serves runs still, and removes it once they have ended
             shutil.rmtree(self._directory, ignore_errors=True)
@@ -248,8 +250,8 @@ def main() -> None:
             line = sys.stdin.readline().strip()
             if not line:  # the command stopped before it launched anything
                 return None
-            requested.append(json.loads(line))
-            document = requested[0]
+            document = json.loads(line)
+            requested.append(document)
             answer = execute_query(workspace_process_context, document["query"], json.dumps(document["variables"]), output)
             # The server ends once the runs it started have ended (ShutdownServer), as a code server dagster-graphql
             # starts itself does when dagster-graphql is done. Failing that, the command stops it with its runs'
@@ -259,7 +261,7 @@ def main() -> None:
             return answer
 
         graphql_cli.execute_query_from_cli = execute_query_from_stdin
-        _wait_until_serving(server, workspace.parent / "code.sock")
+        _wait_until_serving(server, directory / SOCKET)
         sys.argv = ["dagster-graphql", "-w", str(workspace), "-o", str(directory / ANSWER), "--text", "read from stdin"]
         try:
             graphql_cli.main()
@@ -290,7 +292,7 @@ def _start_code_server(directory: Path) -> tuple[subprocess.Popen, Path, str]:
     """workspace.yaml's code location, served on a socket in `directory` by a code server started now, and a
     workspace naming it under the same location name (so the runs carry the same code location)."""
     (location,) = [entry["python_module"] for entry in yaml.safe_load(WORKSPACE.read_text())["load_from"]]
-    socket, workspace = directory / "code.sock", directory / "workspace.yaml"
+    socket, workspace = directory / SOCKET, directory / "workspace.yaml"
     server = subprocess.Popen(
         [
             sys.executable, "-m", "dagster", "api", "grpc",
