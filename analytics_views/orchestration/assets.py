@@ -11,6 +11,8 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -65,6 +67,27 @@ def refresh_step_name(cadence: Cadence) -> str:
     return f"refresh_{cadence.name}_views"
 
 
+@dataclass(frozen=True)
+class ViewAsset:
+    """A view as its cadence's multi-asset holds it: the view, its spec (the translator's) and its data tests."""
+
+    view: ViewDefinition
+    spec: dg.AssetSpec
+    data_tests: tuple = ()
+
+    @property
+    def key(self) -> dg.AssetKey:
+        return self.spec.key
+
+    @property
+    def reads(self) -> list[dg.AssetKey]:
+        return [dep.asset_key for dep in self.spec.deps]
+
+
+# What refreshes a selection of a multi-asset's views: `refresh_views`, or a component's `execute`.
+Execute = Callable[[dg.AssetExecutionContext, AnalyticsDatabase, Sequence[ViewAsset]], Iterator]
+
+
 def views_asset(
     cadence: Cadence,
     views: list[ViewDefinition],
@@ -73,40 +96,37 @@ def views_asset(
     *,
     name: str | None = None,
     pool: str | None = None,
+    execute: "Execute | None" = None,
 ) -> dg.AssetsDefinition:
     """The cadence's views as one subsettable multi-asset: each view its own asset (the translator's spec) with
-    its `unique_index` check and data tests, all refreshed by one step over a pool of connections
-    (refresh_step.py), which yields each view's materialization and checks as it is done. Materializing one
-    view or a selection (the UI, the CLI) runs the step for those views only.
+    its `unique_index` check and data tests, all refreshed by one step, which calls `execute` (default
+    `refresh_views`) with the views selected. Materializing one view or a selection (the UI, the CLI) runs the
+    step for those views only.
 
     `data_tests_dir` is where discovered views' data tests live (the defs.yaml's `data_tests`). The static
     checks and `matches_discovery` are definition_checks.py's: they follow the views' definitions, not their rows.
     """
-    specs, check_specs, tests, by_key = [], [], {}, {}
+    assets, check_specs = [], []
     for view in views:
         spec = translator.get_asset_spec(view, cadence)
-        key = spec.key
-        by_key[key] = view
-        specs.append(spec)
-        tests[key] = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
+        tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
+        assets.append(ViewAsset(view, spec, tests))
         check_specs.append(
             dg.AssetCheckSpec(
                 UNIQUE_INDEX_CHECK,
-                asset=key,
+                asset=spec.key,
                 description="The view has a unique index that REFRESH MATERIALIZED VIEW CONCURRENTLY can use "
                 "(unique, valid, no WHERE clause, plain columns).",
                 blocking=True,  # ERROR: the views reading it are not refreshed after it failed
             )
         )
-        check_specs.extend(view_checks.data_test_specs(key, tests[key]))
-    key_of = {view.label: key for key, view in by_key.items()}
-    code_versions = {spec.key: spec.code_version for spec in specs}
-    reads = {spec.key: [dep.asset_key for dep in spec.deps] for spec in specs}
+        check_specs.extend(view_checks.data_test_specs(spec.key, tests))
+    execute = execute or refresh_views
 
     @dg.multi_asset(
         name=name or refresh_step_name(cadence),
         description=f"Refreshes the {cadence.name} materialized views, each once the views it reads are done.",
-        specs=specs,
+        specs=[asset.spec for asset in assets],
         check_specs=check_specs,
         can_subset=True,
         # One run of a cadence's step at a time across all runs (dagster.yaml: pools default_limit 1); within
@@ -115,20 +135,29 @@ def views_asset(
         pool=pool or f"refresh_{cadence.name}_views",
     )
     def refresh(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase):
-        selected = [view for key, view in by_key.items() if key in context.selected_asset_keys]
-        checks = set(context.selected_asset_check_keys)
-        inputs = InputVersions.read(context.instance, {dep for view in selected for dep in reads[key_of[view.label]]})
-
-        def refresh_one(conn, view: ViewDefinition, last_metadata: dict, options: dict) -> ViewRefresh:
-            key = key_of[view.label]
-            versions = Versions(code_versions[key], inputs.tags(reads[key]))
-            done = refresh_and_check(conn, view, key, analytics_db, last_metadata, options, tests[key], checks, versions)
-            inputs.refreshed(key, done.events)  # a view reading this one in the run reads its new version
-            return done
-
-        yield from refresh_in_dependency_order(context, analytics_db, selected, refresh_one, lambda view: key_of[view.label])
+        yield from execute(context, analytics_db, [asset for asset in assets if asset.key in context.selected_asset_keys])
 
     return refresh
+
+
+def refresh_views(context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase, views: Sequence[ViewAsset]) -> Iterator:
+    """Refreshes `views` in dependency order over a pool of connections (refresh_step.py), each with its
+    `unique_index` check, data version, provenance and the data tests the run selected; yields each view's
+    events as it is done, then fails naming the views that failed or were left out."""
+    checks = set(context.selected_asset_check_keys)
+    inputs = InputVersions.read(context.instance, {dep for asset in views for dep in asset.reads})
+    by_label = {asset.view.label: asset for asset in views}
+
+    def refresh_one(conn, view: ViewDefinition, last_metadata: dict, options: dict) -> ViewRefresh:
+        asset = by_label[view.label]
+        versions = Versions(asset.spec.code_version, inputs.tags(asset.reads))
+        done = refresh_and_check(conn, view, asset.key, analytics_db, last_metadata, options, asset.data_tests, checks, versions)
+        inputs.refreshed(asset.key, done.events)  # a view reading this one in the run reads its new version
+        return done
+
+    yield from refresh_in_dependency_order(
+        context, analytics_db, [asset.view for asset in views], refresh_one, lambda view: by_label[view.label].key
+    )
 
 
 def refresh_and_check(
@@ -305,14 +334,14 @@ def build_sources(config: ManagedConfig, translator: ViewTranslator = ViewTransl
 
 
 def build_assets(
-    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator()
+    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator(), execute: "Execute | None" = None
 ) -> list[dg.AssetsDefinition]:
     """Every managed view (default: this project's), one multi-asset per cadence, as `translator` makes them;
     discovered ones from the state file only. The sources they read are observed_sources.py's."""
     config = config or ManagedConfig()
     managed = managed_views(config)
     return [
-        views_asset(cadence, on_it, config.data_tests, translator)
+        views_asset(cadence, on_it, config.data_tests, translator, execute=execute)
         for cadence in config.cadences
         if (on_it := [view for view in managed.views if view.cadence == cadence.name])
     ]

@@ -19,10 +19,11 @@ name another defs.yaml to load in its place (the tests use it, and the runs the 
 """
 
 import asyncio
+import importlib
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +36,22 @@ from dagster.components import DefsStateConfig, DefsStateConfigArgs, ResolvedDef
 from pydantic import Field, PrivateAttr, field_validator
 
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.orchestration.build import build_definitions
+from analytics_views.orchestration import definition_checks
+from analytics_views.orchestration.assets import ViewAsset, build_assets, build_sources, refresh_views
 from analytics_views.orchestration.destinations import Email, Slack, Webhook
-from analytics_views.orchestration.notifications import KINDS, NotificationSettings
+from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, automation_sensor, build_jobs, build_schedules
+from analytics_views.orchestration.notifications import KINDS, NotificationSettings, notification_sensors
+from analytics_views.orchestration.observed_sources import observed_sources
 from analytics_views.orchestration.translator import ViewOverride, ViewTranslator, ViewTranslatorSettings
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.paths import DEFS_ENV, DEFS_YAML, PROJECT_ROOT, defs_yaml_in_use
 from analytics_views.postgres.database import database_url_from_env
 from analytics_views.postgres.refresh import RefreshSettings
-from analytics_views.sql_files.discovery import discover, state_text
+from analytics_views.sql_files.discovery import discover, managed_views, state_text
 from analytics_views.sql_files.managed import ManagedConfig, managed_config
 
 COMPONENT_TYPE = "analytics_views.MaterializedViewsComponent"
+DATABASE_RESOURCE = "analytics_db"
 OLD_CONFIG_ENV = "ANALYTICS_VIEWS_CONFIG"  # named a views.toml before the component; refused with the fix
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -188,6 +193,11 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
         default_factory=dict,
         description="Per-view asset attributes by pattern (as in `cadence`); every matching pattern applies, in order.",
     )
+    translator_class: str | None = Field(
+        default=None,
+        description="A ViewTranslator subclass deciding what each view's asset shows (group, owners, tags, ...), "
+        "as module.Class (e.g. finance_views.FinanceTranslator); it gets `translation:` too. Unset: ViewTranslator.",
+    )
     notifications: NotificationsSettings | None = Field(
         default=None, description="Email, Slack and webhook notices of failed runs and checks and late views."
     )
@@ -229,17 +239,37 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             raise AnalyticsViewsError(f"{path} is not valid YAML{where}: fix it") from None
         except RecursionError:
             raise AnalyticsViewsError(f"{path} nests deeper than a defs.yaml can: fix it") from None
-        if not isinstance(document, dict) or document.get("type") not in (COMPONENT_TYPE, f"{__name__}.{cls.__name__}", f"{cls.__module__}.{cls.__qualname__}"):
-            raise AnalyticsViewsError(f"{path}: type must be {COMPONENT_TYPE}, with its settings under attributes:")
+        component_type = cls.named_by(document.get("type") if isinstance(document, dict) else None)
+        if component_type is None:
+            raise AnalyticsViewsError(
+                f"{path}: type must be {COMPONENT_TYPE} or a subclass of it (module.Class), with its settings under attributes:"
+            )
         if unknown := sorted(set(map(str, document)) - DEFS_YAML_KEYS):
             raise AnalyticsViewsError(
                 f"{path}: unknown top-level key {unknown[0]!r}: a defs.yaml holds {', '.join(sorted(DEFS_YAML_KEYS))} "
                 "(the settings go under attributes:)"
             )
         with one_line_errors(path):
-            component = cls.from_attributes_dict(attributes=document.get("attributes") or {})
+            component = component_type.from_attributes_dict(attributes=document.get("attributes") or {})
         component._defs_yaml = path
         return component
+
+    @classmethod
+    def named_by(cls, type_name: object) -> "type[MaterializedViewsComponent] | None":
+        """The class a defs.yaml's `type:` names, as Dagster's loader finds it: this one, or a subclass of it
+        imported from its module (a team's subclass overriding `translator` or `execute`); None if it names neither."""
+        if type_name in (COMPONENT_TYPE, f"{cls.__module__}.{cls.__qualname__}"):
+            return cls
+        module_name, _, class_name = str(type_name).rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None) if module_name else None
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                return None
+            raise AnalyticsViewsError(f"type: cannot import {module_name} ({error}): install what it imports") from None
+        except Exception as error:  # noqa: BLE001 - the team's module failed while importing
+            raise AnalyticsViewsError(f"type: cannot import {module_name} ({type(error).__name__}: {error}): fix it") from None
+        return found if isinstance(found, type) and issubclass(found, cls) else None
 
     @property
     def defs_yaml(self) -> Path:
@@ -346,24 +376,74 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
         return self.definitions(state_path)
 
     def definitions(self, state_file: Path | None) -> dg.Definitions:
-        """The definitions of the settings, with the views made elsewhere as the state at `state_file` has them."""
+        """Everything Dagster needs, with the views made elsewhere as the state at `state_file` has them: each
+        view's asset as `translator()` makes it, refreshed by `execute`, a multi-asset per cadence; the sources
+        they read, observed; the definition checks; a job and schedule per cadence with views; the
+        `analytics_db` resource; with notifications, a sensor per destination (notifications.py)."""
         config = self.managed_config(state_file)
-        defs = build_definitions(
-            config, translator=self.translator(), database=self.analytics_db, notifications=self.notification_settings()
+        translator = self.translator()
+        jobs = build_jobs(config)
+        views = list(managed_views(config).views)
+        sources = observed_sources(build_sources(config, translator))
+        notifications = self.notification_settings()
+        defs = dg.Definitions(
+            assets=[*([sources.asset] if sources else []), *build_assets(config, translator, self.execute)],
+            asset_checks=[definition_checks.definition_checks(views)] if views else [],
+            jobs=[
+                *jobs.values(),
+                *([definition_checks.definition_checks_job(views)] if views else []),
+                *([sources.job] if sources else []),
+            ],
+            schedules=build_schedules(jobs),
+            sensors=[
+                *([sources.sensor] if sources else []),
+                *automation_sensor(config),
+                *([definition_checks.definition_checks_sensor(views)] if views else []),
+                *(notification_sensors(notifications, config) if notifications else []),
+            ],
+            resources={DATABASE_RESOURCE: self.analytics_db},
+            # Also for views materialized by hand in the UI (Dagster's implicit asset job).
+            executor=REFRESH_EXECUTOR,
         )
         self._built = config
         return defs
 
+    def execute(self, context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase, views: Sequence[ViewAsset]) -> Iterator:
+        """What a cadence's step does with the views selected in its run: refreshes them in dependency order over
+        a pool of connections, yielding each view's materialization and check results as it is done
+        (`assets.refresh_views`). A subclass may wrap it, as dagster-sling's component lets `execute` be:
+
+            class AuditedViews(MaterializedViewsComponent):
+                def execute(self, context, analytics_db, views):
+                    context.log.info(f"refreshing {len(views)} views")
+                    yield from super().execute(context, analytics_db, views)
+        """
+        yield from refresh_views(context, analytics_db, views)
+
     def translator(self) -> ViewTranslator:
         """What each view's asset is called and shows (translator.py), with the defs.yaml's per-view
-        `translation:`. The override point of a team's subclass, which its defs.yaml names as its `type:`, so
-        the defs.yaml configures everything else still:
+        `translation:`: the `translator_class` the defs.yaml names, or ViewTranslator. A team's subclass of the
+        component may override this instead; its defs.yaml names the subclass as its `type:` and configures
+        everything else still."""
+        return self.translator_type()(self.translator_settings())
 
-            class FinanceViews(MaterializedViewsComponent):
-                def translator(self) -> ViewTranslator:
-                    return FinanceTranslator(self.translator_settings())
-        """
-        return ViewTranslator(self.translator_settings())
+    def translator_type(self) -> type[ViewTranslator]:
+        """The class `translator_class` names (module.Class), imported; a mistake is one line naming the entry."""
+        if self.translator_class is None:
+            return ViewTranslator
+        where = f"{self.defs_yaml}: attributes.translator_class"
+        module_name, _, class_name = self.translator_class.replace(":", ".").rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), class_name) if module_name else None
+        except ImportError as error:
+            raise AnalyticsViewsError(f"{where}: cannot import {module_name} ({error}): fix the module's name or install it") from None
+        except AttributeError:
+            raise AnalyticsViewsError(f"{where}: {module_name} has no {class_name}: fix the class's name") from None
+        if not (isinstance(found, type) and issubclass(found, ViewTranslator)):
+            raise AnalyticsViewsError(
+                f"{where}: {self.translator_class!r} is not a ViewTranslator subclass: name one as module.Class"
+            )
+        return found
 
     def translator_settings(self) -> ViewTranslatorSettings:
         """The translator's settings: the defs.yaml's `translation:` and the environment's source links."""

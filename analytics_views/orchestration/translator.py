@@ -2,7 +2,7 @@
 their key, group, description, owners, tags, kinds, metadata, freshness and code references.
 
 A team that adopts the project for its own views changes any of these, except the keys, by subclassing
-`ViewTranslator` and passing an instance to `build_definitions(translator=...)` (see the class docstring).
+`ViewTranslator` and naming the subclass in its defs.yaml's `translator_class` (see the class docstring).
 Its input is a typed record: a `ViewDefinition` (from a SQL file, or from the catalog when `path is None`)
 with its `Cadence`; for a source, a `SourceTable` (declared in sql/migrations), an `UndeclaredTable` (read
 by a view, created elsewhere) or a `SourceRelation` (read by a discovered view, from the catalog).
@@ -169,9 +169,9 @@ class ViewTranslator:
     since jobs, pools, the CLI and the materializations already recorded are keyed by them.
 
     Example: a team that adopts the project for its own views puts them in its own group, with its owners
-    and a tag of its own, in its definitions module (the one its `workspace.yaml` loads)::
+    and a tag of its own, in a module of its package that its defs.yaml names
+    (`translator_class: finance_views.FinanceTranslator`)::
 
-        from analytics_views.orchestration.build import build_definitions
         from analytics_views.orchestration.translator import ViewTranslator
 
 
@@ -184,9 +184,6 @@ class ViewTranslator:
 
             def get_tags(self, view, cadence):
                 return {**super().get_tags(view, cadence), "domain": "finance"}
-
-
-        defs = build_definitions(translator=FinanceTranslator())
 
     Args:
         settings: Optional behaviour (code references into a repository). None: read from the environment

@@ -10,7 +10,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from analytics_views.orchestration.component import DEFS_ENV, discover_views, load_definitions
+from analytics_views.orchestration.component import DEFS_ENV, MaterializedViewsComponent, discover_views, load_definitions
 from analytics_views.orchestration.definition_checks import SENSOR_NAME
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.orchestration.resources import AnalyticsDatabase
@@ -103,6 +103,29 @@ def test_a_selection_refreshes_only_the_selected_views(chain):
     result = run_daily(defs, dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey(["mv", "c"]), dg.AssetKey(["mv", "d"])])
     assert result.success
     assert sorted(materialized(result)) == ["mv/c", "mv/d"]
+
+
+SEEN_BY_EXECUTE: list[list[str]] = []
+
+
+class AuditedViews(MaterializedViewsComponent):
+    """A team's subclass wrapping the component's `execute`, named by its defs.yaml's `type:`."""
+
+    def execute(self, context, analytics_db, views):
+        SEEN_BY_EXECUTE.append([view.key.to_user_string() for view in views])
+        yield from super().execute(context, analytics_db, views)
+
+
+def test_a_component_subclass_named_by_the_defs_yaml_wraps_execute_for_the_selected_views(chain, tmp_path):
+    (tmp_path / "defs.yaml").write_text(f"type: {__name__}.AuditedViews\nattributes:\n  schemas: [mv]\n")  # the chain's DEFS_ENV
+    discover_views()  # the subclass keeps its state under its own name, as Dagster's loader would
+    SEEN_BY_EXECUTE.clear()
+
+    result = run_daily(load_definitions(), dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey(["mv", "b"]), dg.AssetKey(["mv", "c"])])
+
+    assert result.success
+    assert SEEN_BY_EXECUTE == [["mv/b", "mv/c"]]
+    assert materialized(result) == ["mv/b", "mv/c"]  # in dependency order, by the default execute
 
 
 def test_a_view_reading_a_view_refreshed_in_the_run_is_never_skipped(chain):

@@ -1,15 +1,17 @@
 """ViewTranslator on tiny hand-made views and sources: exact keys, groups, tags, kinds, owners, metadata keys
 and freshness windows; a subclass's choices reach the built assets. No database needed."""
 
+import re
 from datetime import timedelta
 
 import dagster as dg
 import pytest
 
-from analytics_views.orchestration.build import build_definitions
+from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.assets import view_asset
+from analytics_views.orchestration.component import MaterializedViewsComponent
 from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, ViewTranslatorSettings
-from analytics_views.paths import PROJECT_ROOT
+from analytics_views.paths import PROJECT_ROOT, SQL_DIR
 from analytics_views.postgres.database import Column
 from analytics_views.sql_files.discovery import SourceRelation
 from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence
@@ -288,8 +290,13 @@ def test_a_subclass_changes_group_owners_and_tags_of_the_built_asset():
     assert (asset.node_def.name, asset.node_def.pool) == ("reporting__weekly_rollup", "refresh_reporting_weekly_rollup")
 
 
-def test_build_definitions_passes_the_translator_to_every_view_and_source():
-    defs = build_definitions(translator=FinanceTranslator())
+def project_views(**attributes) -> dg.Definitions:
+    """This project's views through a component built in Python, as a defs.yaml with these attributes would."""
+    return MaterializedViewsComponent(sql_folder=str(SQL_DIR), **attributes).definitions(None)
+
+
+def test_the_components_translator_class_reaches_every_view_and_source():
+    defs = project_views(translator_class=f"{__name__}.FinanceTranslator")
 
     specs = {spec.key.to_user_string(): spec for spec in defs.resolve_all_asset_specs()}
     views = {key for key, spec in specs.items() if spec.group_name == "finance_reporting"}
@@ -314,8 +321,24 @@ def test_a_subclass_may_not_change_an_asset_key():
                 return dg.AssetKey(["raw", source.name])
 
 
+@pytest.mark.parametrize(
+    ("translator_class", "message"),
+    [
+        ("no_such_module.Translator", "cannot import no_such_module (No module named 'no_such_module'): fix the module's name or install it"),
+        (f"{__name__}.NoSuchTranslator", f"{__name__} has no NoSuchTranslator: fix the class's name"),
+        ("dagster.AssetSpec", "'dagster.AssetSpec' is not a ViewTranslator subclass: name one as module.Class"),
+        ("FinanceTranslator", "'FinanceTranslator' is not a ViewTranslator subclass: name one as module.Class"),
+    ],
+)
+def test_a_translator_class_that_does_not_load_is_one_line_naming_the_entry(translator_class, message):
+    with pytest.raises(AnalyticsViewsError) as raised:
+        project_views(translator_class=translator_class)
+
+    assert str(raised.value).endswith(f"attributes.translator_class: {message}")
+
+
 def test_every_metadata_key_of_the_definitions_is_dagsters_or_namespaced_ours():
-    defs = build_definitions()
+    defs = project_views()
     for spec in defs.resolve_all_asset_specs():
         assert all(key.startswith(("dagster/", "analytics_views/")) for key in spec.metadata), spec.key
 
@@ -349,24 +372,28 @@ def test_code_references_follow_the_git_environment_variables_unless_settings_ar
     assert local.file_path == str(PROJECT_VIEW.path)
 
 
-def test_the_docs_translator_subclass_composes_with_its_defs_yaml(tmp_path, monkeypatch):
-    """The docs' example (docs/adopting.md, *Translator*), as written: a component subclass whose translator changes group, owners and tags,
-    named by a defs.yaml whose settings (here a per-view `translation:`) still apply."""
+def test_the_docs_translator_class_and_component_subclass_compose_with_their_defs_yaml(tmp_path, monkeypatch):
+    """The docs' examples (docs/adopting.md, *Translator*), as written: a translator changing group, owners and
+    tags, named by `translator_class`, and a component subclass named by `type:`, in a defs.yaml whose other
+    settings (here a per-view `translation:`) still apply."""
     guide = (PROJECT_ROOT / "docs" / "adopting.md").read_text()
-    section = guide[guide.index("## Translator") :]
-    code = section[section.index("```python\n") + len("```python\n") :]
-    (tmp_path / "finance_views.py").write_text(code[: code.index("```")])
+    translator_code, component_code = re.findall(r"```python\n(.*?)```", guide[guide.index("## Translator") :], re.S)[:2]
+    (tmp_path / "finance_views.py").write_text(translator_code)
+    (tmp_path / "audited_views.py").write_text(component_code)
     monkeypatch.syspath_prepend(str(tmp_path))
     project_yaml = (PROJECT_ROOT / "analytics_views/orchestration/defs/views/defs.yaml").read_text()
     defs_yaml = tmp_path / "defs.yaml"
     defs_yaml.write_text(
-        project_yaml.replace("type: analytics_views.MaterializedViewsComponent", "type: finance_views.FinanceViews")
+        project_yaml.replace("type: analytics_views.MaterializedViewsComponent", "type: audited_views.AuditedViews")
         .replace("sql_folder: ../../../../sql", f"sql_folder: {PROJECT_ROOT / 'sql'}")
         .replace("translation: {}", "translation:\n    daily_aggregations: {description: Daily numbers for finance.}")
+        .replace("# translator_class: finance_views.FinanceTranslator", "translator_class: finance_views.FinanceTranslator")
     )
-    import finance_views
 
-    defs = finance_views.FinanceViews.from_defs_yaml(defs_yaml).definitions(None)
+    component = MaterializedViewsComponent.from_defs_yaml(defs_yaml)
+    defs = component.definitions(None)
+
+    assert type(component).__name__ == "AuditedViews"
     specs = {spec.key: spec for spec in defs.resolve_all_asset_specs()}
     daily = specs[dg.AssetKey("daily_aggregations")]
     assert daily.group_name == "finance_reporting"
@@ -374,3 +401,21 @@ def test_the_docs_translator_subclass_composes_with_its_defs_yaml(tmp_path, monk
     assert daily.tags["domain"] == "finance"
     assert daily.description == "Daily numbers for finance."
     assert specs[dg.AssetKey("weekly_aggregations")].group_name == "finance_reporting"
+
+
+@pytest.mark.parametrize(
+    ("type_name", "message"),
+    [
+        ("dagster.AssetSpec", "type must be analytics_views.MaterializedViewsComponent or a subclass of it"),
+        ("no_such_module.Views", "type must be analytics_views.MaterializedViewsComponent or a subclass of it"),
+        ("broken_views.Views", "type: cannot import broken_views (ZeroDivisionError: division by zero): fix it"),
+    ],
+)
+def test_a_defs_yaml_type_that_is_not_the_component_is_one_line(tmp_path, monkeypatch, type_name, message):
+    (tmp_path / "broken_views.py").write_text("1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    defs_yaml = tmp_path / "defs.yaml"
+    defs_yaml.write_text(f"type: {type_name}\nattributes: {{}}\n")
+
+    with pytest.raises(AnalyticsViewsError, match=re.escape(message)):
+        MaterializedViewsComponent.from_defs_yaml(defs_yaml)
