@@ -21,7 +21,7 @@ executor those fix.
 
 import dagster as dg
 
-from analytics_views.orchestration.assets import build_assets, build_sources, view_asset
+from analytics_views.orchestration.assets import build_assets, build_sources, managed_view_assets, view_asset
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import Cadence, ManagedConfig
@@ -61,7 +61,7 @@ def cadence_jobs(by_cadence: dict[Cadence, list[ViewDefinition]]) -> list:
 CONFIG = ManagedConfig()
 BY_CADENCE = views_by_cadence(CONFIG)
 SOURCE_SPECS = [spec for _, spec in build_sources(CONFIG).values()]  # plain specs: the variants observe nothing
-PROJECT_ASSETS = [*SOURCE_SPECS, *build_assets(CONFIG)]
+PROJECT_ASSETS = [*SOURCE_SPECS, *build_assets(CONFIG, managed_view_assets(CONFIG))]
 # A step per view, as before issue 27.
 PER_VIEW_ASSETS = [*SOURCE_SPECS, *(view_asset(view, cadence) for cadence, views in BY_CADENCE.items() for view in views)]
 RESOURCES = {"analytics_db": AnalyticsDatabase(url=dg.EnvVar("DATABASE_URL"))}

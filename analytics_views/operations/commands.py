@@ -198,7 +198,7 @@ def refresh(
     with given as launcher, instance() as dagster_instance:
         launches, chosen_views, pools = [], [], []
         for cadence in config.cadences:
-            chosen = {_key(view): view for view in managed if view.cadence == cadence.name and view.label in views}
+            chosen = {loaded.key(view): view for view in managed if view.cadence == cadence.name and view.label in views}
             if not chosen:
                 continue
             job = defs.resolve_job_def(cadence.job_name)
@@ -234,10 +234,6 @@ def refresh(
         for run, chosen in zip(submitted, chosen_views):
             reports += _reports(dagster_instance, run, chosen)
     return reports
-
-
-def _key(view: ViewDefinition) -> dg.AssetKey:
-    return dg.AssetKey(list(view.asset_key_path))
 
 
 def _watcher(url: str) -> psycopg.Connection:
@@ -413,9 +409,9 @@ class ViewStats:
         )
 
 
-def _last_materialized(dagster_instance: dg.DagsterInstance, view: ViewDefinition) -> dict:
+def _last_materialized(dagster_instance: dg.DagsterInstance, key: dg.AssetKey) -> dict:
     """When the view was last materialized, how (its refresh mode) and why (its refresh note)."""
-    event = dagster_instance.get_latest_materialization_event(dg.AssetKey(list(view.asset_key_path)))
+    event = dagster_instance.get_latest_materialization_event(key)
     if not event:
         return {"last_refreshed": None}
     metadata = event.asset_materialization.metadata if event.asset_materialization else {}
@@ -470,8 +466,8 @@ def view_stats(url: str, loaded: LoadedViews | None = None) -> list[ViewStats]:
                     size=state.size_pretty,
                     populated=state.populated,
                     unique_index=state.unique_index,
-                    **_last_materialized(dagster_instance, view),
-                    failing_checks=_failing_checks(dagster_instance, check_keys.get(_key(view), [])),
+                    **_last_materialized(dagster_instance, loaded.key(view)),
+                    failing_checks=_failing_checks(dagster_instance, check_keys.get(loaded.key(view), [])),
                 )
             )
     return stats

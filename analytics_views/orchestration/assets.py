@@ -11,7 +11,7 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,13 +53,12 @@ def view_asset(
     data_tests_dir: Path | None = None,
     translator: ViewTranslator = ViewTranslator(),
 ) -> dg.AssetsDefinition:
-    """One view's asset alone, refreshed by a step of its own named after its key, in its own pool (as the
+    """One view's asset alone, refreshed by a step of its own named after the view, in its own pool (as the
     views were before they shared their cadence's step); the definitions use `views_asset`."""
     cadence = cadence or DEFAULT_CADENCES[view.cadence]
-    key = dg.AssetKey(list(view.asset_key_path))
-    return views_asset(
-        cadence, [view], data_tests_dir, translator, name=key.to_python_identifier(), pool=f"refresh_{'_'.join(key.path)}"
-    )
+    identity = dg.AssetKey(list(view.asset_key_path))  # the view's, whatever key the translator gives it
+    [asset] = view_assets([view], {cadence.name: cadence}, translator, data_tests_dir)
+    return views_asset(cadence, [asset], name=identity.to_python_identifier(), pool=f"refresh_{'_'.join(identity.path)}")
 
 
 def refresh_step_name(cadence: Cadence) -> str:
@@ -88,39 +87,71 @@ class ViewAsset:
 Execute = Callable[[dg.AssetExecutionContext, AnalyticsDatabase, Sequence[ViewAsset]], Iterator]
 
 
+def view_assets(
+    views: Sequence[ViewDefinition],
+    cadences: Mapping[str, Cadence],
+    translator: ViewTranslator = ViewTranslator(),
+    data_tests_dir: Path | None = None,
+) -> list[ViewAsset]:
+    """Each view with its spec, as `translator` makes it, and its data tests: the one place a view's key is
+    decided. A view reading a view whose key the translator changed reads it under that key (its deps and
+    column lineage name the relations it reads by their default keys)."""
+    assets = []
+    for view in views:
+        spec = translator.get_asset_spec(view, cadences[view.cadence])
+        tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
+        assets.append(ViewAsset(view, spec, tests))
+    renamed = {
+        dg.AssetKey(list(asset.view.asset_key_path)): asset.key
+        for asset in assets
+        if asset.key.path != list(asset.view.asset_key_path)
+    }
+    if not renamed:
+        return assets
+    return [ViewAsset(asset.view, _reading_renamed(asset.spec, renamed), asset.data_tests) for asset in assets]
+
+
+def _reading_renamed(spec: dg.AssetSpec, renamed: Mapping[dg.AssetKey, dg.AssetKey]) -> dg.AssetSpec:
+    deps = [dg.AssetDep(renamed.get(dep.asset_key, dep.asset_key), partition_mapping=dep.partition_mapping) for dep in spec.deps]
+    metadata = dict(spec.metadata)
+    if isinstance(lineage := metadata.get(keys.COLUMN_LINEAGE), dg.TableColumnLineage):
+        metadata[keys.COLUMN_LINEAGE] = dg.TableColumnLineage(
+            deps_by_column={
+                column: [dg.TableColumnDep(renamed.get(dep.asset_key, dep.asset_key), dep.column_name) for dep in column_deps]
+                for column, column_deps in lineage.deps_by_column.items()
+            }
+        )
+    return spec.replace_attributes(deps=deps, metadata=metadata)
+
+
 def views_asset(
     cadence: Cadence,
-    views: list[ViewDefinition],
-    data_tests_dir: Path | None = None,
-    translator: ViewTranslator = ViewTranslator(),
+    assets: Sequence[ViewAsset],
     *,
     name: str | None = None,
     pool: str | None = None,
     execute: "Execute | None" = None,
 ) -> dg.AssetsDefinition:
-    """The cadence's views as one subsettable multi-asset: each view its own asset (the translator's spec) with
-    its `unique_index` check and data tests, all refreshed by one step, which calls `execute` (default
+    """The cadence's views as one subsettable multi-asset: each view its own asset (its spec) with its
+    `unique_index` check and data tests, all refreshed by one step, which calls `execute` (default
     `refresh_views`) with the views selected. Materializing one view or a selection (the UI, the CLI) runs the
     step for those views only.
 
-    `data_tests_dir` is where discovered views' data tests live (the defs.yaml's `data_tests`). The static
-    checks and `matches_discovery` are definition_checks.py's: they follow the views' definitions, not their rows.
+    The static checks and `matches_discovery` are definition_checks.py's: they follow the views' definitions,
+    not their rows.
     """
-    assets, check_specs = [], []
-    for view in views:
-        spec = translator.get_asset_spec(view, cadence)
-        tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
-        assets.append(ViewAsset(view, spec, tests))
+    check_specs = []
+    for asset in assets:
         check_specs.append(
             dg.AssetCheckSpec(
                 UNIQUE_INDEX_CHECK,
-                asset=spec.key,
+                asset=asset.key,
                 description="The view has a unique index that REFRESH MATERIALIZED VIEW CONCURRENTLY can use "
                 "(unique, valid, no WHERE clause, plain columns).",
                 blocking=True,  # ERROR: the views reading it are not refreshed after it failed
             )
         )
-        check_specs.extend(view_checks.data_test_specs(spec.key, tests))
+        check_specs.extend(view_checks.data_test_specs(asset.key, asset.data_tests))
     execute = execute or refresh_views
 
     @dg.multi_asset(
@@ -156,7 +187,12 @@ def refresh_views(context: dg.AssetExecutionContext, analytics_db: AnalyticsData
         return done
 
     yield from refresh_in_dependency_order(
-        context, analytics_db, [asset.view for asset in views], refresh_one, lambda view: by_label[view.label].key
+        context,
+        analytics_db,
+        [asset.view for asset in views],
+        refresh_one,
+        key_of=lambda view: by_label[view.label].key,
+        reads_of=lambda view: by_label[view.label].reads,
     )
 
 
@@ -334,14 +370,17 @@ def build_sources(config: ManagedConfig, translator: ViewTranslator = ViewTransl
 
 
 def build_assets(
-    config: ManagedConfig | None = None, translator: ViewTranslator = ViewTranslator(), execute: "Execute | None" = None
+    config: ManagedConfig, assets: Sequence[ViewAsset], execute: "Execute | None" = None
 ) -> list[dg.AssetsDefinition]:
-    """Every managed view (default: this project's), one multi-asset per cadence, as `translator` makes them;
-    discovered ones from the state file only. The sources they read are observed_sources.py's."""
-    config = config or ManagedConfig()
-    managed = managed_views(config)
+    """Every managed view, one multi-asset per cadence with views. The sources they read are observed_sources.py's."""
     return [
-        views_asset(cadence, on_it, config.data_tests, translator, execute=execute)
+        views_asset(cadence, on_it, execute=execute)
         for cadence in config.cadences
-        if (on_it := [view for view in managed.views if view.cadence == cadence.name])
+        if (on_it := [asset for asset in assets if asset.view.cadence == cadence.name])
     ]
+
+
+def managed_view_assets(config: ManagedConfig, translator: ViewTranslator = ViewTranslator()) -> list[ViewAsset]:
+    """Every managed view of `config` (default: this project's) as a ViewAsset; discovered ones from the
+    state file only."""
+    return view_assets(managed_views(config).views, {c.name: c for c in config.cadences}, translator, config.data_tests)

@@ -37,7 +37,7 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration import definition_checks
-from analytics_views.orchestration.assets import ViewAsset, build_assets, build_sources, refresh_views
+from analytics_views.orchestration.assets import ViewAsset, build_assets, build_sources, managed_view_assets, refresh_views
 from analytics_views.orchestration.destinations import Email, Slack, Webhook
 from analytics_views.orchestration.jobs import REFRESH_EXECUTOR, automation_sensor, build_jobs, build_schedules
 from analytics_views.orchestration.notifications import KINDS, NotificationSettings, notification_sensors
@@ -47,8 +47,9 @@ from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.paths import DEFS_ENV, DEFS_YAML, PROJECT_ROOT, defs_yaml_in_use
 from analytics_views.postgres.database import database_url_from_env
 from analytics_views.postgres.refresh import RefreshSettings
-from analytics_views.sql_files.discovery import discover, managed_views, state_text
+from analytics_views.sql_files.discovery import discover, state_text
 from analytics_views.sql_files.managed import ManagedConfig, managed_config
+from analytics_views.sql_files.views import ViewDefinition
 
 COMPONENT_TYPE = "analytics_views.MaterializedViewsComponent"
 DATABASE_RESOURCE = "analytics_db"
@@ -208,6 +209,7 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
 
     _defs_yaml: Path | None = PrivateAttr(default=None)  # where it was configured: relative paths start there
     _built: ManagedConfig | None = PrivateAttr(default=None)  # what build_defs_from_state last built
+    _keys: dict[str, dg.AssetKey] = PrivateAttr(default_factory=dict)  # and each view's asset key, by its label
     _written: tuple[Path, dict] | None = PrivateAttr(default=None)  # what write_state_to_path last wrote
 
     # --- loading -------------------------------------------------------------------------------------------
@@ -382,12 +384,13 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
         `analytics_db` resource; with notifications, a sensor per destination (notifications.py)."""
         config = self.managed_config(state_file)
         translator = self.translator()
-        jobs = build_jobs(config)
-        views = list(managed_views(config).views)
+        assets = managed_view_assets(config, translator)  # each view's key decided here, read from them below
+        views = {asset.key: asset.view for asset in assets}
+        jobs = build_jobs(config, views)
         sources = observed_sources(build_sources(config, translator))
         notifications = self.notification_settings()
         defs = dg.Definitions(
-            assets=[*([sources.asset] if sources else []), *build_assets(config, translator, self.execute)],
+            assets=[*([sources.asset] if sources else []), *build_assets(config, assets, self.execute)],
             asset_checks=[definition_checks.definition_checks(views)] if views else [],
             jobs=[
                 *jobs.values(),
@@ -397,15 +400,16 @@ class MaterializedViewsComponent(dg.StateBackedComponent, dg.Resolvable, dg.Mode
             schedules=build_schedules(jobs),
             sensors=[
                 *([sources.sensor] if sources else []),
-                *automation_sensor(config),
+                *automation_sensor(config, views),
                 *([definition_checks.definition_checks_sensor(views)] if views else []),
-                *(notification_sensors(notifications, config) if notifications else []),
+                *(notification_sensors(notifications, config, assets) if notifications else []),
             ],
             resources={DATABASE_RESOURCE: self.analytics_db},
             # Also for views materialized by hand in the UI (Dagster's implicit asset job).
             executor=REFRESH_EXECUTOR,
         )
         self._built = config
+        self._keys = {asset.view.label: asset.key for asset in assets}
         return defs
 
     def execute(self, context: dg.AssetExecutionContext, analytics_db: AnalyticsDatabase, views: Sequence[ViewAsset]) -> Iterator:
@@ -537,6 +541,10 @@ class LoadedViews:
     component: MaterializedViewsComponent
     config: ManagedConfig  # with the discovery state the definitions were built from
     defs: dg.Definitions
+
+    def key(self, view: ViewDefinition) -> dg.AssetKey:
+        """The view's asset key, as the definitions built it (the translator decides it)."""
+        return self.component._keys[view.label]
 
 
 def load_views() -> LoadedViews:

@@ -14,7 +14,7 @@ job of their own, `definition_checks_job`:
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 import dagster as dg
 import psycopg
@@ -71,12 +71,9 @@ def check_names(view: ViewDefinition) -> list[str]:
     return [*([MATCHES_DISCOVERY_CHECK] if view.fingerprint else []), *STATIC_CHECKS]
 
 
-def check_keys(views: Iterable[ViewDefinition]) -> list[dg.AssetCheckKey]:
-    return [dg.AssetCheckKey(view_key(view), name) for view in views for name in check_names(view)]
-
-
-def view_key(view: ViewDefinition) -> dg.AssetKey:
-    return dg.AssetKey(list(view.asset_key_path))
+def check_keys(views: Mapping[dg.AssetKey, ViewDefinition]) -> list[dg.AssetCheckKey]:
+    """The definition checks of `views` (each view by its asset key)."""
+    return [dg.AssetCheckKey(key, name) for key, view in views.items() for name in check_names(view)]
 
 
 def definition_facts(conn: psycopg.Connection, views: list[ViewDefinition]) -> dict[str, str | None]:
@@ -95,10 +92,9 @@ def _known_definition(view: ViewDefinition) -> str:
     return hashlib.md5(f"{view.sql}\0{view.fingerprint or ''}\0{view.unique_index or ''}".encode()).hexdigest()[:12]
 
 
-def definition_checks(views: list[ViewDefinition]) -> dg.AssetChecksDefinition:
+def definition_checks(by_key: Mapping[dg.AssetKey, ViewDefinition]) -> dg.AssetChecksDefinition:
     """Every view's static checks (and `matches_discovery` for a discovered view), evaluated over one connection;
-    subsettable: the sensor and the UI ask for some."""
-    by_key = {view_key(view): view for view in views}
+    subsettable: the sensor and the UI ask for some. `by_key`: each view by its asset key."""
     descriptions = {
         MATCHES_DISCOVERY_CHECK: "The view's definition and columns in the database are still the ones "
         "`analytics-views discover` recorded.",
@@ -142,7 +138,7 @@ def definition_checks(views: list[ViewDefinition]) -> dg.AssetChecksDefinition:
     return check_view_definitions
 
 
-def definition_checks_job(views: list[ViewDefinition]):
+def definition_checks_job(views: Mapping[dg.AssetKey, ViewDefinition]):
     return dg.define_asset_job(
         name=JOB_NAME,
         selection=dg.AssetSelection.checks(*check_keys(views)),
@@ -151,7 +147,7 @@ def definition_checks_job(views: list[ViewDefinition]):
     )
 
 
-def definition_checks_sensor(views: list[ViewDefinition]) -> dg.SensorDefinition:
+def definition_checks_sensor(views: Mapping[dg.AssetKey, ViewDefinition]) -> dg.SensorDefinition:
     @dg.sensor(
         name=SENSOR_NAME,
         job_name=JOB_NAME,
@@ -163,9 +159,9 @@ def definition_checks_sensor(views: list[ViewDefinition]) -> dg.SensorDefinition
     def sensor(context: dg.SensorEvaluationContext, analytics_db: AnalyticsDatabase):
         with analytics_db.connection("analytics-views definition checks sensor") as conn:
             conn.execute("SET lock_timeout = '2s'")
-            facts = definition_facts(conn, views)
+            facts = definition_facts(conn, list(views.values()))
         seen = json.loads(context.cursor) if context.cursor else {}
-        changed = [view for view in views if view.label not in seen or seen[view.label] != facts[view.label]]
+        changed = {key: view for key, view in views.items() if view.label not in seen or seen[view.label] != facts[view.label]}
         context.update_cursor(json.dumps(facts, sort_keys=True))
         if not changed:
             return dg.SkipReason(f"no view's definition or catalog facts changed ({len(views)} views)")

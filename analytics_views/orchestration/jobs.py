@@ -8,11 +8,12 @@ views gets no job and no schedule: Dagster accepts an empty job, but its schedul
 does nothing at every tick.
 """
 
+from collections.abc import Mapping
+
 import dagster as dg
 
 from analytics_views.orchestration import definition_checks
 from analytics_views.orchestration.cadences import check_cadence
-from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import Cadence, ManagedConfig
 from analytics_views.sql_files.views import ViewDefinition
 
@@ -25,14 +26,14 @@ from analytics_views.sql_files.views import ViewDefinition
 REFRESH_EXECUTOR = dg.in_process_executor
 
 
-def refresh_job(cadence: Cadence, views: tuple[ViewDefinition, ...]):
-    on_it = [view for view in views if view.cadence == cadence.name]
-    keys = [dg.AssetKey(list(view.asset_key_path)) for view in on_it]
+def refresh_job(cadence: Cadence, views: Mapping[dg.AssetKey, ViewDefinition]):
+    """The cadence's job: its views (each by its asset key) with the checks that follow each refresh."""
+    on_it = {key: view for key, view in views.items() if view.cadence == cadence.name}
     return dg.define_asset_job(
         name=cadence.job_name,
         # With the checks that follow each refresh (unique_index, data tests), not the definition checks:
         # those have a job of their own (definition_checks.py).
-        selection=dg.AssetSelection.assets(*keys) - dg.AssetSelection.checks(*definition_checks.check_keys(on_it)),
+        selection=dg.AssetSelection.assets(*on_it) - dg.AssetSelection.checks(*definition_checks.check_keys(on_it)),
         description=f"Refreshes the {cadence.name} materialized views ({when(cadence)}) "
         "in one step, each once the views it reads are done.",
         tags={"cadence": cadence.name},
@@ -58,16 +59,15 @@ def refresh_schedule(job, cadence: Cadence) -> dg.ScheduleDefinition:
     )
 
 
-def build_jobs(config: ManagedConfig | None = None) -> dict:
-    """Each cadence that has views, with its job; every configured cadence is checked, used or not."""
-    config = config or ManagedConfig()
+def build_jobs(config: ManagedConfig, views: Mapping[dg.AssetKey, ViewDefinition]) -> dict:
+    """Each cadence that has views (each by its asset key), with its job; every configured cadence is checked,
+    used or not."""
     for cadence in config.cadences:
         check_cadence(cadence)
-    views = managed_views(config).views
     return {
         cadence: refresh_job(cadence, views)
         for cadence in config.cadences
-        if any(view.cadence == cadence.name for view in views)
+        if any(view.cadence == cadence.name for view in views.values())
     }
 
 
@@ -80,11 +80,11 @@ AUTOMATION_SENSOR = "target_lag_automation"
 AUTOMATION_INTERVAL_S = 30
 
 
-def automation_sensor(config: ManagedConfig) -> list[dg.AutomationConditionSensorDefinition]:
-    """Dagster's declarative automation for the views of the cadences with a target lag, running from the
-    daemon's start (Dagster's default automation sensor starts stopped); none without such views."""
+def automation_sensor(config: ManagedConfig, views: Mapping[dg.AssetKey, ViewDefinition]) -> list[dg.AutomationConditionSensorDefinition]:
+    """Dagster's declarative automation for the views (each by its asset key) of the cadences with a target
+    lag, running from the daemon's start (Dagster's default automation sensor starts stopped); none without such views."""
     lagged = {cadence.name for cadence in config.cadences if cadence.target_lag is not None}
-    keys = [dg.AssetKey(list(view.asset_key_path)) for view in managed_views(config).views if view.cadence in lagged]
+    keys = [key for key, view in views.items() if view.cadence in lagged]
     if not keys:
         return []
     return [

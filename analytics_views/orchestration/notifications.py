@@ -25,11 +25,11 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 
+from analytics_views.orchestration.assets import ViewAsset
 from analytics_views.orchestration.cadences import freshness_window
 from analytics_views.orchestration.destinations import DeliveryError, DeliveryUnconfirmed, Destination
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.postgres.database import redact
-from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import Cadence, ManagedConfig
 
 RUN_LOOK_BACK_S = 600  # a new sensor's first tick reports runs that ended in the last 10 minutes
@@ -59,18 +59,13 @@ class WatchedView:
         return freshness_window(self.cadence)
 
 
-def watched_views(config: ManagedConfig) -> dict[dg.AssetKey, WatchedView]:
+def watched_views(config: ManagedConfig, assets: Iterable[ViewAsset]) -> dict[dg.AssetKey, WatchedView]:
+    """The views the sensors watch, as the definitions built them (their keys and what they read)."""
     cadences = {cadence.name: cadence for cadence in config.cadences}
-    views = {}
-    for view in managed_views(config).views:
-        key = dg.AssetKey(list(view.asset_key_path))
-        views[key] = WatchedView(
-            key=key,
-            label=view.label,
-            cadence=cadences[view.cadence],
-            reads=frozenset(dg.AssetKey.from_user_string(dep) for dep in view.deps),
-        )
-    return views
+    return {
+        asset.key: WatchedView(key=asset.key, label=asset.view.label, cadence=cadences[asset.view.cadence], reads=frozenset(asset.reads))
+        for asset in assets
+    }
 
 
 @dataclass(frozen=True)
@@ -430,9 +425,11 @@ def deliver(
     return dg.SensorResult(cursor=cursor.text(), skip_reason=summary)
 
 
-def notification_sensors(settings: NotificationSettings, config: ManagedConfig) -> list[dg.SensorDefinition]:
+def notification_sensors(
+    settings: NotificationSettings, config: ManagedConfig, assets: Iterable[ViewAsset]
+) -> list[dg.SensorDefinition]:
     """One sensor per configured destination, running from the daemon's start; none without a destination."""
-    views = watched_views(config)
+    views = watched_views(config, assets)
     if not views:
         return []
 

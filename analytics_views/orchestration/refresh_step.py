@@ -13,7 +13,7 @@ and say which check stopped them.
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from graphlib import TopologicalSorter
@@ -153,15 +153,13 @@ def refresh_in_dependency_order(
     views: list[ViewDefinition],
     refresh_one: RefreshOne,
     key_of: Callable[[ViewDefinition], dg.AssetKey],
+    reads_of: Callable[[ViewDefinition], Sequence[dg.AssetKey]],
 ) -> Iterator:
-    """Refreshes `views` over at most `analytics_db.refresh_connections` connections, each once the views it
-    reads among them are done; yields each view's events as it finishes, then fails naming the views that
-    failed or were left out."""
+    """Refreshes `views` (each its asset key, `key_of`, reading the assets `reads_of` gives) over at most
+    `analytics_db.refresh_connections` connections, each once the views it reads among them are done; yields
+    each view's events as it finishes, then fails naming the views that failed or were left out."""
     by_key = {key_of(view): view for view in views}
-    reads = {
-        key: [dep for dep in map(dg.AssetKey.from_user_string, view.deps) if dep in by_key and dep != key]
-        for key, view in by_key.items()
-    }
+    reads = {key: [dep for dep in reads_of(view) if dep in by_key and dep != key] for key, view in by_key.items()}
     order = TopologicalSorter(reads)
     order.prepare()
     # Only a skip reads the last materialization (its fingerprint and row count): read in one query for all.

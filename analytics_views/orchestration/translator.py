@@ -153,9 +153,9 @@ def code_reference(path: Path, line: int, settings: ViewTranslatorSettings) -> d
         return dg.CodeReferencesMetadataValue(code_references=[reference])
 
 
-# The keys are fixed: jobs, pools (`refresh_<key>`), step keys, the CLI, column lineage, the discovery state
-# and every materialization recorded so far (the skip's sources_fingerprint) name an asset by them.
-_FIXED = ("get_asset_key", "get_source_key")
+# A source's key is fixed: the views' deps and column lineage, and the discovery state, name a relation they
+# read by it. (A view's key may change: assets.view_assets has the views reading it read it under its new key.)
+_FIXED = ("get_source_key",)
 
 
 class ViewTranslator:
@@ -163,10 +163,10 @@ class ViewTranslator:
 
     `get_asset_spec` assembles a view's spec from the small `get_*` methods below, `get_source_spec` a
     source's from the `get_source_*` ones; override any of them in a subclass, calling `super()` to extend
-    the default. The asset keys are the exception: a view's key is a fixed function of the view
-    (`ViewDefinition.asset_key_path`: its name, or `[schema, name]` for a view discovered in another
-    schema), and a subclass that overrides `get_asset_key` or `get_source_key` is refused when it is defined,
-    since jobs, pools, the CLI and the materializations already recorded are keyed by them.
+    the default. A view's key (`get_asset_key`) may be changed too: its jobs, checks, sensors, the CLI and the
+    views reading it follow it, read from the built specs; its history (materializations, check results, the
+    skip's last fingerprint) stays under the old key, so the first refresh under a new key is a full one. A
+    source's key is fixed (`get_source_key`; a subclass overriding it is refused when it is defined).
 
     Example: a team that adopts the project for its own views puts them in its own group, with its owners
     and a tag of its own, in a module of its package that its defs.yaml names
@@ -198,9 +198,8 @@ class ViewTranslator:
         for name in _FIXED:
             if name in vars(cls):
                 raise TypeError(
-                    f"{cls.__qualname__} overrides ViewTranslator.{name}: an asset key is a fixed function of the "
-                    "view or table (jobs, pools, the CLI and recorded materializations are keyed by it); "
-                    "rename the view instead"
+                    f"{cls.__qualname__} overrides ViewTranslator.{name}: a source's asset key is fixed (the views' "
+                    "deps, column lineage and discovery state name it); override get_asset_key for a view's key"
                 )
 
     @property
@@ -240,9 +239,9 @@ class ViewTranslator:
             spec = override.apply(view, spec)
         return spec
 
-    @final
     def get_asset_key(self, view: ViewDefinition) -> dg.AssetKey:
-        """The view's asset key: fixed, not overridable (see the class docstring).
+        """The view's asset key. Changing it starts the view's history afresh under the new key (the old
+        key's materializations stay in the instance, under a key no definition has).
 
         Args:
             view: The view.
@@ -250,6 +249,13 @@ class ViewTranslator:
         Returns:
             dg.AssetKey: `view.asset_key_path`: `[name]` for a project view or one discovered in the current
             schema, `[schema, name]` elsewhere, each part made valid for Dagster (`discovery.key_part`).
+
+        Example:
+            A prefix for every view of a team's (the views reading them follow)::
+
+                class FinanceTranslator(ViewTranslator):
+                    def get_asset_key(self, view):
+                        return super().get_asset_key(view).with_prefix("finance")
         """
         return dg.AssetKey(list(view.asset_key_path))
 

@@ -48,3 +48,25 @@ def test_a_failing_warn_data_test_is_listed_and_refresh_exits_0(seeded_db, dagst
     result = run("refresh", "daily_aggregations", env={**dagster_home, "ANALYTICS_VIEWS_DEFS": str(defs)}, DATABASE_URL=seeded_db)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "; WARN check every_day_warns failed: 90 failing rows." in result.stdout
+
+
+def test_views_under_keys_a_translator_changed_are_refreshed_and_reported_by_their_names(seeded_db, dagster_home, sql_copy, tmp_path):
+    """A team's translator_class prefixes every view's key: the command (and the code server and run it starts)
+    still selects, refreshes and reports the views by name, under their new keys."""
+    _, defs = sql_copy
+    (tmp_path / "team_keys.py").write_text(
+        "from analytics_views.orchestration.translator import ViewTranslator\n\n\n"
+        "class TeamKeys(ViewTranslator):\n"
+        "    def get_asset_key(self, view):\n"
+        "        return super().get_asset_key(view).with_prefix('team')\n"
+    )
+    defs.write_text(defs.read_text() + "  translator_class: team_keys.TeamKeys\n")
+    env = {**dagster_home, "ANALYTICS_VIEWS_DEFS": str(defs), "PYTHONPATH": str(tmp_path)}
+
+    result = run("refresh", "daily_aggregations", "weekly_aggregations", env=env, DATABASE_URL=seeded_db)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(line.split(":")[0] for line in result.stdout.splitlines()) == ["daily_aggregations", "weekly_aggregations"]
+    stats = json.loads(run("stats", "--json", env=env, DATABASE_URL=seeded_db).stdout)
+    refreshed = sorted(row["view"] for row in stats if row["last_refreshed"])
+    assert refreshed == ["daily_aggregations", "weekly_aggregations"]

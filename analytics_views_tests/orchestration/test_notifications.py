@@ -24,6 +24,7 @@ from aiosmtpd.smtp import AuthResult
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration.component import MaterializedViewsComponent
 from analytics_views.orchestration.destinations import Webhook
+from analytics_views.orchestration.assets import managed_view_assets
 from analytics_views.orchestration.notifications import RUN_LOOK_BACK_S, NotificationSettings, deliver, watched_views
 from analytics_views.paths import SQL_DIR
 from analytics_views_tests.conftest import DEPLOYMENT_PASSWORD, free_port, with_password
@@ -431,12 +432,17 @@ def test_a_view_turning_late_gives_one_notice_per_late_period(empty_db, instance
         assert [hook["kind"] for hook in receiver.posted("/hooks/")] == ["late", "late"]
 
 
+def project_watched_views(defs_yaml):
+    """The views the sensors of this defs.yaml's definitions watch."""
+    config = MaterializedViewsComponent.from_defs_yaml(defs_yaml).managed_config()
+    return watched_views(config, managed_view_assets(config))
+
+
 def test_a_new_sensor_never_tells_of_runs_that_ended_before_it_looked(seeded_db, instance, receiver, tmp_path, monkeypatch):
     defs = notifying_defs(tmp_path, monkeypatch, seeded_db, free_port(), receiver.server_port)
     drop_unique_index(seeded_db, "daily_aggregations")
     assert not run_job(defs, instance, "daily_refresh_job", SCHEDULED).success
-    component = MaterializedViewsComponent.from_defs_yaml(tmp_path / "defs.yaml")
-    views = watched_views(component.managed_config())
+    views = project_watched_views(tmp_path / "defs.yaml")
     settings = NotificationSettings(ui_url=UI, destinations=(Webhook("ALERTS_WEBHOOK"),))
     later = time.time() + 2 * RUN_LOOK_BACK_S  # the run ended before the sensor's look-back
 
@@ -521,7 +527,7 @@ def test_a_failed_run_of_another_code_location_is_told_by_its_own_sensors_only(e
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 
     notifying_defs(tmp_path, monkeypatch, empty_db, free_port(), receiver.server_port)
-    views = watched_views(MaterializedViewsComponent.from_defs_yaml(tmp_path / "defs.yaml").managed_config())
+    views = project_watched_views(tmp_path / "defs.yaml")
     settings = NotificationSettings(ui_url=UI, destinations=(Webhook("ALERTS_WEBHOOK"),))
 
     def location(name: str) -> InProcessCodeLocationOrigin:

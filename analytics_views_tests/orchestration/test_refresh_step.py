@@ -2,6 +2,7 @@
 naming the views it held back, skips, retries, and the definition checks' own job and sensor."""
 
 import contextlib
+from unittest import mock
 import json
 import threading
 import time
@@ -10,7 +11,9 @@ import dagster as dg
 import psycopg
 import pytest
 
-from analytics_views.orchestration.component import DEFS_ENV, MaterializedViewsComponent, discover_views, load_definitions
+from analytics_views.operations import commands
+from analytics_views.orchestration.component import DEFS_ENV, MaterializedViewsComponent, discover_views, load_definitions, load_views
+from analytics_views.orchestration.translator import ViewTranslator
 from analytics_views.orchestration.definition_checks import SENSOR_NAME
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.orchestration.resources import AnalyticsDatabase
@@ -128,6 +131,31 @@ def test_a_component_subclass_named_by_the_defs_yaml_wraps_execute_for_the_selec
     assert materialized(result) == ["mv/b", "mv/c"]  # in dependency order, by the default execute
 
 
+class TeamKeys(ViewTranslator):
+    """A team's key rule: its views under its own prefix."""
+
+    def get_asset_key(self, view):
+        return super().get_asset_key(view).with_prefix("team")
+
+
+def test_views_under_keys_a_translator_changed_refresh_in_dependency_order_and_the_stats_find_them(chain, tmp_path):
+    (tmp_path / "defs.yaml").write_text(
+        f"type: analytics_views.MaterializedViewsComponent\nattributes:\n  schemas: [mv]\n  translator_class: {__name__}.TeamKeys\n"
+    )
+    loaded = load_views()
+
+    with dg.instance_for_test() as instance:
+        result = run_daily(loaded.defs, instance)
+        assert result.success
+        order = materialized(result)
+        assert sorted(order) == [f"team/{view}" for view in VIEWS]
+        assert order.index("team/mv/a") < order.index("team/mv/b") < order.index("team/mv/c")
+        # The command's stats read each view's last refresh and checks under its new key.
+        with mock.patch.object(commands, "instance", lambda **_: contextlib.nullcontext(instance)):
+            stats = {row.view: row for row in commands.view_stats(chain[1], loaded)}
+    assert stats["mv.c"].last_refreshed is not None and stats["mv.c"].failing_checks == ()
+
+
 def test_a_view_reading_a_view_refreshed_in_the_run_is_never_skipped(chain):
     defs, url = chain
     instance = dg.DagsterInstance.ephemeral()
@@ -155,14 +183,14 @@ def test_a_transient_failure_is_retried_for_that_view_alone(chain, monkeypatch):
     failures = {"mv.d": 2}
     original = refresh_step.refresh_in_dependency_order
 
-    def flaky(context, analytics_db, views, refresh_one, key_of):
+    def flaky(context, analytics_db, views, refresh_one, **keys):
         def first_fails(conn, view, last_metadata, options):
             if failures.get(view.label, 0):
                 failures[view.label] -= 1
                 raise RefreshError(f"refresh of {view.label} interrupted (server restarting)", transient=True)
             return refresh_one(conn, view, last_metadata, options)
 
-        return original(context, analytics_db, views, first_fails, key_of)
+        return original(context, analytics_db, views, first_fails, **keys)
 
     monkeypatch.setattr("analytics_views.orchestration.assets.refresh_in_dependency_order", flaky)
     with dg.instance_for_test() as instance:
@@ -181,13 +209,13 @@ def test_a_failure_that_keeps_coming_back_names_its_cause_and_the_fix(chain, mon
     monkeypatch.setattr(refresh_step, "TRANSIENT_RETRY", dg.RetryPolicy(max_retries=3, delay=0.01))
     original = refresh_step.refresh_in_dependency_order
 
-    def always_terminated(context, analytics_db, views, refresh_one, key_of):
+    def always_terminated(context, analytics_db, views, refresh_one, **keys):
         def fails(conn, view, last_metadata, options):
             if view.label == "mv.d":
                 raise RefreshError(f"refresh of {view.label} interrupted (terminating connection due to administrator command)", transient=True)
             return refresh_one(conn, view, last_metadata, options)
 
-        return original(context, analytics_db, views, fails, key_of)
+        return original(context, analytics_db, views, fails, **keys)
 
     monkeypatch.setattr("analytics_views.orchestration.assets.refresh_in_dependency_order", always_terminated)
     with dg.instance_for_test() as instance:

@@ -1,6 +1,7 @@
 """ViewTranslator on tiny hand-made views and sources: exact keys, groups, tags, kinds, owners, metadata keys
 and freshness windows; a subclass's choices reach the built assets. No database needed."""
 
+import dataclasses
 import re
 from datetime import timedelta
 
@@ -8,7 +9,7 @@ import dagster as dg
 import pytest
 
 from analytics_views.errors import AnalyticsViewsError
-from analytics_views.orchestration.assets import view_asset
+from analytics_views.orchestration.assets import view_asset, view_assets
 from analytics_views.orchestration.component import MaterializedViewsComponent
 from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, ViewTranslatorSettings
 from analytics_views.paths import PROJECT_ROOT, SQL_DIR
@@ -307,13 +308,46 @@ def test_the_components_translator_class_reaches_every_view_and_source():
     assert [node.name for node in defs.resolve_job_def("weekly_refresh_job").graph.nodes] == ["refresh_weekly_views"]
 
 
-def test_a_subclass_may_not_change_an_asset_key():
-    with pytest.raises(TypeError, match="overrides ViewTranslator.get_asset_key"):
+class PrefixedTranslator(ViewTranslator):
+    """A team's key rule: every view under its prefix."""
 
-        class PrefixedTranslator(ViewTranslator):
-            def get_asset_key(self, view):
-                return super().get_asset_key(view).with_prefix("finance")
+    def get_asset_key(self, view):
+        return super().get_asset_key(view).with_prefix("finance")
 
+
+def test_a_subclass_may_change_a_views_key_and_the_views_reading_it_follow():
+    reader = dataclasses.replace(
+        PROJECT_VIEW,
+        name="signup_trend",
+        deps=("daily_signups", "users"),
+        column_lineage={"day": (("daily_signups", "day"),), "signups": (("daily_signups", "signups"), ("users", "user_id"))},
+    )
+
+    signups, trend = view_assets([PROJECT_VIEW, reader], {"daily": DAILY}, PrefixedTranslator())
+
+    assert (signups.key, trend.key) == (dg.AssetKey(["finance", "daily_signups"]), dg.AssetKey(["finance", "signup_trend"]))
+    assert trend.reads == [dg.AssetKey(["finance", "daily_signups"]), dg.AssetKey("users")]  # a source keeps its key
+    lineage = trend.spec.metadata["dagster/column_lineage"].deps_by_column
+    assert [(dep.asset_key.to_user_string(), dep.column_name) for dep in lineage["signups"]] == [
+        ("finance/daily_signups", "signups"),
+        ("users", "user_id"),
+    ]
+
+
+def test_a_views_new_key_reaches_its_job_checks_and_sources_and_its_step_keeps_its_name():
+    defs = project_views(translator_class=f"{__name__}.PrefixedTranslator")
+
+    specs = {spec.key.to_user_string() for spec in defs.resolve_all_asset_specs()}
+    views = sorted(key for key in specs if key.startswith("finance/"))
+    assert views == ["finance/campaign_aggregations", "finance/cohort_aggregations", "finance/daily_aggregations", "finance/weekly_aggregations"]
+    assert "events" in specs
+    weekly_job = defs.resolve_job_def("weekly_refresh_job")
+    assert [key.to_user_string() for key in weekly_job.asset_layer.executable_asset_keys] == ["finance/weekly_aggregations"]
+    assert [node.name for node in weekly_job.graph.nodes] == ["refresh_weekly_views"]
+    assert {key.asset_key.to_user_string() for key in defs.resolve_asset_graph().asset_check_keys} == set(views)
+
+
+def test_a_subclass_may_not_change_a_sources_key():
     with pytest.raises(TypeError, match="overrides ViewTranslator.get_source_key"):
 
         class PrefixedSources(ViewTranslator):
@@ -377,9 +411,8 @@ def test_the_docs_translator_class_and_component_subclass_compose_with_their_def
     tags, named by `translator_class`, and a component subclass named by `type:`, in a defs.yaml whose other
     settings (here a per-view `translation:`) still apply."""
     guide = (PROJECT_ROOT / "docs" / "adopting.md").read_text()
-    translator_code, component_code = re.findall(r"```python\n(.*?)```", guide[guide.index("## Translator") :], re.S)[:2]
-    (tmp_path / "finance_views.py").write_text(translator_code)
-    (tmp_path / "audited_views.py").write_text(component_code)
+    for code in re.findall(r"```python\n(.*?)```", guide[guide.index("## Translator") :], re.S):
+        (tmp_path / re.match(r"# (\w+\.py);", code)[1]).write_text(code)  # each example names its module
     monkeypatch.syspath_prepend(str(tmp_path))
     project_yaml = (PROJECT_ROOT / "analytics_views/orchestration/defs/views/defs.yaml").read_text()
     defs_yaml = tmp_path / "defs.yaml"
@@ -401,6 +434,8 @@ def test_the_docs_translator_class_and_component_subclass_compose_with_their_def
     assert daily.tags["domain"] == "finance"
     assert daily.description == "Daily numbers for finance."
     assert specs[dg.AssetKey("weekly_aggregations")].group_name == "finance_reporting"
+    prefixed = project_views(translator_class="finance_keys.FinanceKeys")
+    assert dg.AssetKey(["finance", "daily_aggregations"]) in {spec.key for spec in prefixed.resolve_all_asset_specs()}
 
 
 @pytest.mark.parametrize(
