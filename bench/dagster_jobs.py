@@ -18,11 +18,11 @@ import psutil
 import psycopg
 import yaml
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.operations.services import dagster_services
 from analytics_views.paths import PROJECT_ROOT
 from analytics_views.postgres.database import libpq_url
-from analytics_views.postgres.refresh import SKIPPED
 from analytics_views.sql_files.views import load_views
 from bench.postgres_measures import bench_database, refresh_sql
 from bench.timing import log, median_time
@@ -311,7 +311,7 @@ def measure_jobs(url: str, server_url: str, work_dir: Path, repeats: int) -> dic
                         pair = {}
                         for force in (True, False) if repeat % 2 == 0 else (False, True):
                             pair[force] = run_job(client, location, job, force=force)
-                        if set(pair[False]["modes"].values()) != {SKIPPED}:
+                        if set(pair[False]["modes"].values()) != {RefreshMode.SKIPPED}:
                             raise RuntimeError(f"{job} refreshed views with unchanged sources: {pair[False]['modes']}")
                         runs.setdefault((label, job), []).append(pair[True])
                         skipped.setdefault((label, job), []).append(pair[False])

@@ -31,9 +31,9 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.operations.services import dagster_services, prepare_dagster_home, wait_for_webserver
 from analytics_views.orchestration import metadata_keys as keys
-from analytics_views.postgres.refresh import SKIPPED
 from analytics_views.postgres.database import libpq_url
 from bench.dagster_jobs import DEFINITIONS_REPOSITORY as REPOSITORY
 from bench.dagster_jobs import FORCE_REFRESH, free_port
@@ -249,7 +249,7 @@ def _timed_submission(client, instance_home: Path, force: bool) -> dict:
     return {
         "wall_s": round(records[-1].timestamp - started_at, 2),
         "first_refresh_s": round(min(starts) - started_at, 2),
-        "skipped": sum(mode == SKIPPED for mode in modes),
+        "skipped": sum(mode == RefreshMode.SKIPPED for mode in modes),
         "load_average": round(os.getloadavg()[0], 2),
     }
 

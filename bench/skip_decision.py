@@ -25,10 +25,11 @@ from typing import Iterator
 import psycopg
 from psycopg import sql
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.postgres import write_quiescence
 from analytics_views.postgres.database import with_database
 from analytics_views.postgres.embedded import embedded_server
-from analytics_views.postgres.refresh import SKIPPED, refresh_view
+from analytics_views.postgres.refresh import refresh_view
 from bench.timing import log
 
 SOURCE_ROWS = 200_000
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             started = time.perf_counter()
             outcome = refresh_view(conn, name, skip_if_unchanged_since=last[name])
-            quiet.append((time.perf_counter() - started, outcome.mode == SKIPPED))
+            quiet.append((time.perf_counter() - started, outcome.mode == RefreshMode.SKIPPED))
 
         looks, busy = [], []
         with Writers(url, args.writers, 1):
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 looks.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 outcome = refresh_view(conn, name, skip_if_unchanged_since=last[name])
-                busy.append((time.perf_counter() - started, outcome.mode == SKIPPED))
+                busy.append((time.perf_counter() - started, outcome.mode == RefreshMode.SKIPPED))
                 last[name] = outcome.sources_fingerprint
 
         def refresh_all() -> None:

@@ -12,6 +12,7 @@ import dagster as dg
 import psycopg
 import yaml
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.postgres import database
 from analytics_views.sql_files.discovery import managed_views, staleness
 from analytics_views.errors import AnalyticsViewsError
@@ -21,7 +22,7 @@ from analytics_views.operations.launcher import SLOT_WAIT_S, Launch, Launcher, s
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.operations.migrate import LEDGER
-from analytics_views.postgres.refresh import SKIPPED, RefreshSettings
+from analytics_views.postgres.refresh import RefreshSettings
 from analytics_views.sql_files.views import ViewDefinition
 
 
@@ -344,11 +345,11 @@ def _reports(dagster_instance: dg.DagsterInstance, run: runs.Submitted, views: d
             reports.append(
                 RefreshReport(
                     view.label,
-                    "skipped" if metadata[keys.REFRESH_MODE] == SKIPPED else "refreshed",
+                    "skipped" if metadata[keys.REFRESH_MODE] == RefreshMode.SKIPPED else "refreshed",
                     f"{metadata[keys.ROW_COUNT]} rows, {metadata[keys.SIZE]}, "
                     + (
                         "proven unchanged since its last refresh"  # its rows and size are that refresh's
-                        if metadata[keys.REFRESH_MODE] == SKIPPED
+                        if metadata[keys.REFRESH_MODE] == RefreshMode.SKIPPED
                         else f"{metadata[keys.REFRESH_MODE]} in {metadata[keys.REFRESH_DURATION_S]:.2f} s"
                     )
                     + f", run {run.run_id[:8]}",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.postgres import database
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration import view_checks
@@ -25,7 +26,7 @@ from analytics_views.orchestration.refresh_step import ViewFailed, ViewRefresh, 
 from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, table_schema
 from analytics_views.sql_files.discovery import managed_views
 from analytics_views.sql_files.managed import DEFAULT_CADENCES, Cadence, ManagedConfig
-from analytics_views.postgres.refresh import SKIPPED, refresh_view
+from analytics_views.postgres.refresh import refresh_view
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.sql_files.source_tables import load_source_tables
 from analytics_views.sql_files.views import ViewDefinition, source_tables
@@ -263,7 +264,7 @@ def data_version(outcome, last_metadata: dict) -> dg.DataVersion:
     relations the catalog cannot vouch for records none). A skip whose last materialization predates data
     versions takes the digest of the fingerprint it kept."""
     fingerprint = outcome.sources_fingerprint or ""
-    if outcome.mode == SKIPPED:
+    if outcome.mode == RefreshMode.SKIPPED:
         kept = last_metadata.get(keys.DATA_VERSION_TAG)
         return dg.DataVersion(kept or hashlib.sha256(fingerprint.encode()).hexdigest()[:16])
     return dg.DataVersion(hashlib.sha256(f"{fingerprint}@{time.time_ns()}".encode()).hexdigest()[:16])
@@ -342,13 +343,13 @@ def refresh_metadata(conn, view: ViewDefinition, outcome, state, last_metadata: 
     return {
         # Unchanged sources mean unchanged rows: a skip costs catalog look-ups only.
         keys.ROW_COUNT: last_metadata[keys.ROW_COUNT]
-        if outcome.mode == SKIPPED and keys.ROW_COUNT in last_metadata
+        if outcome.mode == RefreshMode.SKIPPED and keys.ROW_COUNT in last_metadata
         else database.row_count(conn, view.name, view.schema),
         keys.SOURCES_FINGERPRINT: outcome.sources_fingerprint or "",
         keys.SIZE_BYTES: state.size_bytes,
         keys.SIZE: state.size_pretty,
         keys.REFRESH_DURATION_S: dg.MetadataValue.float(round(outcome.duration_s, 4)),
-        keys.REFRESH_MODE: outcome.mode,
+        keys.REFRESH_MODE: str(outcome.mode),  # the text, as every materialization so far recorded it
         **({keys.REFRESH_NOTE: outcome.note} if outcome.note else {}),
         keys.REFRESH_TIMEZONE: timezone,
         keys.TABLE_NAME: database.qualified_name(conn, view.name, view.schema),

@@ -21,10 +21,11 @@ from graphlib import TopologicalSorter
 import dagster as dg
 import psycopg
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration.resources import AnalyticsDatabase
-from analytics_views.postgres.refresh import SKIPPED, RefreshError, RefreshOutcome, refresh_view
+from analytics_views.postgres.refresh import RefreshError, RefreshOutcome, refresh_view
 from analytics_views.sql_files.views import ViewDefinition
 
 # Transient failures are retried with this policy's backoff, inside the step, per view.
@@ -217,7 +218,7 @@ def refresh_in_dependency_order(
                     failed[key] = str(payload)
                     context.log.error(f"{by_key[key].label}: {payload}")
                 else:
-                    if payload.outcome.mode != SKIPPED:
+                    if payload.outcome.mode != RefreshMode.SKIPPED:
                         refreshed.add(key)
                     done.add(key)
                 with gate.writing():  # Dagster writes each event as it takes it, before it asks for the next

@@ -29,14 +29,11 @@ import psycopg
 from psycopg import errors, sql
 
 from analytics_views.postgres import swap, write_quiescence
+from analytics_views.postgres.modes import RefreshMode, RefreshStrategy
 from analytics_views.postgres.database import view_state
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.postgres.source_fingerprint import Fingerprint, source_fingerprint
 
-CONCURRENT = "concurrent"
-# CONCURRENTLY is refused on a view that was never populated; the first refresh must be a plain one.
-INITIAL_PLAIN = "plain (first population)"
-SKIPPED = "skipped (sources unchanged)"
 SKIP_PROOF = (
     "skipped: no source and not the view changed since its last refresh, and no other session of the database "
     f"could hold uncounted writes (each idle for over {write_quiescence.QUIET_AFTER_S} s)"
@@ -86,7 +83,7 @@ class RefreshSettings:
 @dataclass(frozen=True)
 class RefreshOutcome:
     view: str
-    mode: str
+    mode: RefreshMode
     duration_s: float
     note: str = ""  # why the mode differs from the strategy asked for, how the swap went, why it cannot skip
     # What the view's sources looked like when it was refreshed, and the view itself just after.
@@ -165,7 +162,7 @@ def refresh_view(
     conn: psycopg.Connection,
     view: str,
     settings: RefreshSettings = RefreshSettings(),
-    strategy: str = swap.AUTO,
+    strategy: RefreshStrategy = RefreshStrategy.AUTO,
     *,
     schema: str | None = None,
     skip_if_unchanged_since: str | None = None,
@@ -236,15 +233,16 @@ def refresh_view(
             last = skip_if_unchanged_since if state.populated else None
             sources, skip, decision = _decide(conn, relation, last, own_sessions, own_writes_held)
             if skip:
-                return RefreshOutcome(view, SKIPPED, 0.0, note=decision, sources_fingerprint=last)
+                return RefreshOutcome(view, RefreshMode.SKIPPED, 0.0, note=decision, sources_fingerprint=last)
             fingerprint = sources.value
-            mode = CONCURRENT if state.populated else INITIAL_PLAIN
+            # CONCURRENTLY is refused on a view that was never populated: the first refresh is a plain one.
+            mode = RefreshMode.CONCURRENT if state.populated else RefreshMode.INITIAL_PLAIN
             started = time.perf_counter()
             note = ""
             try:
-                if mode == CONCURRENT and schema is None:
+                if mode == RefreshMode.CONCURRENT and schema is None:
                     mode, note = swap.refresh_populated(conn, name, strategy, lock_wait_s=settings.lock_timeout_s)
-                elif mode == CONCURRENT:
+                elif mode == RefreshMode.CONCURRENT:
                     conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(relation))
                 else:
                     conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(relation))

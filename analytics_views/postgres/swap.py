@@ -29,12 +29,9 @@ from dataclasses import dataclass, replace
 import psycopg
 from psycopg import errors, sql
 
-SWAP = "swap"
-AUTO = "auto"
-CONCURRENT = "concurrent"
-STRATEGIES = (AUTO, CONCURRENT, SWAP)
+from analytics_views.postgres.modes import RefreshMode, RefreshStrategy
 
-# AUTO swaps views with at least this many rows: below it CONCURRENTLY's diff costs about as much as the
+# RefreshStrategy.AUTO swaps views with at least this many rows: below it CONCURRENTLY's diff costs about as much as the
 # query, and it keeps the relation (and its statistics) in place.
 SWAP_MIN_ROWS = 100_000
 # Longest a reader may queue behind the swap's lock request before we step back and try again.
@@ -535,18 +532,18 @@ def rows_at_least(conn: psycopg.Connection, view: str, rows: int) -> bool:
     return conn.execute(query, [rows]).fetchone()[0] >= rows
 
 
-def choose(conn: psycopg.Connection, view: str, strategy: str) -> tuple[str, str]:
+def choose(conn: psycopg.Connection, view: str, strategy: RefreshStrategy) -> tuple[RefreshMode, str]:
     """SWAP or CONCURRENT for a populated view, and why (empty when the strategy applies as asked)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"refresh strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    if strategy == CONCURRENT:
-        return CONCURRENT, ""
-    if strategy == AUTO and not rows_at_least(conn, view, SWAP_MIN_ROWS):
-        return CONCURRENT, ""
+    if strategy not in list(RefreshStrategy):
+        raise ValueError(f"refresh strategy {strategy!r} is not one of {', '.join(RefreshStrategy)}")
+    if strategy == RefreshStrategy.CONCURRENT:
+        return RefreshMode.CONCURRENT, ""
+    if strategy == RefreshStrategy.AUTO and not rows_at_least(conn, view, SWAP_MIN_ROWS):
+        return RefreshMode.CONCURRENT, ""
     found = blockers(conn, _oid(conn, view))
     if found:
-        return CONCURRENT, f"build-and-swap does not apply: {'; '.join(found)}"
-    return SWAP, ""
+        return RefreshMode.CONCURRENT, f"build-and-swap does not apply: {'; '.join(found)}"
+    return RefreshMode.SWAP, ""
 
 
 def _build_and_swap(run: _Deadline, view: str, lock_wait_s: float) -> str:
@@ -570,7 +567,9 @@ def _build_and_swap(run: _Deadline, view: str, lock_wait_s: float) -> str:
     return "" if attempts == 1 else f"swapped after {attempts} tries for its lock"
 
 
-def refresh_populated(conn: psycopg.Connection, view: str, strategy: str, *, lock_wait_s: float) -> tuple[str, str]:
+def refresh_populated(
+    conn: psycopg.Connection, view: str, strategy: RefreshStrategy, *, lock_wait_s: float
+) -> tuple[RefreshMode, str]:
     """Refresh a populated view by build-and-swap or CONCURRENTLY; returns the mode used and a note.
 
     Either is bounded as a whole by the statement_timeout in force, counted from the transaction's start
@@ -578,14 +577,14 @@ def refresh_populated(conn: psycopg.Connection, view: str, strategy: str, *, loc
     run = _Deadline(conn)
     run.apply()  # choose reads up to SWAP_MIN_ROWS rows of the view
     mode, note = choose(conn, view, strategy)
-    if mode == SWAP:
+    if mode == RefreshMode.SWAP:
         try:
             with conn.transaction():  # a savepoint: a swap that cannot be faithful leaves nothing behind
                 note = _build_and_swap(run, view, lock_wait_s)
             run.restore()
-            return SWAP, note
+            return RefreshMode.SWAP, note
         except SwapNotPossible as reason:
-            mode, note = CONCURRENT, f"build-and-swap does not apply: {reason}"
+            mode, note = RefreshMode.CONCURRENT, f"build-and-swap does not apply: {reason}"
     run.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(sql.Identifier(view)))
     run.restore()
     return mode, note

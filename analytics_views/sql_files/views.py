@@ -21,7 +21,7 @@ from analytics_views.errors import AnalyticsViewsError
 from analytics_views.sql_files.parse_cache import cached
 from analytics_views.paths import VIEWS_DIR
 from analytics_views.sql_files.source_tables import ColumnDoc, lineage_schema, load_source_tables
-from analytics_views.postgres.swap import AUTO, STRATEGIES
+from analytics_views.postgres.modes import RefreshStrategy
 
 if TYPE_CHECKING:
     from analytics_views.sql_files.lineage import SourceColumn
@@ -56,7 +56,7 @@ class ViewDefinition:
     key: tuple[str, ...] | None = None  # asset key path when not just the name (discovery.asset_key)
     fingerprint: str | None = None  # of the catalog definition, to tell when discovery is out of date
     unique_index: str | None = None  # the usable unique index discovery recorded (its CREATE statement)
-    refresh_strategy: str = AUTO  # optional `-- Refresh: auto|concurrent|swap` header line (see swap.py)
+    refresh_strategy: RefreshStrategy = RefreshStrategy.AUTO  # optional `-- Refresh: auto|concurrent|swap` header line
     # Why sqlglot could not read the query, when it could not: PostgreSQL judges the SQL (migrate), the view
     # is refreshed, its relations come from the query's tokens, and what needs the parse tree says why not.
     unparsed: str | None = None
@@ -166,9 +166,9 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
         columns, deps, lineage, comments = (), relations_in_tokens(query), {}, {}
         reason = " ".join(str(error).split("\n")[0].split())
         unparsed = f"sqlglot cannot read the query of {path.name} ({reason})"
-    strategy = _field(header, "refresh", path, default=AUTO).lower()
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{path}: refresh strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    strategy = _field(header, "refresh", path, default=RefreshStrategy.AUTO).lower()
+    if strategy not in list(RefreshStrategy):
+        raise ValueError(f"{path}: refresh strategy {strategy!r} is not one of {', '.join(RefreshStrategy)}")
     return ViewDefinition(
         name=path.stem,
         path=path,
@@ -181,7 +181,7 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
         line=text.count("\n", 0, match.start()) + 1,
         columns=tuple(ColumnDoc(name, None, comments.get(name)) for name in columns),
         column_lineage=lineage,
-        refresh_strategy=strategy,
+        refresh_strategy=RefreshStrategy(strategy),
         unparsed=unparsed,
     )
 

@@ -6,10 +6,10 @@ import dagster as dg
 import psycopg
 import pytest
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.orchestration.assets import UNIQUE_INDEX_CHECK
 from analytics_views.definitions import defs
 from analytics_views.paths import DEFS_YAML
-from analytics_views.postgres.refresh import CONCURRENT, INITIAL_PLAIN, SKIPPED
 from analytics_views.sql_files.views import load_views, views_with_cadence
 
 DAILY = [view.name for view in views_with_cadence("daily")]
@@ -72,8 +72,8 @@ def test_unpopulated_view_is_populated_before_concurrent_refresh(database_url):
     first = run_job("weekly_refresh_job")
     second = run_job("weekly_refresh_job")
     assert first.success and second.success
-    assert materialization_metadata(first, "weekly_aggregations")["analytics_views/refresh_mode"] == INITIAL_PLAIN
-    assert materialization_metadata(second, "weekly_aggregations")["analytics_views/refresh_mode"] == CONCURRENT
+    assert materialization_metadata(first, "weekly_aggregations")["analytics_views/refresh_mode"] == RefreshMode.INITIAL_PLAIN
+    assert materialization_metadata(second, "weekly_aggregations")["analytics_views/refresh_mode"] == RefreshMode.CONCURRENT
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT ispopulated FROM pg_matviews WHERE matviewname = 'weekly_aggregations'").fetchone()[0]
 
@@ -155,8 +155,8 @@ def test_a_refresh_is_skipped_while_no_source_changed_and_runs_after_any_change(
     instance = dg.DagsterInstance.ephemeral()
     weekly = lambda **kwargs: run_job("weekly_refresh_job", instance=instance, **kwargs)  # noqa: E731
     first, second = weekly(), weekly()
-    assert refresh_mode(first, "weekly_aggregations") == INITIAL_PLAIN
-    assert refresh_mode(second, "weekly_aggregations") == SKIPPED
+    assert refresh_mode(first, "weekly_aggregations") == RefreshMode.INITIAL_PLAIN
+    assert refresh_mode(second, "weekly_aggregations") == RefreshMode.SKIPPED
     # A proven skip keeps the view's data version; every real refresh below gives a new one.
     assert data_version(second, "weekly_aggregations") == data_version(first, "weekly_aggregations")
     assert materialization_metadata(second, "weekly_aggregations")["dagster/row_count"] == materialization_metadata(
@@ -171,15 +171,15 @@ def test_a_refresh_is_skipped_while_no_source_changed_and_runs_after_any_change(
         )
     wait_until_counted(database_url, "events", counted)
     changed = weekly()
-    assert refresh_mode(changed, "weekly_aggregations") == CONCURRENT
+    assert refresh_mode(changed, "weekly_aggregations") == RefreshMode.CONCURRENT
     assert data_version(changed, "weekly_aggregations") != data_version(first, "weekly_aggregations")
     quiet = weekly()
-    assert refresh_mode(quiet, "weekly_aggregations") == SKIPPED
+    assert refresh_mode(quiet, "weekly_aggregations") == RefreshMode.SKIPPED
     assert data_version(quiet, "weekly_aggregations") == data_version(changed, "weekly_aggregations")
     forced = weekly(
         run_config={"resources": {"analytics_db": {"config": {"url": {"env": "DATABASE_URL"}, "skip_unchanged": False}}}}
     )
-    assert refresh_mode(forced, "weekly_aggregations") == CONCURRENT
+    assert refresh_mode(forced, "weekly_aggregations") == RefreshMode.CONCURRENT
     assert data_version(forced, "weekly_aggregations") not in {
         data_version(first, "weekly_aggregations"), data_version(changed, "weekly_aggregations")
     }

@@ -12,12 +12,12 @@ import dagster as dg
 import psycopg
 import pytest
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.errors import AnalyticsViewsError
 from analytics_views.orchestration import component
 from analytics_views.orchestration.component import DEFS_ENV, MaterializedViewsComponent, load_definitions
 from analytics_views.paths import DEFS_YAML, SQL_DIR
-from analytics_views.postgres.refresh import INITIAL_PLAIN
 from analytics_views.sql_files.managed import ManagedConfig
 
 BIN = Path(sys.executable).parent
@@ -283,4 +283,4 @@ def test_another_dg_project_manages_its_own_views_with_one_defs_yaml(shop, empty
     with dg.DagsterInstance.get() as instance:
         event = instance.get_latest_materialization_event(dg.AssetKey("order_totals"))
     metadata = event.asset_materialization.metadata
-    assert metadata["dagster/row_count"].value == 3 and metadata[keys.REFRESH_MODE].value == INITIAL_PLAIN
+    assert metadata["dagster/row_count"].value == 3 and metadata[keys.REFRESH_MODE].value == RefreshMode.INITIAL_PLAIN

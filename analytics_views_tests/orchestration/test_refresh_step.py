@@ -11,6 +11,7 @@ import dagster as dg
 import psycopg
 import pytest
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.operations import commands
 from analytics_views.orchestration.component import DEFS_ENV, MaterializedViewsComponent, discover_views, load_definitions, load_views
 from analytics_views.orchestration.translator import ViewTranslator
@@ -18,7 +19,6 @@ from analytics_views.orchestration.definition_checks import SENSOR_NAME
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.orchestration.view_checks import STATIC_CHECKS
-from analytics_views.postgres.refresh import SKIPPED
 
 # A chain a -> b -> c (each reads the one before) and two views reading the source alone.
 CHAIN = """
@@ -160,7 +160,7 @@ def test_a_view_reading_a_view_refreshed_in_the_run_is_never_skipped(chain):
     defs, url = chain
     instance = dg.DagsterInstance.ephemeral()
     assert run_daily(defs, instance).success
-    assert set(modes(run_daily(defs, instance)).values()) == {SKIPPED}  # nothing changed
+    assert set(modes(run_daily(defs, instance)).values()) == {RefreshMode.SKIPPED}  # nothing changed
 
     # Only mv.a's source changes; mv.b and mv.c read it through mv.a, refreshed earlier in the same run.
     with psycopg.connect(url, autocommit=True) as conn:
@@ -169,7 +169,7 @@ def test_a_view_reading_a_view_refreshed_in_the_run_is_never_skipped(chain):
 
     wait_until_counted(url, "public.source", 1000)
     refreshed = modes(run_daily(defs, instance))
-    assert refreshed["mv/a"] != SKIPPED and refreshed["mv/b"] != SKIPPED and refreshed["mv/c"] != SKIPPED
+    assert refreshed["mv/a"] != RefreshMode.SKIPPED and refreshed["mv/b"] != RefreshMode.SKIPPED and refreshed["mv/c"] != RefreshMode.SKIPPED
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT n FROM mv.c WHERE k = 3").fetchone()[0] == 101 * 2 + 1
 
@@ -345,11 +345,11 @@ def test_a_skip_proof_looks_while_the_steps_own_event_writes_are_held(chain):
 
     with psycopg.connect(url, autocommit=True) as conn:
         forced = refresh_view(conn, "a", RefreshSettings(), schema="mv", own_writes_held=own_writes_held)
-        assert forced.mode != SKIPPED and held == []  # no proof, nothing held
+        assert forced.mode != RefreshMode.SKIPPED and held == []  # no proof, nothing held
         time.sleep(write_quiescence.QUIET_AFTER_S + 0.5)  # the fixture's sessions, idle since their writes, reported
         skipped = refresh_view(
             conn, "a", RefreshSettings(), schema="mv", skip_if_unchanged_since=forced.sources_fingerprint,
             own_writes_held=own_writes_held,
         )
-    assert skipped.mode == SKIPPED, skipped.note
+    assert skipped.mode == RefreshMode.SKIPPED, skipped.note
     assert held and len(held) <= 8  # once a try

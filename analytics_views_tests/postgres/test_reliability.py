@@ -9,16 +9,10 @@ import dagster as dg
 import psycopg
 import pytest
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.definitions import defs
 from analytics_views.operations.services import prepare_dagster_home
-from analytics_views.postgres.refresh import (
-    ADVISORY_LOCK_NAMESPACE,
-    CONCURRENT,
-    RefreshError,
-    RefreshSettings,
-    RefreshSkipped,
-    refresh_view,
-)
+from analytics_views.postgres.refresh import ADVISORY_LOCK_NAMESPACE, RefreshError, RefreshSettings, RefreshSkipped, refresh_view
 
 QUICK = RefreshSettings(lock_timeout_s=0.5, statement_timeout_s=60)
 # pg_locks covers the whole server, where other tests run at the same time: count this database's only.
@@ -119,7 +113,7 @@ def test_a_second_refresh_of_the_same_view_is_skipped_after_lock_timeout_naming_
         with pytest.raises(RefreshSkipped, match=r"skipped daily_aggregations: another refresh of it is running \(pid \d+"):
             refresh_in_new_connection(refreshed_db, "daily_aggregations")
         # Other views are not held up by it.
-        assert refresh_in_new_connection(refreshed_db, "weekly_aggregations").mode == CONCURRENT
+        assert refresh_in_new_connection(refreshed_db, "weekly_aggregations").mode == RefreshMode.CONCURRENT
 
 
 def test_two_simultaneous_refreshes_of_one_view_run_one_after_the_other(slow_view):
@@ -132,7 +126,7 @@ def test_two_simultaneous_refreshes_of_one_view_run_one_after_the_other(slow_vie
     assert waiter["application_name"] == "analytics-views slow_view test"
     first.join(30)
     second.join(30)
-    assert first_outcome["result"].mode == second_outcome["result"].mode == CONCURRENT
+    assert first_outcome["result"].mode == second_outcome["result"].mode == RefreshMode.CONCURRENT
 
 
 def test_the_advisory_lock_is_released_when_a_refresh_fails(refreshed_db):
@@ -272,7 +266,7 @@ def test_readers_are_not_blocked_while_a_concurrent_refresh_runs(slow_view):
         ).fetchone()[0]
     thread.join(30)
     assert still_running == 1  # the read happened during the refresh
-    assert outcome["result"].mode == CONCURRENT
+    assert outcome["result"].mode == RefreshMode.CONCURRENT
 
 
 def test_a_read_replica_is_refused_with_a_clear_message(refreshed_db):

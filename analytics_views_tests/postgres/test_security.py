@@ -13,10 +13,11 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 from psycopg import sql
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.operations.launcher import LAUNCHED_BY_TAG
 from analytics_views.postgres.embedded import embedded_server
 from analytics_views.operations.migrate import migrate
-from analytics_views.postgres.refresh import CONCURRENT, refresh_view
+from analytics_views.postgres.refresh import refresh_view
 from analytics_views.operations.seed import seed
 from analytics_views.definitions import defs
 from analytics_views.operations.services import dagster_services, prepare_dagster_home
@@ -55,7 +56,7 @@ def refresher(seeded_db):
 def test_the_refresher_role_refreshes_every_view_and_cannot_write_source_tables(refresher):
     with psycopg.connect(refresher, autocommit=True) as conn:
         for view in view_names():
-            assert refresh_view(conn, view).mode == CONCURRENT
+            assert refresh_view(conn, view).mode == RefreshMode.CONCURRENT
         for statement in (
             "INSERT INTO users (user_id, signed_up_at, country, plan) VALUES (-1, now(), 'XX', 'free')",
             "UPDATE payments SET amount = amount * 2",
@@ -82,7 +83,7 @@ def test_the_refresher_role_sql_can_run_twice(refresher, seeded_db):
         admin.execute("SELECT set_config('analytics_views.refresher_role', %s, false)", [role])
         admin.execute(REFRESHER_SQL.read_text())
     with psycopg.connect(refresher, autocommit=True) as conn:
-        assert refresh_view(conn, "daily_aggregations").mode == CONCURRENT
+        assert refresh_view(conn, "daily_aggregations").mode == RefreshMode.CONCURRENT
 
 
 # --- secrets ----------------------------------------------------------------------------------------------

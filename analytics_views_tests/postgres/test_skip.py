@@ -12,7 +12,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from analytics_views.postgres.refresh import CONCURRENT, SKIP_PROOF, SKIPPED, RefreshOutcome, RefreshSettings, refresh_view
+from analytics_views.postgres.modes import RefreshMode
+from analytics_views.postgres.refresh import SKIP_PROOF, RefreshOutcome, RefreshSettings, refresh_view
 
 PRODUCT_VIEWS = ["campaign_stats", "cohort_stats", "daily_activity", "recent_activity", "refund_totals", "weekly_purchases"]
 OUR_VIEWS = ["daily_aggregations", "weekly_aggregations", "campaign_aggregations", "cohort_aggregations"]
@@ -77,12 +78,12 @@ def test_without_writes_every_product_view_skips_but_the_six_hour_window_never_d
     first = {view: refresh(conn, view) for view in PRODUCT_VIEWS}
     second = {view: refresh(conn, view, first[view]) for view in PRODUCT_VIEWS}
     assert {view: outcome.mode for view, outcome in second.items()} == {
-        "campaign_stats": SKIPPED,
-        "cohort_stats": SKIPPED,
-        "daily_activity": SKIPPED,
-        "recent_activity": CONCURRENT,
-        "refund_totals": SKIPPED,
-        "weekly_purchases": SKIPPED,
+        "campaign_stats": RefreshMode.SKIPPED,
+        "cohort_stats": RefreshMode.SKIPPED,
+        "daily_activity": RefreshMode.SKIPPED,
+        "recent_activity": RefreshMode.CONCURRENT,
+        "refund_totals": RefreshMode.SKIPPED,
+        "weekly_purchases": RefreshMode.SKIPPED,
     }
     assert first["recent_activity"].sources_fingerprint is None
     assert second["recent_activity"].note == (
@@ -106,10 +107,10 @@ def test_fifty_purchases_into_a_weekly_partition_reach_the_view_over_the_plain_v
         conn,
     )
     after = refresh(conn, "weekly_purchases", before)
-    assert after.mode == CONCURRENT
+    assert after.mode == RefreshMode.CONCURRENT
     assert conn.execute("SELECT sum(purchases) FROM product.weekly_purchases").fetchone()[0] == purchases + 50
     assert rows_differing_from_query(conn, "weekly_purchases") == 0
-    assert refresh(conn, "weekly_purchases", after).mode == SKIPPED
+    assert refresh(conn, "weekly_purchases", after).mode == RefreshMode.SKIPPED
 
 
 def test_a_write_to_a_leaf_partition_two_levels_down_is_seen(product):
@@ -126,7 +127,7 @@ def test_a_write_to_a_leaf_partition_two_levels_down_is_seen(product):
     ).fetchone()[0]
     assert leaf == "product.events_older_purchase"
     for view, outcome in before.items():
-        assert refresh(conn, view, outcome).mode == CONCURRENT, view
+        assert refresh(conn, view, outcome).mode == RefreshMode.CONCURRENT, view
         assert rows_differing_from_query(conn, view) == 0, view
 
 
@@ -141,13 +142,13 @@ def test_an_attached_partition_and_a_detached_one_change_the_fingerprint(product
         " VALUES (-1, 1, 'purchase', '{\"amount\": 5}', now() + interval '400 days')",
         conn,
     )
-    assert refresh(conn, "weekly_purchases", before).mode == SKIPPED
+    assert refresh(conn, "weekly_purchases", before).mode == RefreshMode.SKIPPED
     conn.execute(
         "ALTER TABLE product.events ATTACH PARTITION product.events_future"
         " FOR VALUES FROM (now() + interval '300 days') TO (now() + interval '500 days')"
     )
     attached = refresh(conn, "weekly_purchases", before)
-    assert attached.mode == CONCURRENT
+    assert attached.mode == RefreshMode.CONCURRENT
     assert rows_differing_from_query(conn, "weekly_purchases") == 0
     weeks = conn.execute("SELECT count(*) FROM product.weekly_purchases").fetchone()[0]
 
@@ -156,7 +157,7 @@ def test_an_attached_partition_and_a_detached_one_change_the_fingerprint(product
     ).fetchone()[0]
     conn.execute(sql.SQL("ALTER TABLE product.events DETACH PARTITION {}").format(sql.SQL(this_week)))
     detached = refresh(conn, "weekly_purchases", attached)
-    assert detached.mode == CONCURRENT
+    assert detached.mode == RefreshMode.CONCURRENT
     assert rows_differing_from_query(conn, "weekly_purchases") == 0
     assert conn.execute("SELECT count(*) FROM product.weekly_purchases").fetchone()[0] == weeks - 1
 
@@ -165,7 +166,7 @@ def test_a_write_to_an_inheritance_child_is_seen(product):
     url, conn = product
     before = refresh(conn, "refund_totals")
     write(url, "INSERT INTO product.refunds_archive VALUES (3, 5, 2.50, now() - interval '40 days')", conn)
-    assert refresh(conn, "refund_totals", before).mode == CONCURRENT
+    assert refresh(conn, "refund_totals", before).mode == RefreshMode.CONCURRENT
     assert conn.execute("SELECT refunded FROM product.refund_totals WHERE user_id = 5").fetchone()[0] == 10
     assert rows_differing_from_query(conn, "refund_totals") == 0
 
@@ -177,7 +178,7 @@ def test_a_plain_view_redefined_between_refreshes_is_seen(product):
         "CREATE OR REPLACE VIEW product.purchases AS SELECT user_id, (payload ->> 'amount')::numeric AS amount,"
         " received_at FROM product.events WHERE kind = 'purchase' AND user_id IS NOT NULL"
     )
-    assert refresh(conn, "weekly_purchases", before).mode == CONCURRENT
+    assert refresh(conn, "weekly_purchases", before).mode == RefreshMode.CONCURRENT
     assert rows_differing_from_query(conn, "weekly_purchases") == 0
 
 
@@ -188,7 +189,7 @@ def test_a_refreshed_materialized_view_makes_the_view_reading_it_refresh(product
     cost = conn.execute("SELECT sum(campaign_cost) FROM product.cohort_stats").fetchone()[0]
     # campaigns is read by campaign_stats only: until campaign_stats is refreshed, cohort_stats is current.
     write(url, "UPDATE product.campaigns SET cost = cost * 2", conn)
-    assert refresh(conn, "cohort_stats", before).mode == SKIPPED
+    assert refresh(conn, "cohort_stats", before).mode == RefreshMode.SKIPPED
     # CONCURRENTLY applies its diff as counted deletes and inserts; a plain REFRESH gives a new file node.
     write(
         url,
@@ -197,7 +198,7 @@ def test_a_refreshed_materialized_view_makes_the_view_reading_it_refresh(product
         counted=concurrently,
     )
     after = refresh(conn, "cohort_stats", before)
-    assert after.mode == CONCURRENT
+    assert after.mode == RefreshMode.CONCURRENT
     doubled = conn.execute("SELECT sum(campaign_cost) FROM product.cohort_stats").fetchone()[0]
     assert round(doubled, 9) == round(2 * cost, 9)
     assert rows_differing_from_query(conn, "cohort_stats") == 0
@@ -218,7 +219,7 @@ def test_a_view_calling_a_function_that_reads_a_table_is_never_skipped(product):
     assert first.sources_fingerprint is None
     write(url, "INSERT INTO product.refunds VALUES (4, 9, 1.00, now())", conn)
     second = refresh(conn, "refund_count", first)
-    assert second.mode == CONCURRENT
+    assert second.mode == RefreshMode.CONCURRENT
     assert second.note == (
         "never skipped: it calls the function product.refund_count(), which may read tables the catalog does not show"
     )
@@ -230,7 +231,7 @@ def test_a_view_over_random_is_never_skipped(product):
     create_view(conn, "sample", "SELECT 1 AS k, random() AS r", "k")
     first = refresh(conn, "sample")
     second = refresh(conn, "sample", first)
-    assert second.mode == CONCURRENT
+    assert second.mode == RefreshMode.CONCURRENT
     assert second.note == "never skipped: it calls the volatile function random(), whose result may change any time"
 
 
@@ -248,7 +249,7 @@ def test_a_view_over_a_foreign_table_is_never_skipped(product):
     create_view(conn, "rates_copy", "SELECT currency, rate FROM product.rates", "currency")
     first = refresh(conn, "rates_copy")
     second = refresh(conn, "rates_copy", first)
-    assert (first.sources_fingerprint, second.mode) == (None, CONCURRENT)
+    assert (first.sources_fingerprint, second.mode) == (None, RefreshMode.CONCURRENT)
     assert second.note == "never skipped: it reads the foreign table product.rates, whose changes PostgreSQL does not count"
     assert conn.execute("SELECT count(*) FROM product.rates_copy").fetchone()[0] == 2
 
@@ -258,7 +259,7 @@ def test_with_track_counts_off_no_view_is_skipped(product):
     first = refresh(conn, "refund_totals")
     conn.execute("SET track_counts = off")
     second = refresh(conn, "refund_totals", first)
-    assert second.mode == CONCURRENT
+    assert second.mode == RefreshMode.CONCURRENT
     assert second.note == "never skipped: track_counts is off, so PostgreSQL does not count writes to its sources"
 
 
@@ -266,7 +267,7 @@ def test_a_session_time_zone_view_fingerprints_the_day_in_the_refresh_zone(produ
     _, conn = product
     utc = refresh(conn, "daily_activity")
     kiritimati = refresh(conn, "daily_activity", utc, settings=RefreshSettings(timezone="Pacific/Kiritimati"))
-    assert kiritimati.mode == CONCURRENT  # another zone, other days: refreshed
+    assert kiritimati.mode == RefreshMode.CONCURRENT  # another zone, other days: refreshed
     day = conn.execute("SELECT (now() AT TIME ZONE 'Pacific/Kiritimati')::date::text").fetchone()[0]
     assert sources_part(kiritimati).endswith(f" TimeZone={day}")
     assert kiritimati.sources_fingerprint != utc.sources_fingerprint
@@ -276,7 +277,7 @@ def test_our_views_skip_without_writes_and_each_refreshes_after_a_payment(seeded
     with psycopg.connect(seeded_db, autocommit=True) as conn:
         first = {view: refresh_view(conn, view) for view in OUR_VIEWS}
         second = {view: refresh_view(conn, view, skip_if_unchanged_since=first[view].sources_fingerprint) for view in OUR_VIEWS}
-        assert {outcome.mode for outcome in second.values()} == {SKIPPED}
+        assert {outcome.mode for outcome in second.values()} == {RefreshMode.SKIPPED}
         assert all(outcome.note == SKIP_PROOF for outcome in second.values())
         write(
             seeded_db,
@@ -284,7 +285,7 @@ def test_our_views_skip_without_writes_and_each_refreshes_after_a_payment(seeded
             conn,
         )
         third = {view: refresh_view(conn, view, skip_if_unchanged_since=first[view].sources_fingerprint) for view in OUR_VIEWS}
-        assert {view: outcome.mode for view, outcome in third.items()} == {view: CONCURRENT for view in OUR_VIEWS}
+        assert {view: outcome.mode for view, outcome in third.items()} == {view: RefreshMode.CONCURRENT for view in OUR_VIEWS}
         for view in OUR_VIEWS:
             assert rows_differing_from_query(conn, view, "public") == 0, view
 
@@ -298,7 +299,7 @@ def test_a_skip_waits_for_no_lock_on_the_sources(product):
         # could hold counts of earlier commits: named as one of the run's own sessions, only its lock is in the way.
         settings = RefreshSettings(lock_timeout_s=0.1)
         own = [locker.info.backend_pid]
-        assert refresh(conn, "refund_totals", before, settings=settings, own_sessions=own).mode == SKIPPED
+        assert refresh(conn, "refund_totals", before, settings=settings, own_sessions=own).mode == RefreshMode.SKIPPED
         locker.rollback()
 
 
@@ -308,7 +309,7 @@ def test_a_clock_read_in_a_plain_view_below_is_never_skipped_and_named(product):
     create_view(conn, "last_hour_kinds", "SELECT kind, count(*) AS events FROM product.last_hour GROUP BY kind", "kind")
     first = refresh(conn, "last_hour_kinds")
     second = refresh(conn, "last_hour_kinds", first)
-    assert (first.sources_fingerprint, second.mode) == (None, CONCURRENT)
+    assert (first.sources_fingerprint, second.mode) == (None, RefreshMode.CONCURRENT)
     assert second.note == (
         "never skipped: its result follows the clock (CURRENT_TIMESTAMP - CAST('01:00:00' AS INTERVAL)), finer than a day"
         " in the view product.last_hour it reads"
@@ -320,5 +321,5 @@ def test_a_view_reading_a_sequence_is_never_skipped(product):
     conn.execute("CREATE SEQUENCE product.ticket")
     create_view(conn, "ticket_state", "SELECT 1 AS k, last_value FROM product.ticket", "k")
     second = refresh(conn, "ticket_state", refresh(conn, "ticket_state"))
-    assert second.mode == CONCURRENT
+    assert second.mode == RefreshMode.CONCURRENT
     assert second.note == "never skipped: it reads the sequence product.ticket, whose changes PostgreSQL does not count"

@@ -19,8 +19,9 @@ import psycopg
 import pytest
 from psycopg import errors
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.postgres import write_quiescence
-from analytics_views.postgres.refresh import SKIP_PROOF, SKIPPED, VIEW_WRITTEN, RefreshOutcome
+from analytics_views.postgres.refresh import SKIP_PROOF, VIEW_WRITTEN, RefreshOutcome
 from analytics_views_tests.postgres.test_skip import refresh, rows_differing_from_query, write_counters
 
 RECENT_PURCHASE = (
@@ -84,7 +85,7 @@ def commit_late(writer: psycopg.Connection, change: Callable[[psycopg.Connection
 
 def assert_not_reported_unchanged(conn: psycopg.Connection, view: str, before: RefreshOutcome) -> RefreshOutcome:
     outcome = refresh(conn, view, before)
-    assert outcome.mode != SKIPPED, outcome
+    assert outcome.mode != RefreshMode.SKIPPED, outcome
     assert rows_differing_from_query(conn, view) == 0
     return outcome
 
@@ -208,8 +209,8 @@ def test_on_a_quiet_database_an_unchanged_view_is_skipped_on_proof(schema):
         # Counted after the second refresh read the counters: they moved since, so the third refreshes too.
         third = refresh(conn, "weekly_purchases", second)
         fourth = refresh(conn, "weekly_purchases", third)
-    assert second.mode != SKIPPED  # the bystander went idle under QUIET_AFTER_S ago
-    assert (fourth.mode, fourth.note, fourth.sources_fingerprint) == (SKIPPED, SKIP_PROOF, third.sources_fingerprint)
+    assert second.mode != RefreshMode.SKIPPED  # the bystander went idle under QUIET_AFTER_S ago
+    assert (fourth.mode, fourth.note, fourth.sources_fingerprint) == (RefreshMode.SKIPPED, SKIP_PROOF, third.sources_fingerprint)
     assert rows_differing_from_query(conn, "weekly_purchases") == 0
 
 
@@ -218,8 +219,8 @@ def test_the_run_s_own_sessions_do_not_prevent_a_skip(schema):
     first = refresh(conn, "refund_totals")
     with psycopg.connect(url, autocommit=True) as sibling:
         sibling.execute("SELECT 1")
-        assert refresh(conn, "refund_totals", first).mode != SKIPPED
-        assert refresh(conn, "refund_totals", first, own_sessions=[sibling.info.backend_pid]).mode == SKIPPED
+        assert refresh(conn, "refund_totals", first).mode != RefreshMode.SKIPPED
+        assert refresh(conn, "refund_totals", first, own_sessions=[sibling.info.backend_pid]).mode == RefreshMode.SKIPPED
 
 
 @contextmanager

@@ -6,9 +6,9 @@ import time
 import psycopg
 import pytest
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.postgres.database import view_state
-from analytics_views.postgres.refresh import CONCURRENT, RefreshError, RefreshSettings, refresh_view
-from analytics_views.postgres.swap import SWAP
+from analytics_views.postgres.refresh import RefreshError, RefreshSettings, refresh_view
 
 # A view over a tiny table whose query sleeps once (an InitPlan), so its build is slow enough to watch.
 SLOW_VIEW = """
@@ -64,20 +64,20 @@ def test_swap_refresh_replaces_contents_and_keeps_indexes_comments_owner_and_gra
         outcome = refresh_view(conn, "slow_numbers", strategy="swap")
 
         # The only note: the view's pg_sleep() is volatile, so it is never skipped (nothing about the swap).
-        assert outcome.mode == SWAP and outcome.note.startswith("never skipped: it calls the volatile function pg_sleep")
+        assert outcome.mode == RefreshMode.SWAP and outcome.note.startswith("never skipped: it calls the volatile function pg_sleep")
         assert numbers(conn) == [(2, 20), (3, 30), (4, 40)]
         assert catalog_facts(conn) == before
         assert view_state(conn, "slow_numbers").unique_index == "slow_numbers_key"
         assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE '%%__swap'").fetchone()[0] == 0
         # The swapped view is an ordinary populated view: CONCURRENTLY works on it next time.
-        assert refresh_view(conn, "slow_numbers", strategy="concurrent").mode == CONCURRENT
+        assert refresh_view(conn, "slow_numbers", strategy="concurrent").mode == RefreshMode.CONCURRENT
 
 
 def test_swap_refresh_of_a_project_view_gives_the_rows_of_a_plain_refresh(seeded_db):
     with psycopg.connect(seeded_db, autocommit=True) as conn:
         conn.execute("REFRESH MATERIALIZED VIEW daily_aggregations")
         plain = conn.execute("SELECT * FROM daily_aggregations ORDER BY day").fetchall()
-        assert refresh_view(conn, "daily_aggregations", strategy="swap").mode == SWAP
+        assert refresh_view(conn, "daily_aggregations", strategy="swap").mode == RefreshMode.SWAP
         assert conn.execute("SELECT * FROM daily_aggregations ORDER BY day").fetchall() == plain
 
 
@@ -89,7 +89,7 @@ def test_swap_falls_back_to_concurrently_when_a_view_depends_on_it(seeded_db):
 
         outcome = refresh_view(conn, "slow_numbers", strategy="swap")
 
-        assert outcome.mode == CONCURRENT
+        assert outcome.mode == RefreshMode.CONCURRENT
         assert "build-and-swap does not apply" in outcome.note and "big_numbers" in outcome.note
         assert conn.execute("SELECT 'slow_numbers'::regclass::oid").fetchone()[0] == oid  # same relation
         assert conn.execute("SELECT n FROM big_numbers ORDER BY n").fetchall() == [(2,), (3,), (4,)]
@@ -99,13 +99,13 @@ def test_swap_falls_back_when_a_column_has_its_own_grant(seeded_db):
     with slow_view(seeded_db, 0) as conn:
         conn.execute("GRANT SELECT (n) ON slow_numbers TO PUBLIC")
         outcome = refresh_view(conn, "slow_numbers", strategy="swap")
-        assert outcome.mode == CONCURRENT
+        assert outcome.mode == RefreshMode.CONCURRENT
         assert "column privileges" in outcome.note
 
 
 def test_auto_strategy_keeps_concurrently_for_small_views(seeded_db):
     with slow_view(seeded_db, 0) as conn:
-        assert refresh_view(conn, "slow_numbers").mode == CONCURRENT
+        assert refresh_view(conn, "slow_numbers").mode == RefreshMode.CONCURRENT
 
 
 def test_readers_get_the_old_rows_at_once_while_the_swap_builds(seeded_db):
@@ -130,7 +130,7 @@ def test_readers_get_the_old_rows_at_once_while_the_swap_builds(seeded_db):
             reader.execute("SET lock_timeout = '200ms'")
             assert numbers(reader) == [(1, 10), (2, 20), (3, 30)]
         refresher.join()
-        assert outcomes[0].mode == SWAP
+        assert outcomes[0].mode == RefreshMode.SWAP
         assert numbers(conn) == [(1, 10), (2, 20), (3, 30), (4, 40)]
 
 
@@ -141,7 +141,7 @@ def test_a_long_reader_makes_the_swap_fall_back_to_concurrently_once(seeded_db):
         started = time.monotonic()
         outcome = refresh_view(conn, "slow_numbers", RefreshSettings(lock_timeout_s=1), strategy="swap")
         assert (outcome.mode, outcome.note) == (
-            CONCURRENT,
+            RefreshMode.CONCURRENT,
             f"build-and-swap does not apply: a session held the view for over 1 s (pid {reader.info.backend_pid} "
             "(long report)), so its swap could not take the view's lock; refreshed CONCURRENTLY, which readers do "
             "not block; never skipped: it calls the volatile function pg_sleep(double precision), whose result may "
@@ -178,7 +178,7 @@ def test_a_reader_whose_snapshot_predates_the_swap_reads_rows_during_and_after_i
         during.commit()  # its lock on the old view would hold the swap back
         refresher.join()
 
-        assert outcomes[0].mode == SWAP
+        assert outcomes[0].mode == RefreshMode.SWAP
         # As after a plain REFRESH: the new rows are frozen, visible to a snapshot older than them.
         assert numbers(after) == [(1, 10), (2, 20), (3, 30), (4, 40)]
         after.commit()
@@ -198,7 +198,7 @@ def test_swap_rebuilds_a_view_over_a_schema_only_the_connections_search_path_nam
 
         outcome = refresh_view(conn, "order_numbers", strategy="swap")
 
-        assert (outcome.mode, outcome.note) == (SWAP, "")
+        assert (outcome.mode, outcome.note) == (RefreshMode.SWAP, "")
         assert conn.execute("SELECT twice FROM order_numbers ORDER BY 1").fetchall() == [(2,), (4,), (6,)]
         assert conn.execute("SHOW search_path").fetchone()[0] == "sales, ledger"  # the caller's, restored
 
@@ -228,7 +228,7 @@ def test_swap_runs_the_query_under_the_search_path_refresh_uses(seeded_db):
                 refresh_view(conn, "counted_view", strategy="swap")
             assert conn.execute("SELECT count(*) FROM counted_view").fetchone()[0] == 2  # its old rows
         else:
-            assert refresh_view(conn, "counted_view", strategy="swap").mode == SWAP
+            assert refresh_view(conn, "counted_view", strategy="swap").mode == RefreshMode.SWAP
             assert conn.execute("SELECT count(*) FROM counted_view").fetchone()[0] == 3
 
 
@@ -257,4 +257,4 @@ def test_the_statement_timeout_bounds_the_whole_swap_not_each_statement(seeded_d
         assert numbers(conn) == [(1, 10), (2, 20), (3, 30)]
         assert conn.execute("SHOW statement_timeout").fetchone()[0] == "0"  # the session's own, untouched
         outcome = refresh_view(conn, "slow_numbers", RefreshSettings(statement_timeout_s=30), strategy="swap")
-        assert outcome.mode == SWAP and numbers(conn)[-1] == (5, 50)
+        assert outcome.mode == RefreshMode.SWAP and numbers(conn)[-1] == (5, 50)

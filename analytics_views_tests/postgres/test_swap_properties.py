@@ -5,8 +5,8 @@ pg_class, pg_attribute, pg_index, pg_depend, pg_description, pg_seclabel, pg_eve
 import psycopg
 import pytest
 
-from analytics_views.postgres.refresh import CONCURRENT, refresh_view
-from analytics_views.postgres.swap import SWAP
+from analytics_views.postgres.modes import RefreshMode
+from analytics_views.postgres.refresh import refresh_view
 
 WORDS = """
 CREATE TABLE source_words (n int PRIMARY KEY, word text NOT NULL);
@@ -96,7 +96,7 @@ def test_swap_carries_the_property_over(words, setting, probe, expected):
 
     outcome = refresh_after_a_write(words)
 
-    assert (outcome.mode, outcome.note) == (SWAP, "")
+    assert (outcome.mode, outcome.note) == (RefreshMode.SWAP, "")
     assert words.execute(probe).fetchone()[0] == expected
 
 
@@ -134,7 +134,7 @@ def test_swap_falls_back_to_concurrently_naming_the_property(words, setting, not
 
     outcome = refresh_after_a_write(words)
 
-    assert outcome.mode == CONCURRENT
+    assert outcome.mode == RefreshMode.CONCURRENT
     assert outcome.note.startswith("build-and-swap does not apply: ") and note in outcome.note
     assert words.execute("SELECT 'words'::regclass::oid").fetchone()[0] == oid  # the same relation, refreshed
 
@@ -163,7 +163,7 @@ def test_swap_keeps_the_view_and_its_indexes_in_their_tablespaces(words, in_plac
 
     outcome = refresh_after_a_write(words)
 
-    assert (outcome.mode, outcome.note) == (SWAP, "")
+    assert (outcome.mode, outcome.note) == (RefreshMode.SWAP, "")
     assert words.execute(probe).fetchall() == expected
 
 

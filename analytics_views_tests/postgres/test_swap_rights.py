@@ -8,9 +8,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from analytics_views.postgres.modes import RefreshMode
 from analytics_views.postgres import swap
-from analytics_views.postgres.refresh import CONCURRENT, RefreshError, refresh_view
-from analytics_views.postgres.swap import SWAP
+from analytics_views.postgres.refresh import RefreshError, refresh_view
 from analytics_views_tests.postgres.test_security import refresher  # noqa: F401 (a fixture)
 
 TENANT_VIEW = """
@@ -59,7 +59,7 @@ def test_swap_stores_exactly_the_rows_the_owners_row_security_allows(owned_view,
         admin.execute("INSERT INTO tenant_events VALUES (31, 'theirs'), (33, 'ours')")
     with psycopg.connect(admin_url if refreshing == "superuser" else member_url, autocommit=True) as conn:
         outcome = refresh_view(conn, "visible_events", strategy="swap")
-        assert (outcome.mode, outcome.note) == (SWAP, "")
+        assert (outcome.mode, outcome.note) == (RefreshMode.SWAP, "")
         swapped = ids(conn)
     with psycopg.connect(admin_url, autocommit=True) as admin:
         assert swapped == list(range(3, 34, 3))
@@ -91,7 +91,7 @@ def test_the_least_privilege_refresher_falls_back_to_concurrently_on_the_swap_pa
         reason = "an owner whose rights the refreshing role does not have" if pg17 else "a schema the refreshing role may not create in"
         for strategy in ("auto", "swap"):
             outcome = refresh_view(conn, "daily_aggregations", strategy=strategy)
-            assert outcome.mode == CONCURRENT
+            assert outcome.mode == RefreshMode.CONCURRENT
             assert outcome.note.startswith("build-and-swap does not apply: ") and reason in outcome.note
 
 
@@ -104,6 +104,6 @@ def test_the_refresher_swaps_once_it_may_create_in_the_schema_where_it_owns_the_
         plain = admin.execute("SELECT * FROM daily_aggregations ORDER BY day").fetchall()
     with psycopg.connect(refresher, autocommit=True) as conn:
         outcome = refresh_view(conn, "daily_aggregations", strategy="swap")
-        assert (outcome.mode, outcome.note) == (SWAP, "")
+        assert (outcome.mode, outcome.note) == (RefreshMode.SWAP, "")
         assert conn.execute("SELECT * FROM daily_aggregations ORDER BY day").fetchall() == plain
         assert conn.execute("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'daily_aggregations'").fetchone()[0] == role
