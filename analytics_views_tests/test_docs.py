@@ -1,7 +1,8 @@
 """The README's and docs/'s code blocks say what works (issue 22): every `analytics-views` command in them is one
 the command accepts, every defs.yaml and defs.yaml fragment is one the component accepts, every file the README's
-layout names exists, and every other program they run is installed. (The translator example in
-docs/adopting.md runs in orchestration/test_translator.py; the two README commands run in CI itself.)
+layout names exists, every other program they run is installed, and every attribute of the component is in the
+defs.yaml reference. (The translator and component examples of docs/adopting.md run in
+orchestration/test_translator.py; the two README commands run in CI itself.)
 """
 
 import re
@@ -100,3 +101,38 @@ def test_every_file_the_readme_layout_names_exists():
     missing = sorted(name for name in names if not any(file.endswith("/" + name) for file in files))
     missing += sorted(name for name in top_level - {".cache/"} if not (PROJECT_ROOT / name).exists())
     assert not missing, missing
+
+
+def attribute_paths(model, prefix: str = "") -> list[str]:
+    """Every attribute of a component model, nested models' as `parent.child`."""
+    paths = []
+    for name, field in model.model_fields.items():
+        if name == "defs_state":  # Dagster's own attribute of a state-backed component
+            continue
+        paths.append(f"{prefix}{name}")
+        for candidate in models_in(field.annotation):
+            paths += attribute_paths(candidate, f"{prefix}{name}.")
+    return paths
+
+
+def models_in(annotation) -> list:
+    """The models an annotation holds: itself, or those of its unions, lists and dicts' values."""
+    if isinstance(annotation, type) and getattr(annotation, "model_fields", None):
+        return [annotation]
+    return [model for arg in getattr(annotation, "__args__", ()) for model in models_in(arg)]
+
+
+@pytest.mark.parametrize("attribute", attribute_paths(MaterializedViewsComponent))
+def test_every_attribute_of_the_component_is_in_the_defs_yaml_reference(attribute):
+    """The reference a team configures from (docs/adopting.md, the project's defs.yaml and docs/notifications.md)
+    names every attribute the component takes."""
+    reference = "\n".join(
+        path.read_text()
+        for path in (
+            PROJECT_ROOT / "docs" / "adopting.md",
+            PROJECT_ROOT / "docs" / "notifications.md",
+            PROJECT_ROOT / "analytics_views" / "orchestration" / "defs" / "views" / "defs.yaml",
+        )
+    )
+    name = re.escape(attribute.rsplit(".", 1)[-1])
+    assert re.search(rf"\b{name}\s*:|`{name}`", reference), f"{attribute} is in no reference: describe it there"

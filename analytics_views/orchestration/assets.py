@@ -2,13 +2,12 @@
 refreshed by one step (a subsettable multi-asset), over a pool of connections.
 
 What an asset is called and shows (key, group, description, owners, tags, kinds, metadata, freshness, code
-references) is the translator's (translator.py); here the specs get their refresh, its pool and the checks that
-follow each refresh (`unique_index` and the data tests). The checks that follow a view's definition (the static
-checks, `matches_discovery`) are definition_checks.py's.
+references) is the translator's (translator.py); here the specs get their refresh, its pool and the checks
+evaluated with each refresh (view_checks.py's REFRESH checks, such as `unique_index`, and the data tests). The
+checks that follow a view's definition (the static checks, `matches_discovery`) are definition_checks.py's.
 """
 
 import hashlib
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,7 +20,6 @@ from analytics_views.postgres.modes import RefreshMode
 from analytics_views.postgres import database
 from analytics_views.orchestration import metadata_keys as keys
 from analytics_views.orchestration import view_checks
-from analytics_views.orchestration.definition_checks import MATCHES_DISCOVERY_CHECK
 from analytics_views.orchestration.refresh_step import ViewFailed, ViewRefresh, refresh_in_dependency_order
 from analytics_views.orchestration.translator import UndeclaredTable, ViewTranslator, table_schema
 from analytics_views.sql_files.discovery import managed_views
@@ -30,23 +28,6 @@ from analytics_views.postgres.refresh import refresh_view
 from analytics_views.orchestration.resources import AnalyticsDatabase
 from analytics_views.sql_files.source_tables import load_source_tables
 from analytics_views.sql_files.views import ViewDefinition, source_tables
-
-UNIQUE_INDEX_CHECK = "unique_index"
-
-_UNIQUE_INDEX_DDL = re.compile(r"CREATE\s+UNIQUE\s+INDEX\s+[^;]+;", re.IGNORECASE)
-
-
-def unique_index_fix(view: ViewDefinition) -> str:
-    """How to repair a missing unique index: the statement from the view's own SQL file, or the index
-    discovery recorded on a view made elsewhere."""
-    if view.path is None and view.unique_index:
-        return f"recreate the unique index `analytics-views discover` recorded: `{view.unique_index};`"
-    match = _UNIQUE_INDEX_DDL.search(view.sql)
-    statement = " ".join(match.group(0).split()) if match else f"CREATE UNIQUE INDEX ON {view.label} (...);"
-    if view.path is None:
-        return f"run `{statement}` on the columns that identify a row (the view was made outside this project)"
-    return f"run `{statement}` (from {view.path.parent.name}/{view.path.name})"
-
 
 def view_asset(
     view: ViewDefinition,
@@ -100,7 +81,7 @@ def view_assets(
     assets = []
     for view in views:
         spec = translator.get_asset_spec(view, cadences[view.cadence])
-        tests = view_checks.data_tests(view, data_tests_dir, reserved=(UNIQUE_INDEX_CHECK, MATCHES_DISCOVERY_CHECK))
+        tests = view_checks.data_tests(view, data_tests_dir)
         assets.append(ViewAsset(view, spec, tests))
     renamed = {
         dg.AssetKey(list(asset.view.asset_key_path)): asset.key
@@ -141,18 +122,14 @@ def views_asset(
     The static checks and `matches_discovery` are definition_checks.py's: they follow the views' definitions,
     not their rows.
     """
-    check_specs = []
-    for asset in assets:
-        check_specs.append(
-            dg.AssetCheckSpec(
-                UNIQUE_INDEX_CHECK,
-                asset=asset.key,
-                description="The view has a unique index that REFRESH MATERIALIZED VIEW CONCURRENTLY can use "
-                "(unique, valid, no WHERE clause, plain columns).",
-                blocking=True,  # ERROR: the views reading it are not refreshed after it failed
-            )
+    check_specs = [
+        spec
+        for asset in assets
+        for spec in (
+            *(check.spec(asset.key) for check in view_checks.checks_following(view_checks.REFRESH, asset.view)),
+            *view_checks.data_test_specs(asset.key, asset.data_tests),
         )
-        check_specs.extend(view_checks.data_test_specs(asset.key, asset.data_tests))
+    ]
     execute = execute or refresh_views
 
     @dg.multi_asset(
@@ -208,35 +185,21 @@ def refresh_and_check(
     checks: set[dg.AssetCheckKey],
     versions: "Versions | None" = None,
 ) -> ViewRefresh:
-    """One view's refresh on a pool thread: its `unique_index` check, the refresh, its materialization's
-    metadata, data version and provenance (`versions`), and its data tests, as events for the step to yield.
-    A permanent failure raises dg.Failure."""
+    """One view's refresh on a pool thread: its REFRESH checks on the catalog (view_checks.py; a failing ERROR
+    one stops it), the refresh, its materialization's metadata, data version and provenance (`versions`), and
+    its data tests, as events for the step to yield. A permanent failure raises ViewFailed."""
     events: list = []
     state = database.view_state(conn, view.name, view.schema)
     if not state.exists:
         fix = "run `analytics-views migrate`" if view.path else "run `analytics-views discover` and reload"
         raise ViewFailed(f"materialized view {view.label!r} does not exist: {fix}")
-    if dg.AssetCheckKey(key, UNIQUE_INDEX_CHECK) in checks:
-        events.append(
-            dg.AssetCheckResult(
-                asset_key=key,
-                check_name=UNIQUE_INDEX_CHECK,
-                passed=state.unique_index is not None,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={keys.INDEX: state.unique_index or "none"},
-                description=(
-                    f"usable unique index: {state.unique_index}"
-                    if state.unique_index
-                    else f"{view.label} has no usable unique index: {unique_index_fix(view)}"
-                ),
-            )
-        )
-    if state.unique_index is None:
-        raise ViewFailed(
-            f"{view.label} has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY; "
-            f"{unique_index_fix(view)}, then materialize again",
-            events,
-        )
+    before = view_checks.CheckInput(conn, view, key, state)
+    for check in view_checks.checks_following(view_checks.REFRESH, view):
+        result = check.evaluate(before)
+        if dg.AssetCheckKey(key, check.name) in checks:
+            events.append(result)
+        if not result.passed and check.severity == dg.AssetCheckSeverity.ERROR:
+            raise ViewFailed(f"{result.description}, then materialize again", events)
     outcome = refresh_view(conn, view.name, analytics_db.refresh_settings, view.refresh_strategy, schema=view.schema, **options)
     state = database.view_state(conn, view.name, view.schema)
     versions = versions or Versions(None, {})

@@ -1,5 +1,5 @@
-"""The checks that follow a view's definition, not its rows: the static checks (`timezone_independent`,
-`unique_key_not_null`, `no_join_fanout`, sql_checks.py) and `matches_discovery`.
+"""How the checks that follow a view's definition, not its rows, are evaluated: view_checks.py's DEFINITION
+checks (the static checks of sql_checks.py and `matches_discovery`).
 
 They read the view's stored definition and catalog facts (its indexes and columns, the keys, constraints and
 NOT NULL columns of the relations it reads), which a refresh does not change: evaluating them in every refresh
@@ -20,12 +20,10 @@ import dagster as dg
 import psycopg
 
 from analytics_views.orchestration.resources import AnalyticsDatabase
-from analytics_views.orchestration.view_checks import STATIC_CHECKS, static_results
+from analytics_views.orchestration.view_checks import DEFINITION, CheckInput, checks_following
 from analytics_views.postgres import database
-from analytics_views.sql_files.discovery import current_fingerprint
 from analytics_views.sql_files.views import ViewDefinition
 
-MATCHES_DISCOVERY_CHECK = "matches_discovery"
 JOB_NAME = "definition_checks_job"
 SENSOR_NAME = "definition_checks_sensor"
 SENSOR_INTERVAL_S = 60
@@ -68,7 +66,7 @@ FROM view
 
 
 def check_names(view: ViewDefinition) -> list[str]:
-    return [*([MATCHES_DISCOVERY_CHECK] if view.fingerprint else []), *STATIC_CHECKS]
+    return [check.name for check in checks_following(DEFINITION, view)]
 
 
 def check_keys(views: Mapping[dg.AssetKey, ViewDefinition]) -> list[dg.AssetCheckKey]:
@@ -95,21 +93,11 @@ def _known_definition(view: ViewDefinition) -> str:
 def definition_checks(by_key: Mapping[dg.AssetKey, ViewDefinition]) -> dg.AssetChecksDefinition:
     """Every view's static checks (and `matches_discovery` for a discovered view), evaluated over one connection;
     subsettable: the sensor and the UI ask for some. `by_key`: each view by its asset key."""
-    descriptions = {
-        MATCHES_DISCOVERY_CHECK: "The view's definition and columns in the database are still the ones "
-        "`analytics-views discover` recorded.",
-        **STATIC_CHECKS,
-    }
-
     @dg.multi_asset_check(
         name="check_view_definitions",
         description="The checks of the views' definitions (static SQL checks, matches_discovery), evaluated when "
         "a definition or the catalog facts they read change.",
-        specs=[
-            dg.AssetCheckSpec(name, asset=key, description=descriptions[name])
-            for key, view in by_key.items()
-            for name in check_names(view)
-        ],
+        specs=[check.spec(key) for key, view in by_key.items() for check in checks_following(DEFINITION, view)],
         can_subset=True,
     )
     def check_view_definitions(context: dg.AssetCheckExecutionContext, analytics_db: AnalyticsDatabase):
@@ -119,21 +107,10 @@ def definition_checks(by_key: Mapping[dg.AssetKey, ViewDefinition]) -> dg.AssetC
         with analytics_db.connection(f"analytics-views definition checks run {context.run.run_id[:8]}") as conn:
             for key, names in wanted.items():
                 view = by_key[key]
-                state = database.view_state(conn, view.name, view.schema)
-                if MATCHES_DISCOVERY_CHECK in names:
-                    now = current_fingerprint(conn, view.schema, view.name)
-                    yield dg.AssetCheckResult(
-                        asset_key=key,
-                        check_name=MATCHES_DISCOVERY_CHECK,
-                        passed=now == view.fingerprint,
-                        severity=dg.AssetCheckSeverity.WARN,
-                        description="matches the discovered definition"
-                        if now == view.fingerprint
-                        else f"{view.label} was redefined since discovery: run `analytics-views discover`",
-                    )
-                for result in static_results(conn, view, state.unique_index, key):
-                    if result.check_name in names:
-                        yield result
+                facts = CheckInput(conn, view, key, database.view_state(conn, view.name, view.schema))
+                for check in checks_following(DEFINITION, view):
+                    if check.name in names:
+                        yield check.evaluate(facts)
 
     return check_view_definitions
 

@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from analytics_views.postgres.modes import RefreshMode
-from analytics_views.orchestration.assets import UNIQUE_INDEX_CHECK
+from analytics_views.orchestration.view_checks import UNIQUE_INDEX_CHECK
 from analytics_views.definitions import defs
 from analytics_views.paths import DEFS_YAML
 from analytics_views.sql_files.views import load_views, views_with_cadence

@@ -21,7 +21,7 @@ import pytest
 from psycopg import sql
 
 from analytics_views.operations import cli
-from analytics_views.orchestration.assets import UNIQUE_INDEX_CHECK
+from analytics_views.orchestration.view_checks import UNIQUE_INDEX_CHECK
 from analytics_views.orchestration.cadences import freshness_window, longest_interval
 from analytics_views.orchestration.component import DEFS_ENV, discover_views, load_definitions
 from analytics_views.paths import SQL_DIR
@@ -386,7 +386,8 @@ def test_the_missing_index_fix_quotes_the_index_discovery_recorded(product):
     [check] = [e for e in result.get_asset_check_evaluations() if e.check_name == UNIQUE_INDEX_CHECK]
     assert not check.passed
     assert check.description == (
-        "product.campaign_stats has no usable unique index: recreate the unique index `analytics-views discover` "
+        "product.campaign_stats has no unique index usable by REFRESH MATERIALIZED VIEW CONCURRENTLY; recreate the "
+        "unique index `analytics-views discover` "
         "recorded: `CREATE UNIQUE INDEX campaign_stats_key ON product.campaign_stats USING btree (campaign_id);`"
     )
 

@@ -18,6 +18,7 @@ from analytics_views.orchestration.translator import ViewTranslator
 from analytics_views.orchestration.definition_checks import SENSOR_NAME
 from analytics_views.orchestration.refresh_step import NOT_REFRESHED
 from analytics_views.orchestration.resources import AnalyticsDatabase
+from analytics_views.orchestration import view_checks
 from analytics_views.orchestration.view_checks import STATIC_CHECKS
 
 # A chain a -> b -> c (each reads the one before) and two views reading the source alone.
@@ -57,6 +58,14 @@ def run_daily(defs: dg.Definitions, instance: dg.DagsterInstance, **kwargs) -> d
 
 def materialized(result: dg.ExecuteInProcessResult) -> list[str]:
     return [event.asset_key.to_user_string() for event in result.get_asset_materialization_events()]
+
+
+def notes(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """Why each view refreshed as it did (its refresh note), for an assertion's message."""
+    return {
+        event.asset_key.to_user_string(): event.materialization.metadata.get("analytics_views/refresh_note", "")
+        for event in result.get_asset_materialization_events()
+    }
 
 
 def modes(result: dg.ExecuteInProcessResult) -> dict[str, str]:
@@ -160,7 +169,8 @@ def test_a_view_reading_a_view_refreshed_in_the_run_is_never_skipped(chain):
     defs, url = chain
     instance = dg.DagsterInstance.ephemeral()
     assert run_daily(defs, instance).success
-    assert set(modes(run_daily(defs, instance)).values()) == {RefreshMode.SKIPPED}  # nothing changed
+    again = run_daily(defs, instance)
+    assert set(modes(again).values()) == {RefreshMode.SKIPPED}, notes(again)  # nothing changed
 
     # Only mv.a's source changes; mv.b and mv.c read it through mv.a, refreshed earlier in the same run.
     with psycopg.connect(url, autocommit=True) as conn:
@@ -261,6 +271,45 @@ def test_the_definition_checks_run_when_a_definition_changes_and_not_in_refresh_
         evaluations = {(e.asset_key.to_user_string(), e.check_name): e for e in result.get_asset_check_evaluations()}
         assert set(evaluations) == {(view, check) for view in VIEWS for check in ("matches_discovery", *STATIC_CHECKS)}
         assert evaluations[("mv/b", "matches_discovery")].passed
+
+
+def populated_by_refresh(check: view_checks.CheckInput) -> dg.AssetCheckResult:
+    """A team's catalog check: the view is not a plain view's copy made by hand (here: it is populated)."""
+    return dg.AssetCheckResult(asset_key=check.key, check_name="populated", passed=check.state.populated)
+
+
+def owned_by_the_connecting_role(check: view_checks.CheckInput) -> dg.AssetCheckResult:
+    owner = check.conn.execute("SELECT pg_get_userbyid(relowner) = current_user FROM pg_class WHERE oid = %s::regclass", [check.view.label]).fetchone()[0]
+    return dg.AssetCheckResult(asset_key=check.key, check_name="owned_by_refresher", passed=owner)
+
+
+def test_a_catalog_check_is_one_entry_of_the_list_evaluated_when_it_says(chain, monkeypatch):
+    """Adding a check is one ViewCheck in view_checks.CHECKS: a REFRESH one is declared on every view and
+    evaluated before each refresh (an ERROR one failing stops the view and the views reading it); a DEFINITION
+    one joins the definition checks' job."""
+    _, url = chain
+    extra = (
+        view_checks.ViewCheck("populated", "The view holds rows.", view_checks.REFRESH, populated_by_refresh, severity=dg.AssetCheckSeverity.ERROR),
+        view_checks.ViewCheck("owned_by_refresher", "The refreshing role owns the view.", view_checks.DEFINITION, owned_by_the_connecting_role),
+    )
+    monkeypatch.setattr(view_checks, "CHECKS", (*view_checks.CHECKS, *extra))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DROP MATERIALIZED VIEW mv.c; CREATE MATERIALIZED VIEW mv.c AS SELECT k, n + 1 AS n FROM mv.b WITH NO DATA")
+        conn.execute("CREATE UNIQUE INDEX ON mv.c (k)")
+    defs = load_definitions()
+
+    graph = defs.resolve_asset_graph()
+    assert {key.name for key in graph.asset_check_keys if key.asset_key == dg.AssetKey(["mv", "c"])} == {
+        "unique_index", "populated", *(name for name in ("matches_discovery", *STATIC_CHECKS)), "owned_by_refresher"
+    }
+    result = run_daily(defs, dg.DagsterInstance.ephemeral())
+    populated = {e.asset_key.to_user_string(): e.passed for e in result.get_asset_check_evaluations() if e.check_name == "populated"}
+    assert populated == {"mv/a": True, "mv/b": True, "mv/c": False, "mv/d": True, "mv/e": True}
+    assert sorted(materialized(result)) == ["mv/a", "mv/b", "mv/d", "mv/e"]  # mv.c stopped by its ERROR check
+
+    checks = defs.resolve_job_def("definition_checks_job").execute_in_process(raise_on_error=False)
+    owned = {e.asset_key.to_user_string(): e.passed for e in checks.get_asset_check_evaluations() if e.check_name == "owned_by_refresher"}
+    assert owned == {view: True for view in VIEWS}
 
 
 def test_a_failed_blocking_check_stops_the_views_reading_its_view_naming_the_check(empty_db, tmp_path, monkeypatch):

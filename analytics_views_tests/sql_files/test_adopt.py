@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from analytics_views.operations import cli
-from analytics_views.orchestration.assets import MATCHES_DISCOVERY_CHECK, UNIQUE_INDEX_CHECK
+from analytics_views.orchestration.view_checks import MATCHES_DISCOVERY_CHECK, UNIQUE_INDEX_CHECK
 from analytics_views.orchestration.component import DEFS_ENV, discover_views, load_definitions, load_views
 from analytics_views.sql_files.discovery import asset_keys
 from analytics_views.errors import AnalyticsViewsError
@@ -230,7 +230,7 @@ def test_jobs_refresh_in_dependency_order_and_checks_tell_the_truth(adopted, for
     assert not weekly.success
     unindexed = checks(weekly)[("reporting/purchases_by_user", UNIQUE_INDEX_CHECK)]
     assert not unindexed.passed
-    assert "reporting.purchases_by_user has no usable unique index" in unindexed.description
+    assert "reporting.purchases_by_user has no unique index usable by REFRESH" in unindexed.description
     [failure] = [event for event in weekly.all_events if event.is_step_failure]
     assert failure.step_key == "refresh_weekly_views"
     assert list(failure.step_failure_data.user_failure_data.metadata["analytics_views/not_refreshed"].value) == [
