@@ -66,7 +66,7 @@ class ViewCheck:
     follows: str  # REFRESH or DEFINITION (the module docstring)
     evaluate: Callable[[CheckInput], dg.AssetCheckResult]
     severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.WARN
-    applies: Callable[[ViewDefinition], bool] = lambda view: True  # noqa: E731 - every view
+    applies: Callable[[ViewDefinition], bool] = lambda view: True  # default: every view
 
     def spec(self, key: dg.AssetKey) -> dg.AssetCheckSpec:
         # ERROR blocks, as dagster-dbt maps a test's `severity: error`: the views reading it are not refreshed.
@@ -114,8 +114,9 @@ def matches_discovery(check: CheckInput) -> dg.AssetCheckResult:
     )
 
 
-def static_check(name: str) -> Callable[[CheckInput], dg.AssetCheckResult]:
-    """A static check's evaluation: its outcome of the view's analysis (sql_checks.py), findings and all."""
+def static_check(name: str, description: str) -> ViewCheck:
+    """A static check's entry: a DEFINITION check whose result is its outcome of the view's analysis
+    (sql_checks.py), findings and all."""
 
     def evaluate(check: CheckInput) -> dg.AssetCheckResult:
         outcome = check.static_outcome(name)
@@ -134,12 +135,24 @@ def static_check(name: str) -> Callable[[CheckInput], dg.AssetCheckResult]:
             },
         )
 
-    return evaluate
+    return ViewCheck(name, description, DEFINITION, evaluate)
 
 
-# The names of the static checks, sql_checks' TIMEZONE_CHECK, NULL_KEY_CHECK, FANOUT_CHECK and GROUPING_CHECK
-# (sql_checks is not imported here: it imports sqlglot).
-STATIC_CHECKS = ("timezone_independent", "unique_key_not_null", "no_join_fanout", "unique_key_covers_grouping")
+# The static checks, name -> what it verifies; their rules are sql_checks' (TIMEZONE_CHECK, NULL_KEY_CHECK,
+# FANOUT_CHECK, GROUPING_CHECK), not imported here: sql_checks imports sqlglot.
+STATIC_CHECKS = {
+    "timezone_independent": "No expression of the view's SQL follows the session's TimeZone (date(timestamptz), "
+    "timestamptz::date, date_trunc without a zone, current_date, to_char/extract of a timestamptz, ...); "
+    "each finding names its fix (AT TIME ZONE 'UTC'). From the stored definition and the catalog.",
+    "unique_key_not_null": "No column of the view's unique index can be NULL, per its SQL, and no row has a NULL "
+    "key (a count over the view, as of the check): the index does not make NULL keys unique, and every "
+    "concurrent refresh deletes and re-inserts those rows.",
+    "no_join_fanout": "No aggregate (sum, avg, count(x), ...) reads rows that a one-to-many join repeats before "
+    "grouping; uniqueness from primary keys, unique indexes and GROUP BY/DISTINCT of CTEs and subqueries.",
+    "unique_key_covers_grouping": "Every GROUP BY (or DISTINCT) expression of the view is in its unique index or "
+    "determined by the index's columns (a primary key, unique index or GROUP BY of what it reads, an equality): "
+    "otherwise two groups can share a key and the refresh fails on them.",
+}
 
 CHECKS: tuple[ViewCheck, ...] = (
     ViewCheck(
@@ -157,37 +170,7 @@ CHECKS: tuple[ViewCheck, ...] = (
         matches_discovery,
         applies=lambda view: bool(view.fingerprint),  # a view made elsewhere
     ),
-    ViewCheck(
-        "timezone_independent",
-        "No expression of the view's SQL follows the session's TimeZone (date(timestamptz), "
-        "timestamptz::date, date_trunc without a zone, current_date, to_char/extract of a timestamptz, ...); "
-        "each finding names its fix (AT TIME ZONE 'UTC'). From the stored definition and the catalog.",
-        DEFINITION,
-        static_check("timezone_independent"),
-    ),
-    ViewCheck(
-        "unique_key_not_null",
-        "No column of the view's unique index can be NULL, per its SQL, and no row has a NULL key (a count "
-        "over the view, as of the check): the index does not make NULL keys unique, and every concurrent "
-        "refresh deletes and re-inserts those rows.",
-        DEFINITION,
-        static_check("unique_key_not_null"),
-    ),
-    ViewCheck(
-        "no_join_fanout",
-        "No aggregate (sum, avg, count(x), ...) reads rows that a one-to-many join repeats before "
-        "grouping; uniqueness from primary keys, unique indexes and GROUP BY/DISTINCT of CTEs and subqueries.",
-        DEFINITION,
-        static_check("no_join_fanout"),
-    ),
-    ViewCheck(
-        "unique_key_covers_grouping",
-        "Every GROUP BY (or DISTINCT) expression of the view is in its unique index or determined by the "
-        "index's columns (a primary key, unique index or GROUP BY of what it reads, an equality): otherwise "
-        "two groups can share a key and the refresh fails on them.",
-        DEFINITION,
-        static_check("unique_key_covers_grouping"),
-    ),
+    *(static_check(name, description) for name, description in STATIC_CHECKS.items()),
 )
 
 

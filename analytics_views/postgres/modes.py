@@ -11,6 +11,13 @@ class RefreshStrategy(StrEnum):
     CONCURRENT = "concurrent"
     SWAP = "swap"
 
+    @classmethod
+    def named(cls, text: str) -> "RefreshStrategy":
+        """The strategy `text` names; anything else is a ValueError listing the strategies."""
+        if text not in list(cls):
+            raise ValueError(f"refresh strategy {text!r} is not one of {', '.join(cls)}")
+        return cls(text)
+
 
 class RefreshMode(StrEnum):
     """What a refresh did (refresh.py)."""

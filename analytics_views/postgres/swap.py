@@ -534,8 +534,7 @@ def rows_at_least(conn: psycopg.Connection, view: str, rows: int) -> bool:
 
 def choose(conn: psycopg.Connection, view: str, strategy: RefreshStrategy) -> tuple[RefreshMode, str]:
     """SWAP or CONCURRENT for a populated view, and why (empty when the strategy applies as asked)."""
-    if strategy not in list(RefreshStrategy):
-        raise ValueError(f"refresh strategy {strategy!r} is not one of {', '.join(RefreshStrategy)}")
+    strategy = RefreshStrategy.named(strategy)
     if strategy == RefreshStrategy.CONCURRENT:
         return RefreshMode.CONCURRENT, ""
     if strategy == RefreshStrategy.AUTO and not rows_at_least(conn, view, SWAP_MIN_ROWS):

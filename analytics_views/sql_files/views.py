@@ -166,9 +166,10 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
         columns, deps, lineage, comments = (), relations_in_tokens(query), {}, {}
         reason = " ".join(str(error).split("\n")[0].split())
         unparsed = f"sqlglot cannot read the query of {path.name} ({reason})"
-    strategy = _field(header, "refresh", path, default=RefreshStrategy.AUTO).lower()
-    if strategy not in list(RefreshStrategy):
-        raise ValueError(f"{path}: refresh strategy {strategy!r} is not one of {', '.join(RefreshStrategy)}")
+    try:
+        strategy = RefreshStrategy.named(_field(header, "refresh", path, default=RefreshStrategy.AUTO).lower())
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     return ViewDefinition(
         name=path.stem,
         path=path,
@@ -181,7 +182,7 @@ def parse_view_file(path: Path, schema: dict[str, dict[str, str]] | None = None)
         line=text.count("\n", 0, match.start()) + 1,
         columns=tuple(ColumnDoc(name, None, comments.get(name)) for name in columns),
         column_lineage=lineage,
-        refresh_strategy=RefreshStrategy(strategy),
+        refresh_strategy=strategy,
         unparsed=unparsed,
     )
 
